@@ -1,0 +1,227 @@
+"""Model family presets: every architectural fact about SD1, SD2 and SDXL lives here, once.
+
+Field names follow the original ldm/sgm configs where one exists, so a reader can hold this
+file next to `v1-inference.yaml` or `sd_xl_base.yaml` and see the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Prediction = Literal["eps", "v"]
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The ldm/sgm `UNetModel`. `transformer_depth[i] == 0` means level i has no attention."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
+    transformer_depth_middle: int = 1
+    context_dim: int = 768
+    num_heads: int | None = 8  # SD1 fixes the head count ...
+    num_head_channels: int | None = None  # ... SD2 and SDXL fix the head width instead.
+    use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/proj_out; SD2+: linear
+    adm_in_channels: int | None = None  # SDXL: size of the vector conditioning `y`
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads for a block of `channels` width."""
+        if self.num_head_channels is not None:
+            return channels // self.num_head_channels
+        assert self.num_heads is not None
+        return self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The ldm `AutoencoderKL` (encoder/decoder with mid-block attention, 32-group norms)."""
+
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """One CLIP text transformer; the last four fields say how SD uses its output."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_length: int = 77
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    projection_dim: int | None = None  # has `text_projection` (pooled output used by SDXL)
+    layer: Literal["last", "penultimate"] = "last"  # hidden state given to the UNet
+    final_norm: bool = True  # apply final_layer_norm to that hidden state
+    pad_token: int = 49407  # OpenAI CLIP (SD1) pads with the end token; OpenCLIP with 0
+    openclip_layout: bool = False  # stored in OpenCLIP key layout in original checkpoints
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How VAE latents are scaled before the UNet sees them (kept outside the VAE)."""
+
+    scale_factor: float = 0.18215
+    shift_factor: float = 0.0
+    channels: int = 4
+
+    def to_model(self, z):
+        """VAE latent -> the unit-variance latent the UNet was trained on."""
+        return (z - self.shift_factor) * self.scale_factor
+
+    def from_model(self, z):
+        """UNet-space latent -> what the VAE decoder expects."""
+        return z / self.scale_factor + self.shift_factor
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A whole latent diffusion model: what `detect()` returns and what loaders build."""
+
+    name: str
+    family: Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoders: tuple[CLIPTextConfig, ...]
+    latent_format: LatentFormat
+    prediction: Prediction = "eps"
+    image_size: int = 512
+    # The discrete DDPM schedule every SD family was trained with (ldm `linear_start/end`).
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
+    # SDXL vector conditioning, in the order its embeddings are concatenated after the pooled text.
+    vector_conds: tuple[str, ...] = ()
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.in_channels == self.latent_format.channels * 2 + 1
+
+
+# --- text encoders -----------------------------------------------------------------------
+
+CLIP_L = CLIPTextConfig()  # OpenAI CLIP ViT-L/14
+OPENCLIP_H = CLIPTextConfig(
+    hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, activation="gelu",
+    layer="penultimate", final_norm=True, pad_token=0, openclip_layout=True,
+)
+# SDXL takes the penultimate hidden state of both encoders without the final norm.
+CLIP_L_SDXL = replace(CLIP_L, layer="penultimate", final_norm=False)
+OPENCLIP_BIGG = CLIPTextConfig(
+    hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20, activation="gelu",
+    projection_dim=1280, layer="penultimate", final_norm=False, pad_token=0, openclip_layout=True,
+)
+
+SD_LATENT = LatentFormat(scale_factor=0.18215)
+SDXL_LATENT = LatentFormat(scale_factor=0.13025)
+SDXL_SIZE_CONDS = ("original_size", "crop_coords", "target_size")
+SDXL_REFINER_CONDS = ("original_size", "crop_coords", "aesthetic_score")
+SIZE_EMBED_DIM = 256  # sgm embeds each vector-conditioning number with 256 Fourier channels
+
+# --- full-size presets -------------------------------------------------------------------
+
+SD15 = ModelConfig(
+    name="sd15", family="sd1", unet=UNetConfig(), vae=VAEConfig(), text_encoders=(CLIP_L,),
+    latent_format=SD_LATENT,
+)
+SD15_INPAINT = replace(SD15, name="sd15-inpaint", unet=replace(SD15.unet, in_channels=9))
+
+_SD2_UNET = UNetConfig(
+    context_dim=1024, num_heads=None, num_head_channels=64, use_linear_in_transformer=True
+)
+SD2_BASE = ModelConfig(
+    name="sd2-base", family="sd2", unet=_SD2_UNET, vae=VAEConfig(), text_encoders=(OPENCLIP_H,),
+    latent_format=SD_LATENT,
+)
+SD2_V = replace(SD2_BASE, name="sd2-v", prediction="v", image_size=768)
+SD2_INPAINT = replace(SD2_BASE, name="sd2-inpaint", unet=replace(_SD2_UNET, in_channels=9))
+
+_SDXL_UNET = UNetConfig(
+    channel_mult=(1, 2, 4), transformer_depth=(0, 2, 10), transformer_depth_middle=10,
+    context_dim=2048, num_heads=None, num_head_channels=64, use_linear_in_transformer=True,
+    adm_in_channels=1280 + len(SDXL_SIZE_CONDS) * 2 * SIZE_EMBED_DIM,
+)
+SDXL_BASE = ModelConfig(
+    name="sdxl-base", family="sdxl", unet=_SDXL_UNET, vae=VAEConfig(),
+    text_encoders=(CLIP_L_SDXL, OPENCLIP_BIGG), latent_format=SDXL_LATENT, image_size=1024,
+    vector_conds=SDXL_SIZE_CONDS,
+)
+SDXL_INPAINT = replace(SDXL_BASE, name="sdxl-inpaint", unet=replace(_SDXL_UNET, in_channels=9))
+SDXL_REFINER = ModelConfig(
+    name="sdxl-refiner", family="sdxl_refiner",
+    unet=UNetConfig(
+        model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+        transformer_depth_middle=4, context_dim=1280, num_heads=None, num_head_channels=64,
+        use_linear_in_transformer=True,
+        adm_in_channels=1280 + (2 + 2 + 1) * SIZE_EMBED_DIM,
+    ),
+    vae=VAEConfig(), text_encoders=(OPENCLIP_BIGG,), latent_format=SDXL_LATENT, image_size=1024,
+    vector_conds=SDXL_REFINER_CONDS,
+)
+
+# --- tiny presets: the same structures at a size that runs in milliseconds on a CPU --------
+
+_TINY_CLIP = replace(CLIP_L, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+_TINY_OPENCLIP = replace(OPENCLIP_H, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
+_TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+_TINY_UNET = UNetConfig(
+    model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 1), context_dim=32, num_heads=2
+)
+TINY_SD1 = ModelConfig(
+    name="tiny-sd1", family="sd1", unet=_TINY_UNET, vae=_TINY_VAE, text_encoders=(_TINY_CLIP,),
+    latent_format=SD_LATENT, image_size=32,
+)
+TINY_SD1_INPAINT = replace(TINY_SD1, name="tiny-sd1-inpaint", unet=replace(_TINY_UNET, in_channels=9))
+TINY_SD2 = ModelConfig(
+    name="tiny-sd2", family="sd2",
+    unet=replace(_TINY_UNET, num_heads=None, num_head_channels=16, use_linear_in_transformer=True),
+    vae=_TINY_VAE, text_encoders=(_TINY_OPENCLIP,), latent_format=SD_LATENT, image_size=32,
+)
+TINY_SD2_V = replace(TINY_SD2, name="tiny-sd2-v", prediction="v")
+TINY_SDXL = ModelConfig(
+    name="tiny-sdxl", family="sdxl",
+    unet=UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 2, 2),
+        transformer_depth_middle=2, context_dim=64, num_heads=None, num_head_channels=16,
+        use_linear_in_transformer=True, adm_in_channels=32 + len(SDXL_SIZE_CONDS) * 2 * SIZE_EMBED_DIM,
+    ),
+    vae=_TINY_VAE,
+    text_encoders=(
+        replace(_TINY_CLIP, layer="penultimate", final_norm=False),
+        replace(OPENCLIP_BIGG, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                projection_dim=32),
+    ),
+    latent_format=SDXL_LATENT, image_size=32, vector_conds=SDXL_SIZE_CONDS,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    p.name: p
+    for p in (
+        SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER,
+        TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL,
+    )
+}
+FULL_SIZE_PRESETS = tuple(p for name, p in PRESETS.items() if not name.startswith("tiny"))
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Look a preset up by name, with an error that lists the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

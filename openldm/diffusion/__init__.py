@@ -1,0 +1,1 @@
+"""Noise schedules, denoisers, samplers and noise."""

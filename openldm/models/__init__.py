@@ -1,0 +1,1 @@
+"""The networks: UNet, VAE, CLIP text encoder, tokenizer, latent formats."""
