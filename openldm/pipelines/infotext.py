@@ -1,0 +1,93 @@
+"""Generation parameters stored in PNG files, readable by the tools people already use.
+
+The `parameters` text chunk follows AUTOMATIC1111's "infotext" layout:
+
+    a red circle
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512
+
+We also store the exact settings as JSON in an `openldm` chunk, so that `--from-png`
+regenerates the same image bit for bit without guessing at display names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+INFOTEXT_KEY = "parameters"
+EXACT_KEY = "openldm"
+_NEGATIVE = "Negative prompt:"
+# `key: value` pairs; a value is either a quoted string (with \" escapes) or runs to the next comma.
+_PAIR = re.compile(r'\s*([\w ()/+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def _quote(value: str) -> str:
+    """Quote a value that would break the comma-separated line, as A1111 does."""
+    if "," not in value and "\n" not in value and ":" not in value and '"' not in value:
+        return value
+    return json.dumps(value)
+
+
+def format_infotext(prompt: str, negative: str, settings: dict[str, Any]) -> str:
+    """The A1111 text: prompt, optional negative prompt line, then `Key: value` pairs."""
+    lines = [prompt]
+    if negative:
+        lines.append(f"{_NEGATIVE} {negative}")
+    pairs = (f"{key}: {_quote(str(value))}" for key, value in settings.items() if value is not None)
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """Inverse of `format_infotext`: (prompt, negative prompt, settings as strings)."""
+    *head, last = text.strip("\n").split("\n")
+    settings: dict[str, str] = {}
+    if _PAIR.match(last) and len(_PAIR.findall(last)) >= 2:
+        for key, value in _PAIR.findall(last):
+            settings[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    else:
+        head.append(last)
+    prompt_lines, negative_lines = [], []
+    target = prompt_lines
+    for line in head:
+        if line.startswith(_NEGATIVE):
+            target = negative_lines
+            line = line[len(_NEGATIVE):].lstrip()
+        target.append(line)
+    return "\n".join(prompt_lines), "\n".join(negative_lines), settings
+
+
+def save_png(image: Image.Image, path: str | Path, infotext: str, exact: dict[str, Any]) -> Path:
+    """Write a PNG with both chunks, atomically: an interrupted run leaves no broken file."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(INFOTEXT_KEY, infotext)
+    info.add_text(EXACT_KEY, json.dumps(exact, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_png(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(infotext, exact settings) stored in a PNG; None for a chunk that is absent."""
+    try:
+        with Image.open(path) as image:
+            text = dict(image.text) if hasattr(image, "text") else dict(image.info)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable PNG image ({e})") from None
+    exact = text.get(EXACT_KEY)
+    return text.get(INFOTEXT_KEY), json.loads(exact) if exact else None
