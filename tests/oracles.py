@@ -53,3 +53,10 @@ def openclip_tokenizer() -> types.ModuleType:
         raise ImportError("open-clip-torch is not installed: pip install --no-deps open-clip-torch==3.3.0")
     root = Path(next(iter(spec.submodule_search_locations)))
     return _load("_openclip_oracle_tokenizer", root / "tokenizer.py")
+
+
+@cache
+def k_external() -> types.ModuleType:
+    """k-diffusion's `external` module (discrete-model denoisers and DiscreteSchedule)."""
+    sampling = k_sampling()
+    return _load("_kdiff_oracle.external", Path(sampling.__file__).with_name("external.py"))
