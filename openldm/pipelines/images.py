@@ -137,3 +137,24 @@ def extend_canvas(
     mask = Image.new("L", canvas.size, 255)
     mask.paste(0, (left, top, left + w, top + h))
     return canvas, mask
+
+
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """Replace masked pixels by colours spread in from the unmasked surroundings ("fill" content).
+
+    Unknown pixels take the mean of their known neighbours, ring by ring (a box filter over the
+    known pixels and their count), until the hole is closed.
+    """
+    rgb = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    known = torch.from_numpy(np.asarray(mask.convert("L")) < 128).float()[None, None]
+    if known.sum() == 0:
+        return image.convert("RGB")
+    filled, weight = rgb * known, known.clone()
+    while (weight == 0).any():
+        total = torch.nn.functional.avg_pool2d(filled, 3, 1, 1, count_include_pad=False)
+        count = torch.nn.functional.avg_pool2d(weight, 3, 1, 1, count_include_pad=False)
+        grow = (weight == 0) & (count > 0)
+        filled = torch.where(grow, total / count.clamp(min=1e-8), filled)
+        weight = torch.where(grow, torch.ones_like(weight), weight)
+    out = filled[0].permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(out)

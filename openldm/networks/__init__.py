@@ -1,0 +1,10 @@
+"""Extra networks: LoRA / LyCORIS merged into a loaded model, and textual-inversion embeddings."""
+
+from openldm.networks.embeddings import Embedding, load_embedding, parse_embedding
+from openldm.networks.formats import LoadedNetwork, NetworkModule, load_network, parse_network
+from openldm.networks.lora import AppliedNetworks, NetworkReport, apply_networks
+
+__all__ = [
+    "AppliedNetworks", "Embedding", "LoadedNetwork", "NetworkModule", "NetworkReport", "apply_networks",
+    "load_embedding", "load_network", "parse_embedding", "parse_network",
+]

@@ -1,0 +1,172 @@
+"""Prompt text -> UNet conditioning, with A1111's weighting, 75-token chunks and embeddings.
+
+Each text encoder sees the prompt in chunks of 75 tokens (plus start and end), split early at a
+comma near the boundary and at every BREAK; each chunk is encoded alone and the chunks are joined
+along the token axis. Weighted tokens scale their hidden states, and the result is rescaled so its
+mean equals the unweighted mean (AUTOMATIC1111's "original" emphasis). Unweighted prompts of at most
+75 tokens therefore give exactly the plain 77-token encoding that diffusers computes.
+One difference: the mean is restored per prompt, not over the whole batch, so an image does not
+depend on the other prompts of its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from openldm.config import SIZE_EMBED_DIM, ModelConfig
+from openldm.models.clip import CLIPTextModel
+from openldm.models.tokenizer import CLIPTokenizer
+from openldm.nn.embeddings import timestep_embedding
+from openldm.prompts import BREAK, parse_attention
+
+CHUNK = 75  # content tokens per chunk; with start and end tokens the encoder sees 77
+COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    # (position among the content tokens, vectors) for textual-inversion embeddings
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One tokenizer + encoder pair, and the embeddings (name -> vectors) usable in its prompts."""
+
+    tokenizer: CLIPTokenizer
+    model: CLIPTextModel
+    embeddings: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _embedding_at(tokens: list[int], i: int, names: Mapping[tuple[int, ...], str]) -> tuple[int, ...] | None:
+    """The longest embedding name whose tokens start at position i."""
+    found = [n for n in names if tuple(tokens[i : i + len(n)]) == n]
+    return max(found, key=len) if found else None
+
+
+def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
+    """Tokens and per-token weights of a prompt, in chunks of at most 75 content tokens."""
+    comma = encoder.tokenizer.encode(",")[0]
+    names = {tuple(encoder.tokenizer.encode(n)): n for n in encoder.embeddings}
+    chunks: list[Chunk] = []
+    chunk, last_comma = Chunk(), -1
+
+    def close() -> None:
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = Chunk(), -1
+
+    for fragment, weight in parse_attention(text):
+        if fragment == BREAK and weight == -1.0:
+            close()
+            continue
+        tokens, i = encoder.tokenizer.encode(fragment), 0
+        while i < len(tokens):
+            if tokens[i] == comma:
+                last_comma = len(chunk.tokens)
+            elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+                cut = last_comma + 1
+                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
+                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                close()
+                chunk = moved
+            if len(chunk.tokens) == CHUNK:
+                close()
+            name_tokens = _embedding_at(tokens, i, names)
+            if name_tokens is None:
+                chunk.tokens.append(tokens[i])
+                chunk.weights.append(weight)
+                i += 1
+                continue
+            vectors = encoder.embeddings[names[name_tokens]]
+            if len(chunk.tokens) + len(vectors) > CHUNK:
+                close()
+            chunk.fixes.append((len(chunk.tokens), vectors))
+            chunk.tokens += [0] * len(vectors)
+            chunk.weights += [weight] * len(vectors)
+            i += len(name_tokens)
+    if chunk.tokens or not chunks:
+        close()
+    return chunks
+
+
+def _chunk_ids(chunk: Chunk, tokenizer: CLIPTokenizer) -> tuple[list[int], list[float]]:
+    """77 ids: start, content, end, then padding (end tokens for SD1, the pad id for OpenCLIP)."""
+    pad = CHUNK - len(chunk.tokens)
+    ids = [tokenizer.start_id, *chunk.tokens, tokenizer.end_id] + [tokenizer.pad_id] * pad
+    return ids, [1.0, *chunk.weights, 1.0] + [1.0] * pad
+
+
+@torch.no_grad()
+def encode_chunks(
+    chunks: Sequence[Chunk], encoder: TextEncoder, skip: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(1, 77 * len(chunks), width) weighted hidden states, and the first chunk's pooled output."""
+    model = encoder.model
+    device = model.text_model.embeddings.token_embedding.weight.device
+    hidden, pooled = [], None
+    for chunk in chunks:
+        ids, weights = _chunk_ids(chunk, encoder.tokenizer)
+        ids_t = torch.tensor([ids], device=device)
+        embeds = None
+        if chunk.fixes:
+            embeds = model.text_model.embeddings.token_embedding(ids_t).clone()
+            for offset, vectors in chunk.fixes:
+                embeds[0, 1 + offset : 1 + offset + len(vectors)] = vectors.to(embeds)
+        z, p = model(ids_t, skip=skip, token_embeds=embeds)
+        w = torch.tensor(weights, device=z.device, dtype=z.dtype)[None, :, None]
+        if (w != 1).any():
+            mean = z.float().mean()
+            z = z * w
+            z = z * (mean / z.float().mean()).to(z.dtype)
+        hidden.append(z)
+        pooled = p if pooled is None else pooled
+    return torch.cat(hidden, dim=1), pooled
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    context: torch.Tensor  # (batch, tokens, context_dim)
+    pooled: torch.Tensor | None  # (batch, width) of the encoder with a projection (SDXL)
+
+
+class PromptEncoder:
+    """Encodes prompts with all text encoders of a model and joins their outputs."""
+
+    def __init__(self, encoders: Sequence[TextEncoder], clip_skip: int | None = None):
+        self.encoders = list(encoders)
+        self.clip_skip = clip_skip
+
+    def chunk_count(self, prompt: str) -> int:
+        return max(len(chunk_prompt(prompt, e)) for e in self.encoders)
+
+    def __call__(self, prompts: Sequence[str], min_chunks: int = 1) -> EncodedPrompts:
+        """Encode a batch; every prompt gets the same number of chunks (padded with empty ones)."""
+        count = max([min_chunks, *(self.chunk_count(p) for p in prompts)])
+        contexts, pooled = [], []
+        for prompt in prompts:
+            parts, pool = [], None
+            for encoder in self.encoders:
+                chunks = chunk_prompt(prompt, encoder)
+                chunks += [Chunk() for _ in range(count - len(chunks))]
+                z, p = encode_chunks(chunks, encoder, self.clip_skip)
+                parts.append(z)
+                pool = p if p is not None else pool
+            contexts.append(torch.cat(parts, dim=-1))
+            pooled.append(pool)
+        context = torch.cat(contexts)
+        return EncodedPrompts(context, None if pooled[0] is None else torch.cat(pooled))
+
+
+def vector_conditioning(
+    config: ModelConfig, pooled: torch.Tensor, values: Mapping[str, Sequence[float]]
+) -> torch.Tensor:
+    """SDXL's `y`: pooled text embedding, then 256 Fourier features of each size/crop/score number."""
+    numbers = [float(v) for name in config.vector_conds for v in values[name]]
+    t = torch.tensor(numbers, device=pooled.device).repeat(pooled.shape[0], 1)
+    return torch.cat([pooled, timestep_embedding(t, SIZE_EMBED_DIM).flatten(1).to(pooled.dtype)], dim=1)
