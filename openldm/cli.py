@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from openldm import cli_eval, cli_generate, cli_train
 from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints import save
 from openldm.checkpoints.detect import detect
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_info, _add_convert, _add_init):
         add(sub)
+    cli_generate.add_commands(sub)
+    cli_train.add_commands(sub)
+    cli_eval.add_commands(sub)
     return parser
 
 

@@ -28,6 +28,7 @@ class UNetConfig:
     num_head_channels: int | None = None  # ... SD2 and SDXL fix the head width instead.
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/proj_out; SD2+: linear
     adm_in_channels: int | None = None  # SDXL: size of the vector conditioning `y`
+    norm_groups: int = 32  # GroupNorm groups (SD: 32); see VAEConfig.norm_groups
 
     def heads_at(self, channels: int) -> int:
         """Attention heads for a block of `channels` width."""
@@ -48,6 +49,10 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
+    # GroupNorm groups (SD: 32). A norm group must span several channels for a flat colour to
+    # survive normalisation (one or two channels per group keep only the sign of a contrast), so
+    # narrow VAEs trained on flat-colour images use fewer groups.
+    norm_groups: int = 32
 
     @property
     def downsample_factor(self) -> int:
@@ -209,14 +214,34 @@ TINY_SDXL = ModelConfig(
     latent_format=SDXL_LATENT, image_size=32, vector_conds=SDXL_SIZE_CONDS,
 )
 
+# --- the embedded model: a small SD1-structured model trained by openldm on the shapes dataset ---
+
+SHAPES_VOCAB_SIZE = 596  # 512 byte symbols + 82 merges learned from the captions + start + end
+SHAPES = ModelConfig(
+    name="shapes", family="sd1",
+    unet=UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, transformer_depth=(0, 1, 1),
+        transformer_depth_middle=1, context_dim=128, num_heads=None, num_head_channels=32,
+        use_linear_in_transformer=True, norm_groups=8,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=4),
+    text_encoders=(
+        CLIPTextConfig(vocab_size=SHAPES_VOCAB_SIZE, hidden_size=128, intermediate_size=512, num_layers=2,
+                       num_heads=4, max_length=32, pad_token=SHAPES_VOCAB_SIZE - 1),
+    ),
+    # 1 / std of the trained VAE's latent means over 2,048 training images (see docs/embedded.md).
+    latent_format=LatentFormat(scale_factor=1.0),
+    image_size=128,
+)
+
 PRESETS: dict[str, ModelConfig] = {
     p.name: p
     for p in (
         SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER,
-        TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL,
+        TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL, SHAPES,
     )
 }
-FULL_SIZE_PRESETS = tuple(p for name, p in PRESETS.items() if not name.startswith("tiny"))
+FULL_SIZE_PRESETS = (SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER)
 
 
 def get_preset(name: str) -> ModelConfig:

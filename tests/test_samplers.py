@@ -1,4 +1,5 @@
-"""k-diffusion-family samplers: parity with k-diffusion, convergence order, distributions, callbacks."""
+"""k-diffusion-family samplers (`samplers.py`, `dpm_solver.py`): parity with k-diffusion, convergence order,
+distributions, callbacks."""
 
 from __future__ import annotations
 
@@ -7,11 +8,26 @@ import torch
 from gaussian import Gaussian, Mixture, karras_sigmas
 from oracles import k_sampling
 
-from openldm.diffusion import samplers
+from openldm.diffusion import dpm_solver, samplers
 from openldm.diffusion.samplers import Step
 
 F64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tensors are small, and on a busy machine threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sampler(name: str):
+    """Our `sample_<name>`, from `samplers.py` or `dpm_solver.py`."""
+    module = dpm_solver if hasattr(dpm_solver, f"sample_{name}") else samplers
+    return getattr(module, f"sample_{name}")
 
 
 class RecordedNoise:
@@ -104,7 +120,7 @@ def test_parity_with_k_diffusion(name: str, kwargs: dict, problem) -> None:
     sigmas = karras_sigmas(10, SIGMA_MIN, SIGMA_MAX)
     x = torch.randn(5, 3, dtype=F64) * SIGMA_MAX
     ours_noise, k_noise = _noise_pair(name, x, sigmas)
-    ours = getattr(samplers, f"sample_{name}")(denoiser, x, sigmas, **kwargs, **ours_noise)
+    ours = sampler(name)(denoiser, x, sigmas, **kwargs, **ours_noise)
     torch.manual_seed(7)
     ref = getattr(k_sampling(), f"sample_{name}")(denoiser, x, sigmas, disable=True, **kwargs, **k_noise)
     err = (ours - ref).abs().max().item()
@@ -151,7 +167,7 @@ def test_dpm_solver_parity_with_k_diffusion(name: str, kwargs: dict, problem) ->
     denoiser = problem().denoiser
     x = torch.randn(5, 3, dtype=F64) * SIGMA_MAX
     ours_noise, k_noise = RecordedNoise(x), RecordedNoise(x)
-    ours = getattr(samplers, f"sample_{name}")(
+    ours = sampler(name)(
         denoiser, x, SIGMA_MIN, SIGMA_MAX, **kwargs, noise_sampler=ours_noise
     )
     ref = _k_dpm_solver(name, denoiser, x, k_noise, **kwargs)
@@ -228,7 +244,7 @@ def test_convergence_order(name: str, kwargs: dict, order: int) -> None:
     errors = []
     for n in CONVERGENCE_STEPS:
         sigmas = karras_sigmas(n, SIGMA_MIN, SIGMA_MAX)
-        out = getattr(samplers, f"sample_{name}")(g.denoiser, x, sigmas, **kwargs)
+        out = sampler(name)(g.denoiser, x, sigmas, **kwargs)
         ref = g.ode(x, sigmas[0], 0.0) if name == "lms" else g.denoised_end(x, sigmas)
         errors.append((out - ref).abs().max().item())
     slope = _slope(CONVERGENCE_STEPS, errors)
@@ -243,7 +259,7 @@ def test_dpm_fast_is_third_order() -> None:
     x = g.prior(16, SIGMA_MAX, torch.Generator().manual_seed(0))
     ref = g.ode(x, SIGMA_MAX, SIGMA_MIN)
     nfes = (23, 47, 95, 191)  # 8, 16, 32, 64 steps
-    errors = [(samplers.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, n) - ref).abs().max().item()
+    errors = [(dpm_solver.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, n) - ref).abs().max().item()
               for n in nfes]
     slope = _slope(nfes, errors)
     assert slope >= 0.8 * 3, f"dpm_fast: observed order {slope:.2f}; {errors}"
@@ -257,7 +273,7 @@ def test_dpm_adaptive_error_follows_tolerance(order: int) -> None:
     ref = g.ode(x, SIGMA_MAX, SIGMA_MIN)
     errors, nfes = [], []
     for rtol in (1e-2, 1e-3, 1e-4, 1e-5):
-        out, info = samplers.dpm_solver_adaptive(
+        out, info = dpm_solver.dpm_solver_adaptive(
             g.denoiser, x, SIGMA_MIN, SIGMA_MAX, order=order, rtol=rtol, atol=1e-8
         )
         errors.append((out - ref).abs().max().item())
@@ -329,7 +345,7 @@ def test_stochastic_sampler_matches_data_distribution(name: str, kwargs: dict, b
     brownian = kwargs.pop("brownian", False)
     noise = StepBrownian(x, generator) if brownian else samplers.default_noise_sampler(x, generator)
     sigmas = karras_sigmas(100, SIGMA_MIN, SIGMA_MAX)
-    out = getattr(samplers, f"sample_{name}")(g.denoiser, x, sigmas, noise_sampler=noise, **kwargs)
+    out = sampler(name)(g.denoiser, x, sigmas, noise_sampler=noise, **kwargs)
     std = g.denoised_std(float(sigmas[-2]))
     mean_z = ((out.mean(0) - g.mu) / (std / batch**0.5)).abs().max().item()
     std_err = (out.std(0) / std - 1).abs().max().item()
@@ -349,7 +365,7 @@ def test_callback_once_per_step(name: str) -> None:
     sigmas = karras_sigmas(7, SIGMA_MIN, SIGMA_MAX)
     x = g.noise(3, SIGMA_MAX)
     steps: list[Step] = []
-    getattr(samplers, f"sample_{name}")(g.denoiser, x, sigmas, callback=steps.append)
+    sampler(name)(g.denoiser, x, sigmas, callback=steps.append)
     assert [s.i for s in steps] == list(range(7))
     assert [float(s.sigma) for s in steps] == sigmas[:-1].tolist()
     assert all(float(s.sigma_hat) == float(s.sigma) for s in steps)
@@ -375,13 +391,13 @@ def test_dpm_callbacks() -> None:
     g = gaussian_problem()
     x = g.noise(3, SIGMA_MAX)
     fast: list[Step] = []
-    samplers.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, 10, callback=fast.append)
+    dpm_solver.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, 10, callback=fast.append)
     assert [s.i for s in fast] == [0, 1, 2, 3]  # 10 evaluations: orders 3, 3, 3, 1
     assert float(fast[0].sigma) == pytest.approx(SIGMA_MAX, rel=1e-12)
     log_sigmas = torch.tensor([float(s.sigma) for s in fast], dtype=F64).log()
     torch.testing.assert_close(log_sigmas.diff(), log_sigmas.diff()[:1].expand(3))  # uniform in log sigma
     adaptive: list[Step] = []
-    _, info = samplers.dpm_solver_adaptive(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, callback=adaptive.append)
+    _, info = dpm_solver.dpm_solver_adaptive(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, callback=adaptive.append)
     assert [s.i for s in adaptive] == list(range(info.n_accept))
     assert info.n_reject > 0, "the default tolerances reject a few steps on this problem"
     sigmas = [float(s.sigma) for s in adaptive]
@@ -398,7 +414,7 @@ def test_image_shaped_float32(name: str, kwargs: dict) -> None:
     g64 = Gaussian(torch.linspace(-1, 1, 32, dtype=F64).reshape(2, 4, 4), 0.5)
     g32 = Gaussian(g64.mu.float(), 0.5)
     x = g64.noise(3, SIGMA_MAX)
-    sampler = getattr(samplers, f"sample_{name}")
+    sample = sampler(name)
     outs = []
     for g, dtype in ((g64, F64), (g32, torch.float32)):
         noise = RecordedNoise(x)
@@ -409,7 +425,7 @@ def test_image_shaped_float32(name: str, kwargs: dict) -> None:
             args = (karras_sigmas(12, SIGMA_MIN, SIGMA_MAX).to(dtype),)
         if name not in NO_NOISE:
             kwargs = {**kwargs, "noise_sampler": noise_sampler}
-        outs.append(sampler(g.denoiser, x.to(dtype), *args, **kwargs))
+        outs.append(sample(g.denoiser, x.to(dtype), *args, **kwargs))
     assert outs[1].shape == x.shape and outs[1].dtype == torch.float32
     err = (outs[1] - outs[0]).abs().max().item()
     assert err < 1e-3, f"{name}: float32 vs float64 max abs difference {err:.3g}"
@@ -427,13 +443,14 @@ def test_lms_coefficients_integrate_the_interval() -> None:
 def test_argument_checks() -> None:
     g, x = gaussian_problem(), torch.zeros(2, 3, dtype=F64)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
-        samplers.sample_dpm_fast(g.denoiser, x, 0.0, SIGMA_MAX, 10)
+        dpm_solver.sample_dpm_fast(g.denoiser, x, 0.0, SIGMA_MAX, 10)
     with pytest.raises(ValueError, match="at least one"):
-        samplers.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, 0)
+        dpm_solver.sample_dpm_fast(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, 0)
     with pytest.raises(ValueError, match="order must be 2 or 3"):
-        samplers.sample_dpm_adaptive(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, order=4)
+        dpm_solver.sample_dpm_adaptive(g.denoiser, x, SIGMA_MIN, SIGMA_MAX, order=4)
     with pytest.raises(ValueError, match="solver_type"):
-        samplers.sample_dpmpp_2m_sde(g.denoiser, x, karras_sigmas(3, SIGMA_MIN, SIGMA_MAX), solver_type="rk4")
+        sigmas = karras_sigmas(3, SIGMA_MIN, SIGMA_MAX)
+        dpm_solver.sample_dpmpp_2m_sde(g.denoiser, x, sigmas, solver_type="rk4")
 
 
 def test_default_noise_follows_the_global_seed() -> None:
@@ -444,5 +461,5 @@ def test_default_noise_follows_the_global_seed() -> None:
     runs = []
     for seed in (3, 3, 4):
         torch.manual_seed(seed)
-        runs.append(samplers.sample_dpmpp_2m_sde(g.denoiser, x, sigmas))
+        runs.append(dpm_solver.sample_dpmpp_2m_sde(g.denoiser, x, sigmas))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])

@@ -35,7 +35,8 @@ def test_random_state_dict_is_seeded_and_well_scaled():
     a, b = save.random_state_dict(config, seed=1), save.random_state_dict(config, seed=1)
     assert _equal(a, b)
     c = save.random_state_dict(config, seed=2, dtype=torch.bfloat16)
-    assert not torch.equal(c["model.diffusion_model.out.2.weight"].float(), a["model.diffusion_model.out.2.weight"])
+    key = "model.diffusion_model.out.2.weight"
+    assert not torch.equal(c[key].float(), a[key])
     assert {t.dtype for t in c.values() if t.is_floating_point()} == {torch.bfloat16}
     assert detect({k: tuple(v.shape) for k, v in a.items()}) == config
     weight = a["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"]  # 32 -> 32, 3x3
@@ -97,7 +98,8 @@ def test_metadata_records_the_prediction_for_reloading(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny-sd2-v", "tiny-sdxl"])
 def test_diffusers_folder_round_trip(tmp_path, preset):
-    components = load_components(make_checkpoint(tmp_path, preset, metadata=save.model_metadata(PRESETS[preset])))
+    metadata = save.model_metadata(PRESETS[preset])
+    components = load_components(make_checkpoint(tmp_path, preset, metadata=metadata))
     folder = save.save_diffusers(components, tmp_path / "out")
     index = json.loads((folder / "model_index.json").read_text())
     for name in ("unet", "vae", "text_encoder"):

@@ -151,3 +151,33 @@ def test_noise_latent_is_ve_form_with_per_sample_sigma():
     assert torch.equal(out[0], x0[0])
     torch.testing.assert_close(out[2], x0[2] + 10.0 * noise[2])
     torch.testing.assert_close(S.noise_latent(x0, noise, 2.0), x0 + 2.0 * noise)
+
+
+def _comfyui_linear_quadratic(steps, sigma_max, threshold_noise=0.025, linear_steps=None):
+    """ComfyUI's `linear_quadratic_schedule` (comfy/samplers.py), transcribed as the oracle."""
+    if steps == 1:
+        sigma_schedule = [1.0, 0.0]
+    else:
+        if linear_steps is None:
+            linear_steps = steps // 2
+        linear_sigma_schedule = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        threshold_noise_step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quadratic_coef = threshold_noise_step_diff / (linear_steps * quadratic_steps**2)
+        linear_coef = threshold_noise / linear_steps - 2 * threshold_noise_step_diff / (quadratic_steps**2)
+        const = quadratic_coef * (linear_steps**2)
+        quadratic_sigma_schedule = [
+            quadratic_coef * (i**2) + linear_coef * i + const for i in range(linear_steps, steps)
+        ]
+        sigma_schedule = linear_sigma_schedule + quadratic_sigma_schedule + [1.0]
+        sigma_schedule = [1.0 - x for x in sigma_schedule]
+    return torch.tensor(sigma_schedule, dtype=torch.float64) * sigma_max
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 25])
+def test_linear_quadratic_matches_comfyui(n):
+    expected = _comfyui_linear_quadratic(n, SD.sigma_max)
+    torch.testing.assert_close(S.linear_quadratic(n, SD).double(), expected, rtol=1e-6, atol=1e-6)
+    custom = S.linear_quadratic(n, SD, threshold_noise=0.1, linear_steps=max(n // 3, 1))
+    expected = _comfyui_linear_quadratic(n, SD.sigma_max, 0.1, max(n // 3, 1))
+    torch.testing.assert_close(custom.double(), expected, rtol=1e-6, atol=1e-6)

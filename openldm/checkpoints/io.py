@@ -9,8 +9,10 @@ runs nothing and is thrown away with everything else that is not a tensor.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -145,8 +147,43 @@ def write_safetensors_atomic(
     os.close(fd)
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        _sort_metadata(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write any small file (JSON, PNG) the same all-or-nothing way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header with `__metadata__` in sorted order, in place and at the same length.
+
+    safetensors serialises the metadata from a Rust HashMap, whose order changes from call to call;
+    sorted, the same tensors and metadata always give the same bytes.
+    """
+    with path.open("r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for the same content; keep the file as written
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))

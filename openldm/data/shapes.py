@@ -41,6 +41,7 @@ HELD_OUT_PAIRS = frozenset(
     {("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("white", "circle")}
 )
 FILL_RATIO = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}  # area / bounding-box area
+TOP_HALF_SHARE = {"circle": 0.5, "square": 0.5, "triangle": 0.25}  # share of the area above the centre
 JITTER = 0.04  # random offset of centres, fraction of the image side
 SIZE_JITTER = 0.1  # relative random change of the half-extent
 
@@ -195,16 +196,55 @@ def _split_mask(mask: np.ndarray, horizontal: bool) -> list[np.ndarray]:
     return [first, second]
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a mask: a shape without stray pixels elsewhere.
+
+    Generated images can carry faint specks or edge artefacts that cross the colour threshold;
+    a shape is one connected region, so everything else is dropped before measuring it.
+    """
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else mask
+
+
+def _classify(mask: np.ndarray, x0: int, x1: int, y0: int, y1: int) -> str:
+    """Shape class by the generator's geometry: triangles stand apex up, so only about a quarter
+    of their area lies in the upper half of their box (circles and squares: half); squares fill
+    their box, circles pi/4 of it."""
+    box = mask[y0:y1, x0:x1]
+    upper = box[: (y1 - y0) // 2].sum() / max(1, box.sum())
+    if upper < (TOP_HALF_SHARE["triangle"] + TOP_HALF_SHARE["circle"]) / 2:
+        return "triangle"
+    fill = box.sum() / box.size
+    return "square" if fill > (FILL_RATIO["square"] + FILL_RATIO["circle"]) / 2 else "circle"
+
+
 def _read_shape(pixels: np.ndarray, mask: np.ndarray, side: int) -> Shape:
     if mask.sum() < 4:
         return Shape("none", "none", "none", "none")
+    mask = largest_component(mask)
     ys, xs = np.nonzero(mask)
     colour = nearest_colour(np.median(pixels[mask], axis=0))
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     half = max(x1 - x0, y1 - y0) / 2 / side
-    fill = mask.sum() / ((x1 - x0) * (y1 - y0))
     centre = ((x0 + x1) / 2 / side, (y0 + y1) / 2 / side)
-    return Shape(_nearest(fill, FILL_RATIO), colour, _nearest(half, SIZES), _nearest(centre, POSITIONS))
+    return Shape(_classify(mask, x0, x1, y0, y1), colour, _nearest(half, SIZES), _nearest(centre, POSITIONS))
 
 
 def score_image(image: Image.Image, scene: Scene) -> dict[str, bool]:

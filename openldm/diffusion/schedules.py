@@ -60,12 +60,18 @@ class DiscreteSchedule:
         return cls(alphas_cumprod)
 
     @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor) -> DiscreteSchedule:
+        """The schedule whose VE sigmas are `sigmas` (ascending): alphas_cumprod = 1 / (1 + sigma^2)."""
+        return cls(1 / (1 + sigmas.double() ** 2))
+
+    @classmethod
     def stable_diffusion(cls, zero_terminal_snr: bool = False) -> DiscreteSchedule:
         """The schedule of every SD 1.x / 2.x / XL model (scaled_linear 0.00085 -> 0.012, 1000 steps)."""
         return cls.from_betas(make_betas("scaled_linear"), zero_terminal_snr)
 
     @property
     def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - a_t) / a_t), the VE noise level of timestep t."""
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
     @property

@@ -169,6 +169,26 @@ def beta(n: int, schedule: DiscreteSchedule, alpha: float = 0.6, beta: float = 0
     return _at_timesteps(beta_ppf(q, alpha, beta) * (T - 1), schedule)
 
 
+def linear_quadratic(
+    n: int, schedule: DiscreteSchedule, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> torch.Tensor:
+    """ComfyUI's "linear_quadratic" (from Genmo's Mochi): sigma_max times 1 - u, u rising linearly to
+    `threshold_noise` over the first half of the steps, then quadratically to 1 (the final 0)."""
+    _check_steps(n)
+    if n == 1:
+        return _finish(torch.tensor([schedule.sigma_max], dtype=torch.float64))
+    linear = n // 2 if linear_steps is None else linear_steps
+    quadratic = n - linear
+    diff = linear - threshold_noise * n
+    quad_coef = diff / (linear * quadratic**2)
+    lin_coef = threshold_noise / linear - 2 * diff / quadratic**2
+    i = torch.arange(n, dtype=torch.float64)
+    u = torch.where(
+        i < linear, i * threshold_noise / linear, quad_coef * i**2 + lin_coef * i + quad_coef * linear**2
+    )
+    return _finish((1 - u) * schedule.sigma_max)
+
+
 def ays(n: int, schedule: DiscreteSchedule, model: Literal["sd15", "sdxl"] = "sd15") -> torch.Tensor:
     """Align Your Steps: the published 10-step table, log-linearly resampled to n steps (`AYS_TABLES`)."""
     _check_steps(n)
@@ -185,7 +205,7 @@ SCHEDULERS: dict[str, SigmaFn] = {
     "normal": normal, "uniform": normal, "simple": simple, "sgm_uniform": sgm_uniform,
     "ddim_uniform": ddim_uniform, "leading": leading, "trailing": trailing, "linspace": linspace,
     "karras": karras, "exponential": exponential, "polyexponential": polyexponential,
-    "kl_optimal": kl_optimal, "beta": beta, "ays": ays,
+    "kl_optimal": kl_optimal, "beta": beta, "linear_quadratic": linear_quadratic, "ays": ays,
 }
 
 

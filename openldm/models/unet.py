@@ -43,15 +43,15 @@ class ResBlock(nn.Module):
     weightless otherwise.
     """
 
-    def __init__(self, channels: int, emb_dim: int, out_channels: int):
+    def __init__(self, channels: int, emb_dim: int, out_channels: int, groups: int = 32):
         super().__init__()
         self.gradient_checkpointing = False
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(channels, groups=groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(out_channels), nn.SiLU(), nn.Identity(),
+            GroupNorm32(out_channels, groups=groups), nn.SiLU(), nn.Identity(),
             zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         same = channels == out_channels
@@ -116,12 +116,14 @@ class UNetModel(nn.Module):
         self.input_blocks, skips = _input_blocks(cfg, emb_dim)
         top = skips[-1]
         self.middle_block = Block(
-            ResBlock(top, emb_dim, top), _transformer(cfg, top, cfg.transformer_depth_middle),
-            ResBlock(top, emb_dim, top),
+            ResBlock(top, emb_dim, top, cfg.norm_groups),
+            _transformer(cfg, top, cfg.transformer_depth_middle),
+            ResBlock(top, emb_dim, top, cfg.norm_groups),
         )
         self.output_blocks = _output_blocks(cfg, emb_dim, skips)
         self.out = nn.Sequential(
-            GroupNorm32(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+            GroupNorm32(ch, groups=cfg.norm_groups), nn.SiLU(),
+            zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)),
         )
 
     def forward(
@@ -177,7 +179,8 @@ def _transformer(cfg: UNetConfig, channels: int, depth: int) -> SpatialTransform
     heads = cfg.heads_at(channels)
     if channels % heads:
         raise ValueError(f"{channels} channels do not split into {heads} attention heads")
-    return SpatialTransformer(channels, heads, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+    return SpatialTransformer(channels, heads, depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                              cfg.norm_groups)
 
 
 def _input_blocks(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
@@ -186,7 +189,7 @@ def _input_blocks(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, list[in
     blocks, widths = [Block(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))], [ch]
     for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
         for _ in range(cfg.num_res_blocks):
-            layers: list[nn.Module] = [ResBlock(ch, emb_dim, cfg.model_channels * mult)]
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, cfg.model_channels * mult, cfg.norm_groups)]
             ch = cfg.model_channels * mult
             if depth:
                 layers.append(_transformer(cfg, ch, depth))
@@ -205,7 +208,7 @@ def _output_blocks(cfg: UNetConfig, emb_dim: int, widths: list[int]) -> nn.Modul
     for level in reversed(range(len(cfg.channel_mult))):
         out = cfg.model_channels * cfg.channel_mult[level]
         for i in range(cfg.num_res_blocks + 1):
-            layers: list[nn.Module] = [ResBlock(ch + widths.pop(), emb_dim, out)]
+            layers: list[nn.Module] = [ResBlock(ch + widths.pop(), emb_dim, out, cfg.norm_groups)]
             ch = out
             if cfg.transformer_depth[level]:
                 layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))

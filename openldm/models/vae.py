@@ -31,8 +31,8 @@ from openldm.nn.attention import Backend, attention
 from openldm.nn.transformer import GroupNorm32, checkpointed
 
 
-def _norm(channels: int) -> GroupNorm32:
-    return GroupNorm32(channels, eps=1e-6)
+def _norm(channels: int, groups: int) -> GroupNorm32:
+    return GroupNorm32(channels, eps=1e-6, groups=groups)
 
 
 class DiagonalGaussian:
@@ -66,12 +66,12 @@ class DiagonalGaussian:
 class ResnetBlock(nn.Module):
     """Norm, SiLU, 3x3 conv, twice, plus a skip path: a 1x1 conv (`nin_shortcut`) if the width changes."""
 
-    def __init__(self, channels: int, out_channels: int):
+    def __init__(self, channels: int, out_channels: int, groups: int = 32):
         super().__init__()
         self.gradient_checkpointing = False
-        self.norm1 = _norm(channels)
+        self.norm1 = _norm(channels, groups)
         self.conv1 = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         same = channels == out_channels
         self.nin_shortcut = nn.Identity() if same else nn.Conv2d(channels, out_channels, 1)
@@ -88,11 +88,11 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention among all pixels; q, k, v and `proj_out` are 1x1 convs."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
         self.gradient_checkpointing = False
         self.backend: Backend = "sdpa"
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +111,7 @@ class Downsample(nn.Module):
 
     Unlike the UNet's symmetric `padding=1`, ldm's VAE pads only on the far sides, so its kernel
     windows are offset by one pixel from the UNet's; the trained weights expect this alignment.
+    An odd size n gives floor(n / 2), as in ldm and diffusers: the pad then lies outside every window.
     """
 
     def __init__(self, channels: int):
@@ -124,10 +125,11 @@ class Downsample(nn.Module):
 class Level(nn.Module):
     """One resolution: ResnetBlocks (`block.M`), then the encoder's downsampler or the decoder's upsampler."""
 
-    def __init__(self, channels: int, out_channels: int, depth: int, *, down: bool = False, up: bool = False):
+    def __init__(self, channels: int, out_channels: int, depth: int, *, down: bool = False, up: bool = False,
+                 groups: int = 32):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(channels if i == 0 else out_channels, out_channels) for i in range(depth)
+            ResnetBlock(channels if i == 0 else out_channels, out_channels, groups) for i in range(depth)
         )
         self.downsample = Downsample(out_channels) if down else None
         self.upsample = Upsample(out_channels) if up else None
@@ -145,11 +147,11 @@ class Level(nn.Module):
 class Mid(nn.Module):
     """The lowest-resolution stage: ResnetBlock, self-attention, ResnetBlock."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -164,11 +166,12 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         ch, levels = cfg.ch, []
         for i, width in enumerate(widths):
-            levels.append(Level(ch, width, cfg.num_res_blocks, down=i < len(widths) - 1))
+            down = i < len(widths) - 1
+            levels.append(Level(ch, width, cfg.num_res_blocks, down=down, groups=cfg.norm_groups))
             ch = width
         self.down = nn.ModuleList(levels)
-        self.mid = Mid(ch)
-        self.norm_out = _norm(ch)
+        self.mid = Mid(ch, cfg.norm_groups)
+        self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,13 +190,13 @@ class Decoder(nn.Module):
         widths = [cfg.ch * m for m in cfg.ch_mult]
         ch = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = Mid(ch)
+        self.mid = Mid(ch, cfg.norm_groups)
         levels = []
         for i in reversed(range(len(widths))):  # built in running order, lowest resolution first ...
-            levels.append(Level(ch, widths[i], cfg.num_res_blocks + 1, up=i > 0))
+            levels.append(Level(ch, widths[i], cfg.num_res_blocks + 1, up=i > 0, groups=cfg.norm_groups))
             ch = widths[i]
         self.up = nn.ModuleList(reversed(levels))  # ... but numbered from the highest (see module doc)
-        self.norm_out = _norm(ch)
+        self.norm_out = _norm(ch, cfg.norm_groups)
         self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from openldm.networks.deltas import ROLES
 
 # (key prefix, component, separator in the module path); `None`: the file does not say.
 PREFIXES: tuple[tuple[str, str | None, str], ...] = (
-    ("lora_unet_", "unet", "_"), ("lora_te2_", "text_encoder", "_"), ("lora_te1_", "text_encoder_2", "_"),
+    ("lora_unet_", "unet", "_"), ("lora_te1_", "text_encoder", "_"), ("lora_te2_", "text_encoder_2", "_"),
     ("lora_te_", "text_encoder", "_"), ("unet.", "unet", "."), ("text_encoder_2.", "text_encoder_2", "."),
     ("text_encoder.", "text_encoder", "."), ("base_model.model.", None, "."),
 )

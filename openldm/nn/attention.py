@@ -36,7 +36,8 @@ def attention(
             keep = torch.ones(n, k.shape[2], dtype=torch.bool, device=q.device).tril()
             weights = weights.masked_fill(~keep, float("-inf"))
         if mask is not None:
-            weights = weights.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else weights + mask
+            boolean = mask.dtype == torch.bool
+            weights = weights.masked_fill(~mask, float("-inf")) if boolean else weights + mask
         out = weights.softmax(dim=-1) @ v
     else:
         raise ValueError(f"unknown attention backend {backend!r}; choose 'sdpa' or 'math'")

@@ -26,8 +26,8 @@ class GroupNorm32(nn.GroupNorm):
     in the originals: it spans only one token's channels.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__(32, channels, eps=eps)
+    def __init__(self, channels: int, eps: float = 1e-5, groups: int = 32):
+        super().__init__(groups, channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight.float(), self.bias.float()
@@ -121,10 +121,12 @@ class SpatialTransformer(nn.Module):
     SD2 and SDXL (`use_linear`): the same arithmetic, stored with different weight shapes.
     """
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool,
+                 groups: int = 32):
         super().__init__()
         self.use_linear = use_linear
-        self.norm = GroupNorm32(channels, eps=1e-6)  # the originals use 1e-6 here, 1e-5 elsewhere
+        # The originals use eps 1e-6 here, 1e-5 elsewhere.
+        self.norm = GroupNorm32(channels, eps=1e-6, groups=groups)
         proj = nn.Linear if use_linear else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(

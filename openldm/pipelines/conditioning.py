@@ -22,7 +22,6 @@ from openldm.models.tokenizer import CLIPTokenizer
 from openldm.nn.embeddings import timestep_embedding
 from openldm.prompts import BREAK, parse_attention
 
-CHUNK = 75  # content tokens per chunk; with start and end tokens the encoder sees 77
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
 
 
@@ -49,8 +48,14 @@ def _embedding_at(tokens: list[int], i: int, names: Mapping[tuple[int, ...], str
     return max(found, key=len) if found else None
 
 
+def chunk_size(tokenizer: CLIPTokenizer) -> int:
+    """Content tokens per chunk: the encoder's context (77 for SD) less the start and end tokens."""
+    return tokenizer.max_length - 2
+
+
 def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
     """Tokens and per-token weights of a prompt, in chunks of at most 75 content tokens."""
+    size = chunk_size(encoder.tokenizer)
     comma = encoder.tokenizer.encode(",")[0]
     names = {tuple(encoder.tokenizer.encode(n)): n for n in encoder.embeddings}
     chunks: list[Chunk] = []
@@ -69,13 +74,13 @@ def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
         while i < len(tokens):
             if tokens[i] == comma:
                 last_comma = len(chunk.tokens)
-            elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= COMMA_BACKTRACK:
+            elif len(chunk.tokens) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
                 moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
                 chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
                 close()
                 chunk = moved
-            if len(chunk.tokens) == CHUNK:
+            if len(chunk.tokens) == size:
                 close()
             name_tokens = _embedding_at(tokens, i, names)
             if name_tokens is None:
@@ -84,7 +89,7 @@ def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
                 i += 1
                 continue
             vectors = encoder.embeddings[names[name_tokens]]
-            if len(chunk.tokens) + len(vectors) > CHUNK:
+            if len(chunk.tokens) + len(vectors) > size:
                 close()
             chunk.fixes.append((len(chunk.tokens), vectors))
             chunk.tokens += [0] * len(vectors)
@@ -97,7 +102,7 @@ def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
 
 def _chunk_ids(chunk: Chunk, tokenizer: CLIPTokenizer) -> tuple[list[int], list[float]]:
     """77 ids: start, content, end, then padding (end tokens for SD1, the pad id for OpenCLIP)."""
-    pad = CHUNK - len(chunk.tokens)
+    pad = chunk_size(tokenizer) - len(chunk.tokens)
     ids = [tokenizer.start_id, *chunk.tokens, tokenizer.end_id] + [tokenizer.pad_id] * pad
     return ids, [1.0, *chunk.weights, 1.0] + [1.0] * pad
 

@@ -82,7 +82,10 @@ def infotext_settings(
     }
     if params.subseed_strength:
         settings |= {"Variation seed": params.subseed, "Variation seed strength": params.subseed_strength}
-    if mode != "txt2img":
+    if mode == "upscale":
+        settings |= {"Denoising strength": params.hires_strength, "Hires upscale": params.upscale_by,
+                     "Hires steps": params.hires_steps, "Hires upscaler": params.upscaler}
+    elif mode != "txt2img":
         settings["Denoising strength"] = params.strength
     if params.clip_skip and params.clip_skip > 1:
         settings["Clip skip"] = params.clip_skip
@@ -91,3 +94,33 @@ def infotext_settings(
     if params.loras:
         settings["Lora weights"] = ", ".join(f"{name}: {w}" for name, w in params.loras)
     return settings
+
+
+# A1111 infotext key -> (our field, how to read its value); the inverse of `infotext_settings`.
+_FROM_INFOTEXT = {
+    "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule", str),
+    "CFG scale": ("cfg", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
+    "Clip skip": ("clip_skip", int), "CFG Rescale phi": ("guidance_rescale", float),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+    "Hires upscale": ("upscale_by", float), "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("upscaler", str.lower),
+}
+
+
+def params_from_infotext(prompt: str, negative: str, settings: dict[str, str]) -> GenerationParams:
+    """Settings from an A1111-style infotext (ours or A1111's own); keys we do not use are ignored."""
+    values: dict[str, Any] = {}
+    try:
+        for key, (name, read) in _FROM_INFOTEXT.items():
+            if key in settings:
+                values[name] = read(settings[key])
+        if "Size" in settings:
+            values["width"], values["height"] = (int(v) for v in settings["Size"].lower().split("x"))
+        if "Lora weights" in settings:
+            pairs = (item.rsplit(":", 1) for item in settings["Lora weights"].split(","))
+            values["loras"] = tuple((name.strip(), float(w)) for name, w in pairs)
+    except ValueError as e:
+        raise ValueError(f"unreadable infotext value ({e})") from None
+    if "Hires upscale" in settings and "strength" in values:  # A1111: the hires pass's strength
+        values["hires_strength"] = values.pop("strength")
+    return GenerationParams(prompt, negative=negative, **values)

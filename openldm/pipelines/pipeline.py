@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
 from openldm.config import ModelConfig
 from openldm.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser
@@ -24,7 +25,7 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
 from openldm.diffusion.registry import resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
-from openldm.diffusion.sigmas import get_sigmas, img2img_sigmas
+from openldm.diffusion.sigmas import img2img_sigmas
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.pipelines import images as im
 from openldm.pipelines.common import (
@@ -132,7 +133,7 @@ class Pipeline:
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         hires: bool = False, callback: StepCallback | None = None, latents: torch.Tensor | None = None,
     ) -> list[Result]:
-        """All images of a run (batch_count batches of batch_size), each with its reproducible settings."""
+        """All images of a run (batch_count batches of batch_size), each with its exact seed and size."""
         params = params.with_seed()
         width, height = self._size(params, image)
         mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
@@ -144,7 +145,8 @@ class Pipeline:
                 params, seeds, subseeds, width, height, image, mask, hires, callback, latents
             )
             for i, (picture, seed, subseed) in enumerate(zip(images, seeds, subseeds)):
-                one = dataclasses.replace(params, seed=seed, subseed=subseed, batch_size=1, batch_count=1)
+                one = dataclasses.replace(params, seed=seed, subseed=subseed, width=width, height=height,
+                                          batch_size=1, batch_count=1)
                 results.append(Result(picture, one, "upscale" if hires else mode, x[i : i + 1]))
         return results
 
@@ -194,9 +196,14 @@ class Pipeline:
         spec, schedule_name = resolve(params.sampler, params.schedule)
         f = self.config.vae.downsample_factor
         shape = (self.config.latent_format.channels, height // f, width // f)
-        sigmas = get_sigmas(schedule_name, params.steps, self.schedule).to(self.device)
+        sigmas = spec.sigmas(schedule_name, params.steps, self.schedule).to(self.device)
         if start.latent is not None:
             sigmas = img2img_sigmas(sigmas, strength)
+        if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix
+            start = dataclasses.replace(start, concat=self._unmasked_concat(width, height))
+        if latents is not None and tuple(latents.shape) != (len(seeds), *shape):
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit {len(seeds)} images of "
+                             f"{width}x{height}: expected {(len(seeds), *shape)}")
         noise = BatchNoise(seeds, shape, device=self.device, dtype=torch.float32)
         first = latents if latents is not None else starting_noise(
             noise, subseeds, params.subseed_strength, shape
@@ -280,6 +287,16 @@ class Pipeline:
         latent = self._masked_content(params, latent, small, seeds)
         return _Start(latent, keep=1 - small)
 
+    def _unmasked_concat(self, width: int, height: int) -> torch.Tensor:
+        """An inpainting model's extra input with no mask, as A1111 makes it: everything is to be painted.
+
+        The mask is all ones and the masked image is the image times (1 - mask), all zeros (mid-grey).
+        """
+        grey = torch.zeros(1, self.vae.cfg.in_channels, height, width, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            masked_latent = self.config.latent_format.to_model(self.vae.encode(grey).mode())
+        return torch.cat([torch.ones_like(masked_latent[:, :1]), masked_latent], dim=1).float()
+
     def _masked_content(self, params, latent, small_mask, seeds):
         """What the masked area starts from: the image, its fill, fresh noise or zeros."""
         if params.masked_content not in MASKED_CONTENT:
@@ -337,21 +354,31 @@ def _round8(value: float) -> int:
     return max(8, int(round(value / 8)) * 8)
 
 
-def default_tokenizers(components: Components) -> list[CLIPTokenizer]:
-    """The tokenizer of each text encoder: a diffusers folder's own, else the standard CLIP vocabulary."""
+def default_tokenizers(components: Components, folder: Path | None = None) -> list[CLIPTokenizer]:
+    """Each text encoder's tokenizer: from `folder` or a diffusers folder if there, else standard CLIP."""
+    if folder is None and components.layout == "diffusers" and components.source is not None:
+        folder = Path(components.source)
     tokenizers = []
     for i, cfg in enumerate(components.config.text_encoders):
-        folder = None
-        if components.layout == "diffusers" and components.source is not None:
-            candidate = Path(components.source) / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")
-            folder = candidate if (candidate / "vocab.json").exists() else None
-        tokenizers.append(CLIPTokenizer.for_config(cfg, folder))
+        candidates = [] if folder is None else [folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")]
+        if folder is not None and i == 0:
+            candidates.append(folder)  # a model folder may keep its one tokenizer beside the weights
+        found = next((c for c in candidates if (c / "vocab.json").exists()), None)
+        tokenizers.append(CLIPTokenizer.for_config(cfg, found))
     return tokenizers
+
+
+MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single file plus its tokenizer
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None) -> Pipeline:
-    """Load any SD 1.x / 2.x / XL checkpoint file or diffusers folder as a ready pipeline."""
-    components = load_components(path, prediction=prediction, config_file=config_file, dtype=dtype,
-                                 device=device)
-    return Pipeline(components)
+    """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use."""
+    path = Path(path)
+    folder = path if path.is_dir() and not (path / "model_index.json").exists() else None
+    if folder is not None and not (folder / MODEL_FILE).is_file():
+        raise CheckpointError(f"{folder}: neither a diffusers folder (model_index.json) nor a model folder "
+                              f"({MODEL_FILE})")
+    components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
+                                 config_file=config_file, dtype=dtype, device=device)
+    return Pipeline(components, default_tokenizers(components, folder))

@@ -1,0 +1,45 @@
+"""`openldm train vae|ldm CONFIG [--resume]`: the training subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from openldm.checkpoints.io import CheckpointError
+from openldm.training.config import ConfigError
+from openldm.training.data import DataError
+from openldm.training.loop import TrainingError
+
+EXIT_USAGE = 2
+
+
+def add_commands(sub) -> None:
+    parser = sub.add_parser("train", help="train a VAE or a latent diffusion model from a YAML/TOML config",
+                            description="Train from a config file (see configs/ for examples). Checkpoints "
+                                        "go to run.output_dir/checkpoints; --resume continues the newest "
+                                        "one.")
+    parser.add_argument("kind", choices=("vae", "ldm"), help="what to train")
+    parser.add_argument("config", help="YAML or TOML training config")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    parser.add_argument("--steps", type=int, help="override run.steps")
+    parser.add_argument("--output-dir", help="override run.output_dir")
+    parser.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from openldm.training.config import load_config
+    from openldm.training.run import train
+
+    try:
+        config = load_config(args.config, kind=args.kind)
+        given = (("steps", args.steps), ("output_dir", args.output_dir))
+        overrides = {k: v for k, v in given if v is not None}
+        if overrides:
+            config = replace(config, run=replace(config.run, **overrides))
+        train(config, resume=args.resume)
+    except (ConfigError, DataError, TrainingError, CheckpointError) as error:
+        print(f"openldm train: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0

@@ -1,0 +1,79 @@
+"""Results as PNG files that say how they were made, and those settings read back.
+
+Each PNG carries the A1111 `parameters` infotext (read by existing tools) and our `openldm` chunk:
+the exact `GenerationParams` as JSON, which regenerates the image bit for bit. PNGs from other
+tools have only the infotext; `read_settings` falls back to parsing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openldm.pipelines.infotext import format_infotext, parse_infotext, read_png, save_png
+from openldm.pipelines.params import GenerationParams, infotext_settings, params_from_infotext
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PngSettings:
+    """What a PNG says about its making: the settings, and the mode and model when it tells them."""
+
+    params: GenerationParams
+    mode: str | None = None
+    model: str | None = None
+    model_hash: str | None = None
+
+
+def result_infotext(result, model: str | None = None, model_hash: str | None = None) -> str:
+    """The A1111 infotext of a `Result` (its params hold the concrete seed and size)."""
+    p = result.params
+    settings = infotext_settings(p, p.width or result.image.width, p.height or result.image.height,
+                                 model, model_hash, result.mode)
+    return format_infotext(p.prompt, p.negative, settings)
+
+
+def save_result(result, path: str | Path, model: str | None = None, model_hash: str | None = None) -> Path:
+    """Write one `Result` as a PNG with both chunks, atomically."""
+    exact = {"version": FORMAT_VERSION, "mode": result.mode, "model": model, "model_hash": model_hash,
+             "params": result.params.to_json()}
+    return save_png(result.image, path, result_infotext(result, model, model_hash), exact)
+
+
+def read_settings(path: str | Path) -> PngSettings:
+    """The settings stored in a PNG: our exact chunk if present, else its A1111 infotext."""
+    text, exact = read_png(path)
+    if exact is not None:
+        return _from_exact(exact, path)
+    if text is None:
+        raise ValueError(f"{path}: the PNG holds no generation parameters")
+    prompt, negative, settings = parse_infotext(text)
+    return PngSettings(params_from_infotext(prompt, negative, settings), model=settings.get("Model"),
+                       model_hash=settings.get("Model hash"))
+
+
+def _from_exact(exact: dict[str, Any], path: str | Path) -> PngSettings:
+    if exact.get("version") != FORMAT_VERSION or "params" not in exact:
+        raise ValueError(f"{path}: unknown openldm settings format (version {exact.get('version')!r})")
+    return PngSettings(GenerationParams.from_json(exact["params"]), exact.get("mode"), exact.get("model"),
+                       exact.get("model_hash"))
+
+
+def output_paths(out: str | Path, count: int, stem: str = "image") -> list[Path]:
+    """Where `count` images go: `out` itself for one, else out-0001.png, out-0002.png, ...
+
+    A folder (existing, or written with a trailing slash) holds `<stem>.png` / `<stem>-0001.png` ...
+    """
+    text = str(out)
+    out = Path(out)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        out = out / f"{stem}.png"
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"output {out} must be a .png file (PNG carries the generation settings)")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i:04d}{out.suffix}") for i in range(1, count + 1)]

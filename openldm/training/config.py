@@ -1,0 +1,225 @@
+"""Training configs: YAML or TOML files validated into frozen dataclasses.
+
+A config file has the sections `data`, `optim` and `run`, plus `vae` or `ldm` for the model being
+trained. Every key is checked: a misspelt key is an error that names it and lists the valid ones,
+never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["shapes", "folder"] = "shapes"
+    path: str | None = None  # image folder (source: folder)
+    length: int = 10_000  # number of shapes images (source: shapes)
+    seed: int = 0  # shapes dataset seed
+    image_size: int = 128  # images are resized (shorter side) and cropped to this
+    crop_size: int | None = None  # random crops of this size after resizing (VAE training)
+    random_crop: bool = False  # else center crop
+    flip: bool = False  # random horizontal flip (never for captions that say left or right)
+    two_shape_fraction: float = 0.0
+    caption_dropout: float = 0.0  # replace the caption by "" this often, for classifier-free guidance
+    buckets: bool = False  # aspect-ratio bucketing (folder source)
+    cache_latents: bool = False  # ldm: encode once with the VAE, reuse every epoch
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "linear", "cosine", "cosine_restarts", "lambda_linear"] = "constant"
+    warmup_steps: int = 0
+    restarts: int = 1  # cycles of cosine_restarts
+    min_lr_ratio: float = 0.0  # cosine schedules end at lr * min_lr_ratio
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None  # EMA of the weights, with warm-up (None: no EMA)
+    ema_warmup: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/train"
+    steps: int = 1000
+    batch_size: int = 8
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "cpu"
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 50
+    sample_every: int | None = None  # write a grid of samples to `samples/` every N steps
+    sample_steps: int = 20  # sampler steps of those samples
+    gradient_checkpointing: bool = False
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+
+@dataclass(frozen=True)
+class VAELossConfig:
+    preset: str = "tiny-sd1"  # the architecture (its `vae` part)
+    init: str | None = None  # fine-tune from this VAE or full checkpoint
+    reconstruction: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # PatchGAN hinge loss, 0 disables it
+    disc_start: int = 0  # steps before the discriminator joins
+    disc_lr: float | None = None  # defaults to optim.lr
+    disc_channels: int = 64  # PatchGAN width (taming: 64)
+    disc_layers: int = 3  # PatchGAN stride-2 layers (taming: 3); images need a side of 3 * 2**layers
+    sample_posterior: bool = True  # decode a posterior sample (ldm); False: its mean, a noise-free loss
+    decoder_only: bool = False  # fine-tune the decoder, keep the encoder (and latents) fixed
+
+
+@dataclass(frozen=True)
+class LDMConfig:
+    preset: str = "tiny-sd1"  # the architecture; from scratch unless `init` is given
+    init: str | None = None  # fine-tune from this checkpoint (any layout openldm loads)
+    vae: str | None = None  # replace the VAE by this trained VAE file
+    tokenizer: str | None = None  # a tokenizer folder (vocab.json, merges.txt); else standard CLIP
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # defaults to optim.lr
+    min_snr_gamma: float | None = None
+    offset_noise: float = 0.0
+    input_perturbation: float = 0.0
+    export_diffusers: bool = False  # also write the diffusers folder layout at the end
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    kind: Literal["vae", "ldm"]
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    vae: VAELossConfig = field(default_factory=VAELossConfig)
+    ldm: LDMConfig = field(default_factory=LDMConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check one value against its field's annotation (the few types configs use)."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            choices = ", ".join(map(repr, typing.get_args(annotation)))
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str, bool) and type(value) is annotation:
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig, "vae": VAELossConfig,
+             "ldm": LDMConfig}
+
+
+def parse_config(values: dict[str, Any], kind: str | None = None, where: str = "config") -> TrainConfig:
+    """A `TrainConfig` from plain data; `kind` (vae or ldm) overrides the file's `kind` key."""
+    values = dict(values)
+    kind = kind or values.pop("kind", None)
+    values.pop("kind", None)
+    if kind not in ("vae", "ldm"):
+        raise ConfigError(f"{where}: kind must be 'vae' or 'ldm', got {kind!r}")
+    unknown = sorted(set(values) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
+                          f"valid: kind, {', '.join(_SECTIONS)}")
+    sections = {name: _section(cls, values[name], f"{where}: {name}") for name, cls in _SECTIONS.items()
+                if name in values}
+    config = TrainConfig(kind=kind, **sections)
+    _validate(config, where)
+    return config
+
+
+def _validate(config: TrainConfig, where: str) -> None:
+    run, optim, data = config.run, config.optim, config.data
+    positive = {"run.steps": run.steps, "run.batch_size": run.batch_size,
+                "optim.grad_accum": optim.grad_accum, "run.checkpoint_every": run.checkpoint_every,
+                "run.keep_last": run.keep_last, "data.image_size": data.image_size, "optim.lr": optim.lr}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where}: {name} must be positive, got {value}")
+    if data.image_size % 8 or (data.crop_size is not None and data.crop_size % 8):
+        raise ConfigError(f"{where}: data.image_size and data.crop_size must be multiples of 8")
+    if data.source == "folder" and not data.path:
+        raise ConfigError(f"{where}: data.source is 'folder' but data.path is not set")
+    if not 0 <= data.caption_dropout < 1:
+        raise ConfigError(f"{where}: data.caption_dropout must be in [0, 1)")
+    if optim.ema_decay is not None and not 0 < optim.ema_decay < 1:
+        raise ConfigError(f"{where}: optim.ema_decay must be in (0, 1)")
+    _validate_vae(config.vae, data, where)
+
+
+def _validate_vae(vae: VAELossConfig, data: DataConfig, where: str) -> None:
+    if vae.disc_weight < 0 or vae.disc_start < 0:
+        raise ConfigError(f"{where}: vae.disc_weight and vae.disc_start must not be negative")
+    if vae.disc_layers < 1:
+        raise ConfigError(f"{where}: vae.disc_layers must be at least 1, got {vae.disc_layers}")
+    side = data.crop_size or data.image_size
+    if vae.disc_weight and side < 3 * 2**vae.disc_layers:
+        raise ConfigError(f"{where}: a {vae.disc_layers}-layer discriminator needs images of at least "
+                          f"{3 * 2**vae.disc_layers} px, the training images are {side} px; "
+                          "lower vae.disc_layers")
+
+
+def load_config(path: str | Path, kind: str | None = None) -> TrainConfig:
+    """Read a `.yaml`/`.yml` or `.toml` training config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:
+        language = "TOML" if path.suffix == ".toml" else "YAML"
+        raise ConfigError(f"{path}: not valid {language}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(values, kind, where=str(path))

@@ -1,0 +1,71 @@
+"""Run a training config end to end: build the task, resume if asked, train, export.
+
+Under `torchrun` (the RANK / WORLD_SIZE environment variables) the process group is set up here
+with torch.distributed's own launcher contract (gloo on the CPU, NCCL with one GPU per LOCAL_RANK),
+the trainer wraps the trained modules in DDP, and the group is taken down when the run ends.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from openldm.training.config import TrainConfig
+from openldm.training.loop import Distributed, Trainer, TrainingError, log_summary
+
+
+def distributed_from_env() -> Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed()
+    if not torch_dist.is_initialized():
+        nccl = torch.cuda.is_available() and os.environ.get("OPENLDM_BACKEND") != "gloo"
+        if nccl:  # "cuda" then means this process's own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch_dist.init_process_group("nccl" if nccl else "gloo")
+    return Distributed(torch_dist.get_rank(), torch_dist.get_world_size())
+
+
+def make_task(config: TrainConfig, dist: Distributed):
+    if config.kind == "vae":
+        from openldm.training.vae import VAETask
+
+        return VAETask(config, dist.rank, dist.world)
+    from openldm.training.ldm import LDMTask
+
+    return LDMTask(config, dist.rank, dist.world)
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> tuple[Trainer, list[Path]]:
+    """Train to `run.steps` and export; with `resume`, continue from the newest checkpoint."""
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    dist = distributed_from_env()
+    try:
+        return _train(config, dist, resume)
+    finally:
+        if dist.world > 1 and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, dist: Distributed, resume: bool) -> tuple[Trainer, list[Path]]:
+    torch.manual_seed(config.run.seed)
+    task = make_task(config, dist)
+    trainer = Trainer(config, task, dist)
+    output = Path(config.run.output_dir)
+    if resume:
+        if not trainer.resume() and dist.main:
+            print(f"no checkpoint in {output / 'checkpoints'}; starting from step 0")
+    elif trainer.resume_possible():
+        raise TrainingError(f"{output} already holds checkpoints of a run: pass --resume to continue it, "
+                            "or choose another run.output_dir")
+    trainer.fit()
+    exported: list[Path] = []
+    if dist.main:
+        trainer.apply_ema()
+        exported = task.export(output)
+        print(f"{config.kind}: {log_summary(trainer.history)}; wrote {', '.join(map(str, exported))}")
+    return trainer, exported

@@ -1,0 +1,341 @@
+"""The pipeline against diffusers on the same random weights; batch invariance; PNG round trip; errors.
+
+Parity: a tiny random checkpoint is written as a diffusers folder by our `save_diffusers` and loaded by
+both `openldm.load` and diffusers' pipelines. Both start from the same noise, at 32x32 px, 8 steps,
+CFG 7 with a negative prompt; we compare the final latents and the 8-bit images (diffusers' latents
+decoded by diffusers' VAE). Measured on CPU, float32, diffusers 0.42.1, transformers 5.23.0, torch
+2.13.0+cpu, one thread (`pytest -s` prints them; the assertion messages carry them too):
+
+    case                           latent max abs err (largest latent)   pixel max abs err
+    txt2img tiny-sd1   Euler       7.8e-5 (33)                          0/255
+    txt2img tiny-sd2-v Euler       2.8e-5 (6.7)                         0/255
+    txt2img tiny-sdxl  Euler       1.4e-4 (44)                          1/255
+    txt2img tiny-sd1   DDIM        8.4e-5 (33)                          0/255
+    txt2img tiny-sd2-v DDIM        2.1e-5 (6.7)                         0/255
+    txt2img tiny-sdxl  DDIM        1.2e-4 (44)                          1/255
+    txt2img tiny-sd1   DPM++ 2M K  1.4e-4 (64)                          0/255
+    txt2img tiny-sd2-v DPM++ 2M K  4.9e-5 (8.3)                         0/255
+    txt2img tiny-sdxl  DPM++ 2M K  2.5e-4 (79)                          1/255
+    img2img tiny-sd1   Euler 0.5   1.9e-5 (6.7)                         0/255
+    VAE encoder, posterior mean    9.1e-7
+
+Random weights make large latents, so the latent bound is relative: 1e-4 of the largest value
+(measured 2e-6 to 1.3e-5). Pixels must agree within the issue's 2/255.
+
+What has to be matched by hand, and why:
+- The start. diffusers begins at noise * sqrt(sigma_0^2 + 1): the VP sample x_T = noise seen in VE
+  form. openldm, like k-diffusion and AUTOMATIC1111, begins at noise * sigma_0 (0.2% smaller at
+  sigma_0 = 14.6). diffusers gets the noise; openldm gets the same noise rescaled, so both start at
+  the same x. Not rescaled, Euler's images differ by 3-4/255.
+- DDIM. openldm's `ddim` (eta 0) runs its default `ddim_uniform` timesteps (= diffusers' "leading",
+  steps_offset 1). diffusers' DDIMScheduler is told `set_alpha_to_one=True` (end on the clean sample,
+  sigma 0; SD's config stops at alphas_cumprod[0], which no openldm schedule ends on) and
+  `clip_sample=False` (the scheduler's default clips x0 to [-1, 1]; SD's own config does not).
+- DPM++ 2M Karras. diffusers rounds the timesteps of the Karras sigmas to integers before calling
+  the UNet; openldm's denoiser uses the exact fractional timestep, as k-diffusion does. We set the
+  denoiser's `quantize=True`, which rounds the same way. Unrounded: latents differ by 0.04-0.36 and
+  pixels by 1-3/255 (sd1, sd2-v, sdxl).
+- SD2's text encoder. SD2 uses OpenCLIP's penultimate layer, then the final norm. The published SD2
+  diffusers folders drop the last layer (23 of 24 layers) and diffusers uses the final output; our
+  writer keeps all layers, so the test drops the last one from diffusers' model, as those folders do.
+- img2img. diffusers samples the VAE posterior (`latent_dist.sample`); openldm encodes with its mean.
+  We compare the encoders on the posterior mean, then give diffusers those latents as its image.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import openldm
+from openldm.checkpoints.io import CheckpointError
+from openldm.checkpoints.save import parts_from_single_file, save_diffusers
+from openldm.cli_generate import read_prompt_file
+from openldm.config import get_preset
+from openldm.diffusion.noise import initial_noise
+from openldm.diffusion.registry import resolve
+from openldm.pipelines import pipeline as pl
+from openldm.pipelines.infotext import read_png
+from openldm.pipelines.outputs import read_settings, save_result
+from openldm.pipelines.params import GenerationParams
+from tests.helpers import checkpoint_state_dict
+
+diffusers = pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT, NEGATIVE = "a red circle on a blue square", "blurry, green"
+SIZE, STEPS, CFG, SEED = 32, 8, 7.0, 1234
+PIXEL_TOLERANCE = 2  # the issue's bar: 2/255
+LATENT_TOLERANCE = 1e-4  # relative to the largest latent value; measured: 2e-6 to 1.3e-5
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A diffusers scheduler and the openldm sampler + schedule that compute the same steps."""
+
+    scheduler: str
+    options: dict = field(default_factory=dict)
+    sampler: str = "euler"
+    schedule: str = "leading"
+    quantize: bool = False
+
+
+SAMPLERS = {
+    "euler": Sampler("EulerDiscreteScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    "ddim": Sampler("DDIMScheduler", {
+        "timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": True, "clip_sample": False,
+    }, "ddim", "ddim_uniform"),
+    "dpmpp_2m": Sampler("DPMSolverMultistepScheduler", {
+        "use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2,
+        "solver_type": "midpoint", "final_sigmas_type": "zero", "lower_order_final": True,
+    }, "dpmpp_2m", "karras", quantize=True),
+}
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, one_thread):
+    """preset -> (openldm pipeline, diffusers pipeline) on the same weights, built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            config = get_preset(name)
+            folder = tmp_path_factory.mktemp("models") / name
+            parts = parts_from_single_file(checkpoint_state_dict(config, extras=False), config)
+            save_diffusers(parts, folder, config=config)
+            ref = _diffusers_pipeline(folder, config)
+            ref.folder = folder
+            cache[name] = (pl.load(folder), ref)
+        return cache[name]
+
+    return get
+
+
+def _diffusers_pipeline(folder, config):
+    if config.family == "sdxl":
+        ref = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    else:
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    if config.family == "sd2":  # as the published SD2 folders: the penultimate layer is the last one kept
+        encoder = getattr(ref.text_encoder, "text_model", ref.text_encoder).encoder  # transformers 4 / 5
+        encoder.layers = encoder.layers[:-1]
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def _with_scheduler(ref, sampler: Sampler):
+    """The folder's scheduler config with the sampler's options (not the last test's scheduler's)."""
+    scheduler_class = getattr(diffusers, sampler.scheduler)
+    ref.scheduler = scheduler_class.from_pretrained(ref.folder, subfolder="scheduler", **sampler.options)
+    return ref
+
+
+def _decode(ref, latents: torch.Tensor) -> np.ndarray:
+    """diffusers' own decode and 8-bit rounding (`numpy_to_pil`)."""
+    with torch.no_grad():
+        x = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
+    return (ref.image_processor.postprocess(x, output_type="np")[0] * 255).round()
+
+
+def _params(sampler: Sampler, **changes) -> GenerationParams:
+    return GenerationParams(PROMPT, negative=NEGATIVE, steps=STEPS, cfg=CFG, sampler=sampler.sampler,
+                            schedule=sampler.schedule, seed=SEED, width=SIZE, height=SIZE, **changes)
+
+
+def _latent_shape(pipe) -> tuple[int, ...]:
+    f = pipe.config.vae.downsample_factor
+    return (pipe.config.latent_format.channels, SIZE // f, SIZE // f)
+
+
+def _ours(pipe, sampler: Sampler, latents: torch.Tensor, **kwargs) -> pl.Result:
+    pipe.denoiser.quantize = sampler.quantize
+    try:
+        return pipe.generate(_params(sampler, **kwargs.pop("params", {})), latents=latents, **kwargs)[0]
+    finally:
+        pipe.denoiser.quantize = False
+
+
+def _compare(label: str, ours: pl.Result, ref, ref_latents: torch.Tensor) -> None:
+    latent_err = (ours.latent - ref_latents).abs().max().item()
+    scale = ref_latents.abs().max().item()
+    pixel_err = np.abs(np.asarray(ours.image, dtype=np.float64) - _decode(ref, ref_latents)).max()
+    report = (f"{label}: latent max abs err {latent_err:.2e} (latents up to {scale:.1f}), "
+              f"pixel max abs err {pixel_err:.0f}/255")
+    print(report)
+    assert latent_err <= LATENT_TOLERANCE * max(scale, 1.0), report
+    assert pixel_err <= PIXEL_TOLERANCE, report
+
+
+# --- parity ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd2-v", "tiny-sdxl"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_txt2img_matches_diffusers(models, preset, name):
+    pipe, ref = models(preset)
+    sampler = SAMPLERS[name]
+    noise = initial_noise(SEED, _latent_shape(pipe))[None]
+    sigma_0 = resolve(sampler.sampler)[0].sigmas(sampler.schedule, STEPS, pipe.schedule)[0]
+    ours = _ours(pipe, sampler, noise * (sigma_0**2 + 1).sqrt() / sigma_0)  # diffusers' start (docstring)
+    ref_latents = _with_scheduler(ref, sampler)(
+        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+        height=SIZE, width=SIZE, latents=noise.clone(), output_type="latent").images
+    _compare(f"txt2img {preset} {name}", ours, ref, ref_latents)
+
+
+def _test_image(size: int = SIZE) -> Image.Image:
+    """A smooth gradient with a disc: something a VAE encodes to structured latents."""
+    ramp = np.linspace(0, 255, size, dtype=np.float64)
+    channels = [np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], size)]
+    pixels = np.stack(channels, -1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 30, 40))
+    return image
+
+
+def test_img2img_matches_diffusers(models):
+    pipe, ref = models("tiny-sd1")
+    image, sampler = _test_image(), SAMPLERS["euler"]
+    with torch.no_grad():
+        posterior = ref.vae.encode(ref.image_processor.preprocess(image)).latent_dist
+    ref_init = posterior.mode() * ref.vae.config.scaling_factor
+    encoder_err = (pipe.encode_image(image) - ref_init).abs().max().item()
+    print(f"img2img tiny-sd1 VAE encoder (posterior mean): max abs err {encoder_err:.2e}")
+    assert encoder_err < 1e-4
+
+    noise = initial_noise(SEED, _latent_shape(pipe))[None]  # diffusers draws the same from its generator
+    ours = _ours(pipe, sampler, noise, image=image, params={"strength": 0.5})
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.folder = ref.folder
+    ref_latents = _with_scheduler(img2img, sampler)(
+        prompt=PROMPT, negative_prompt=NEGATIVE, image=ref_init, strength=0.5, num_inference_steps=STEPS,
+        guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
+    _compare("img2img tiny-sd1 euler strength 0.5", ours, ref, ref_latents)
+
+
+# --- our own guarantees -----------------------------------------------------------------------
+
+def test_image_i_of_a_batch_equals_its_seed_alone(models):
+    """Ancestral sampling draws fresh noise every step: each image must own its noise stream."""
+    pipe, _ = models("tiny-sd1")
+    params = GenerationParams("a (red:1.2) circle", negative=NEGATIVE, steps=6, sampler="euler_ancestral",
+                              seed=SEED, width=SIZE, height=SIZE, batch_size=3)
+    batch = pipe.generate(params)
+    assert [r.params.seed for r in batch] == [SEED, SEED + 1, SEED + 2]
+    for i, result in enumerate(batch):
+        alone = pipe.generate(replace(params, seed=SEED + i, batch_size=1))[0]
+        diff = np.abs(np.asarray(result.image, dtype=int) - np.asarray(alone.image, dtype=int)).max()
+        assert diff <= 1, f"image {i} of the batch differs from seed {SEED + i} alone by {diff}/255"
+    assert np.asarray(batch[0].image).tolist() != np.asarray(batch[1].image).tolist()
+
+
+def _regenerate(pipe, path) -> np.ndarray:
+    return np.asarray(pipe.generate(read_settings(path).params)[0].image)
+
+
+def test_png_round_trip_regenerates_the_same_image(models, tmp_path):
+    pipe, _ = models("tiny-sd1")
+    params = GenerationParams("a (red:1.3) circle, [blue|green] square", negative=NEGATIVE, steps=5,
+                              sampler="DPM++ 2M", schedule="Karras", cfg=6.5, seed=-1, subseed=7,
+                              subseed_strength=0.3)
+    result = pipe.generate(params)[0]
+    native = pipe.config.image_size
+    assert result.params.seed >= 0 and (result.params.width, result.params.height) == (native, native)
+    path = save_result(result, tmp_path / "a.png", "tiny", "0123456789")
+    assert read_settings(path).params == result.params
+    assert np.array_equal(_regenerate(pipe, path), np.asarray(result.image))
+
+    # A PNG with only the A1111 infotext (as AUTOMATIC1111 writes them) regenerates it too.
+    text, _ = read_png(path)
+    assert f"Seed: {result.params.seed}" in text and "Sampler: DPM++ 2M" in text
+    infotext_only = tmp_path / "a1111.png"
+    with Image.open(path) as image:
+        image.load()
+        Image.Image.save(image, infotext_only, pnginfo=_only_parameters(text))
+    assert read_png(infotext_only)[1] is None
+    assert np.array_equal(_regenerate(pipe, infotext_only), np.asarray(result.image))
+
+
+def _only_parameters(text: str):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_size_not_multiple_of_8_names_the_size(models):
+    pipe, _ = models("tiny-sd1")
+    with pytest.raises(ValueError, match="30x32"):
+        pipe.txt2img("x", width=30, height=32, steps=1)
+
+
+def test_latents_of_the_wrong_shape_are_refused(models):
+    pipe, _ = models("tiny-sd1")
+    with pytest.raises(ValueError, match=r"\(1, 4, 16, 16\)"):
+        pipe.generate(GenerationParams("x", steps=1, seed=0), latents=torch.zeros(1, 4, 4, 4))
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(CheckpointError, match="nowhere.safetensors: no such file"):
+        openldm.load(missing)
+    with pytest.raises(CheckpointError, match="neither a diffusers folder"):
+        openldm.load(tmp_path)
+
+
+def test_empty_prompt_file_is_a_clear_error(tmp_path):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="prompts.txt is empty"):
+        read_prompt_file(empty)
+    empty.write_text("a cat\n\nthe moon \n")
+    assert read_prompt_file(empty) == ["a cat", "the moon"]
+
+
+def test_png_without_settings_is_a_clear_error(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    with pytest.raises(ValueError, match="holds no generation parameters"):
+        read_settings(path)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=_only_parameters("x\nSteps: many, Seed: 1"))
+    with pytest.raises(ValueError, match="unreadable infotext value"):
+        read_settings(path)
+
+
+# --- the Python API ---------------------------------------------------------------------------
+
+def test_load_is_exported_lazily():
+    assert openldm.load is pl.load
+    code = "import sys, openldm; print('torch' in sys.modules, 'load' in dir(openldm))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+def test_load_reads_a_model_folder(tmp_path):
+    """The embedded model's layout: `model.safetensors` with the tokenizer files beside it."""
+    from openldm.checkpoints.save import save_single_file
+    from openldm.models.tokenizer import CLIPTokenizer
+
+    config = get_preset("tiny-sd1")
+    save_single_file(checkpoint_state_dict(config, extras=False), tmp_path / pl.MODEL_FILE, config=config)
+    CLIPTokenizer.for_config(config.text_encoders[0]).save(tmp_path)
+    vocab_file = tmp_path / "vocab.json"
+    vocab = json.loads(vocab_file.read_text())
+    vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]  # a tokenizer of its own
+    vocab_file.write_text(json.dumps(vocab))
+    pipe = openldm.load(tmp_path)
+    assert pipe.config.name == "tiny-sd1"
+    assert pipe.text_encoders[0].tokenizer.encode("cat") == [vocab["cat</w>"]]
