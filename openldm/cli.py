@@ -173,6 +173,9 @@ def _convert(args: argparse.Namespace) -> int:
             count = save.verify_diffusers(args.dst, parts, config, dtype=dtype)
     cast = f" after the cast to {args.dtype}" if dtype else ""
     print(f"wrote {args.dst} ({args.to}, {config.name}, {config.prediction} prediction)")
+    if args.to == "diffusers" and any(dl.drops_last_layer(e) for e in config.text_encoders):
+        print("note: the text encoder is stored without its last layer, which SD2 never reads, as in the "
+              "published SD2 diffusers folders; reading the folder back fills that layer with zeros")
     print(f"verified: re-read all {count} tensors; each equals the source{cast}")
     return 0
 

@@ -16,8 +16,8 @@ from openldm.data.shapes_eval import PROMPT_SETS, eval_scenes, evaluate, format_
 
 EXIT_ERROR = 2
 EVAL_STEPS = 20
-EVAL_CFG = 5.0
-EVAL_SAMPLER = "euler"
+EVAL_CFG = 3.0
+EVAL_SAMPLER = "dpmpp_2m"
 
 
 def add_commands(sub) -> None:
@@ -42,7 +42,7 @@ def add_commands(sub) -> None:
     p.set_defaults(run=_eval)
 
 
-def make_grid(tiles: list[tuple[Image.Image, str]], columns: int = 4, caption_height: int = 28
+def make_grid(tiles: list[tuple[Image.Image, str]], columns: int = 4, caption_height: int = 50
               ) -> Image.Image:
     """Images in rows with their prompt written under each."""
     w, h = tiles[0][0].size
@@ -52,12 +52,13 @@ def make_grid(tiles: list[tuple[Image.Image, str]], columns: int = 4, caption_he
     for i, (image, text) in enumerate(tiles):
         x, y = (i % columns) * w, (i // columns) * (h + caption_height)
         grid.paste(image, (x, y))
-        words, lines = text.split(), ["", ""]
-        for word in words:  # two short lines fit under a 128-pixel tile
-            line = 0 if len(lines[0]) + len(word) < w // 6 else 1
-            lines[line] = f"{lines[line]} {word}".strip()
-        draw.text((x + 2, y + h + 1), lines[0], fill="black")
-        draw.text((x + 2, y + h + 14), lines[1], fill="black")
+        lines = [""]
+        for word in text.split():  # the default font is about 6 pixels a character
+            if lines[-1] and len(lines[-1]) + 1 + len(word) > (w - 4) // 6:
+                lines.append("")
+            lines[-1] = f"{lines[-1]} {word}".strip()
+        for row, line in enumerate(lines[: caption_height // 12]):
+            draw.text((x + 2, y + h + 1 + 12 * row), line, fill="black")
     return grid
 
 

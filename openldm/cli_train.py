@@ -1,4 +1,4 @@
-"""`openldm train vae|ldm CONFIG [--resume]`: the training subcommands."""
+"""`openldm train vae|ldm|lora|embedding CONFIG [--resume]`: the training subcommands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from openldm.checkpoints.io import CheckpointError
-from openldm.training.config import ConfigError
+from openldm.training.config import KINDS, ConfigError
 from openldm.training.data import DataError
 from openldm.training.loop import TrainingError
 
@@ -14,11 +14,12 @@ EXIT_USAGE = 2
 
 
 def add_commands(sub) -> None:
-    parser = sub.add_parser("train", help="train a VAE or a latent diffusion model from a YAML/TOML config",
+    parser = sub.add_parser("train", help="train a VAE, a latent diffusion model, a LoRA or an embedding "
+                                          "from a YAML/TOML config",
                             description="Train from a config file (see configs/ for examples). Checkpoints "
                                         "go to run.output_dir/checkpoints; --resume continues the newest "
                                         "one.")
-    parser.add_argument("kind", choices=("vae", "ldm"), help="what to train")
+    parser.add_argument("kind", choices=KINDS, help="what to train")
     parser.add_argument("config", help="YAML or TOML training config")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--steps", type=int, help="override run.steps")

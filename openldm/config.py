@@ -230,7 +230,7 @@ SHAPES = ModelConfig(
                        num_heads=4, max_length=32, pad_token=SHAPES_VOCAB_SIZE - 1),
     ),
     # 1 / std of the trained VAE's latent means over 2,048 training images (see docs/embedded.md).
-    latent_format=LatentFormat(scale_factor=1.0),
+    latent_format=LatentFormat(scale_factor=0.36262),
     image_size=128,
 )
 

@@ -15,7 +15,7 @@ from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.openclip import hf_to_openclip, openclip_to_hf, split_extras
-from openldm.config import CLIP_L, OPENCLIP_BIGG, TINY_SD1, TINY_SD2, TINY_SDXL, CLIPTextConfig
+from openldm.config import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TINY_SD1, TINY_SD2, TINY_SDXL, CLIPTextConfig
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
 
@@ -119,6 +119,22 @@ def test_hidden_states_and_pooled_match_transformers(name):
         assert err <= TOL, f"{name} pooled: max abs error {err:.2e}"
     else:
         assert pooled is None and not hasattr(load_ours(cfg, sd), "text_projection")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [CLIP_L, OPENCLIP_H], ids=["clip-l", "openclip-h"])
+def test_full_size_encoder_matches_transformers(cfg):
+    """SD1's and SD2's encoders at full size (SDXL's bigG is OpenCLIP-H's code at another width)."""
+    sd = random_state_dict(cfg)
+    theirs, ours = load_transformers(cfg, sd), load_ours(cfg, sd)
+    ids = input_ids(cfg)
+    with torch.no_grad():
+        ref = theirs(ids, output_hidden_states=True)
+        want = ref.last_hidden_state if cfg.layer == "last" else (
+            _text_transformer(theirs).final_layer_norm(ref.hidden_states[-2]))
+        err = _err(ours(ids)[0], want)
+    print(f"full-size {cfg.hidden_size}-wide {cfg.layer}: max abs error {err:.2e}")
+    assert err <= TOL, f"max abs error {err:.2e}"
 
 
 def test_clip_skip_picks_layer_from_the_end():

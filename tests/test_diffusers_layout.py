@@ -9,7 +9,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersVAE
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
 from transformers import CLIPTextConfig as HFCLIPTextConfig
 from transformers import CLIPTextModel as HFCLIPTextModel
 from transformers import CLIPTextModelWithProjection
@@ -17,7 +21,8 @@ from transformers import CLIPTextModelWithProjection
 from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import UNET_PREFIX, VAE_PREFIX
-from openldm.checkpoints.load import build_component
+from openldm.checkpoints.load import build_component, load_components
+from openldm.checkpoints.save import single_file_state_dict
 from openldm.config import PRESETS
 from openldm.models.clip import CLIPTextModel
 from openldm.models.unet import UNetModel
@@ -165,3 +170,46 @@ def test_refiner_encoder_goes_to_the_second_folder():
     assert index["text_encoder"] == [None, None]
     assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
     assert dl.scheduler_config_json(PRESETS["sd2-v"])["prediction_type"] == "v_prediction"
+
+
+# --- SD2's text encoder: diffusers folders hold 23 of its 24 layers -----------------------------
+
+def test_sd2_encoder_is_stored_as_diffusers_converts_it():
+    """diffusers' single-file converter drops SD2's `resblocks.23`; the published config says 23 layers."""
+    config = PRESETS["sd2-base"]
+    ours = build_component("text_encoder", config).state_dict()  # meta: shapes only
+    hf_config = HFCLIPTextConfig(**dl.text_encoder_config_json(config.text_encoders[0]))
+    with torch.device("meta"):
+        expected = convert_open_clip_checkpoint(HFCLIPTextModel(hf_config), single_file_state_dict(
+            {"text_encoder": ours}, config))
+    stored = dl.to_diffusers("text_encoder", ours, config)
+    assert hf_config.num_hidden_layers == 23
+    assert {k: v.shape for k, v in stored.items()} == {k: v.shape for k, v in expected.items()}
+    layers = [dl.text_encoder_config_json(e)["num_hidden_layers"] for e in PRESETS["sdxl-base"].text_encoders]
+    assert layers == [12, 32]  # SDXL reads hidden_states[-2] and pools the last layer: all kept
+
+
+def test_sd2_folder_one_layer_short_loads_and_matches_transformers(tmp_path):
+    config = PRESETS["tiny-sd2"]
+    _save_with_diffusers(tmp_path, config)  # text_encoder/config.json: 1 of tiny-sd2's 2 layers
+    encoder = load_components(tmp_path).text_encoders[0]
+    hf = HFCLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = encoder(ids)[0], hf(ids).last_hidden_state
+        last = encoder(ids, skip=1)[0]
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-5, f"max abs err {err:.2e}"
+    assert torch.equal(last, ours)  # the restored last layer is zeros: an identity block
+
+
+def test_sd2_folder_that_kept_every_layer_keeps_it(tmp_path):
+    config = PRESETS["tiny-sd2"]
+    _save_with_diffusers(tmp_path, config)
+    full = dl.text_encoder_config_json(config.text_encoders[0]) | {"num_hidden_layers": 2}
+    hf = HFCLIPTextModel(HFCLIPTextConfig(**full))
+    hf.save_pretrained(tmp_path / "text_encoder")
+    found, parts = dl.read_diffusers(tmp_path)
+    assert found == config
+    written = getattr(hf, "text_model", hf).encoder.layers[1].mlp.fc1.weight  # transformers 4 / 5
+    assert torch.equal(parts["text_encoder"]["text_model.encoder.layers.1.mlp.fc1.weight"], written)

@@ -173,6 +173,17 @@ def test_dtype_casts_floating_weights(tmp_path):
     assert dtypes == {torch.float16}
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load_as_stored(tmp_path, dtype):
+    path = make_checkpoint(tmp_path, TINY_SD2, dtype=dtype)
+    c = load_components(path)
+    dtypes = {t.dtype for m in (c.unet, c.vae, *c.text_encoders) for t in m.state_dict().values()
+              if t.is_floating_point()}
+    assert dtypes == {dtype}
+    stored = read_state_dict(path)[0][UNET_PREFIX + "input_blocks.0.0.weight"]
+    assert torch.equal(_unet_param(c), stored)
+
+
 def test_ema_weights_are_used_by_default_and_raw_on_request(tmp_path):
     path = make_checkpoint(tmp_path, TINY_SD1, ema=True)
     raw = read_state_dict(path)[0][UNET_PREFIX + "input_blocks.0.0.weight"]
@@ -296,10 +307,15 @@ def test_a_file_without_text_encoder_says_so(tmp_path):
 # --- diffusers folders ---------------------------------------------------------------------
 
 def _write_folder(root, config: ModelConfig, suffix: str = ".safetensors"):
-    """A diffusers folder from a random single-file state dict, written with diffusers_layout."""
+    """A diffusers folder from a random single-file state dict, written with diffusers_layout.
+
+    Returns what the folder holds in our names (SD2's encoder without its last layer: zeros there).
+    """
     parts = parts_from_single_file(checkpoint_state_dict(config, extras=False), config)
+    held = {}
     for name, folder in dl.folder_names(config).items():
         state = dl.to_diffusers(name, parts[name], config)
+        held[name] = dl.from_diffusers(name, state, config)
         if name.startswith("text_encoder"):
             conf = dl.text_encoder_config_json(config.text_encoders[TEXT_ENCODER_NAMES.index(name)])
             stem = "model"
@@ -314,7 +330,7 @@ def _write_folder(root, config: ModelConfig, suffix: str = ".safetensors"):
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dl.scheduler_config_json(config)))
     (root / "model_index.json").write_text(json.dumps(dl.model_index_json(config)))
-    return parts
+    return held
 
 
 @pytest.mark.parametrize("config, suffix", [(TINY_SD1, ".safetensors"), (TINY_SD2_V, ".fp16.safetensors"),

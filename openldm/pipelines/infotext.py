@@ -12,14 +12,15 @@ regenerates the same image bit for bit without guessing at display names.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+
+from openldm.checkpoints.io import write_bytes_atomic
 
 INFOTEXT_KEY = "parameters"
 EXACT_KEY = "openldm"
@@ -70,16 +71,9 @@ def save_png(image: Image.Image, path: str | Path, infotext: str, exact: dict[st
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_KEY, infotext)
     info.add_text(EXACT_KEY, json.dumps(exact, sort_keys=True))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_png(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:

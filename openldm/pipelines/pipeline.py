@@ -38,6 +38,7 @@ from openldm.pipelines.common import (
 )
 from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, vector_conditioning
 from openldm.pipelines.params import GenerationParams
+from openldm.prompts import extract_networks
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised latents)
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
@@ -110,22 +111,33 @@ class Pipeline:
 
     # --- public modes ----------------------------------------------------------------------
 
-    def txt2img(self, prompt: str, **settings: Any) -> list[Image.Image]:
-        return [r.image for r in self.generate(GenerationParams(prompt, **settings))]
+    # `settings` are `GenerationParams` fields; `callback(step, total, denoised)` sees every step.
 
-    def img2img(self, image: Image.Image, prompt: str, **settings: Any) -> list[Image.Image]:
-        return [r.image for r in self.generate(GenerationParams(prompt, **settings), image=image)]
+    def txt2img(
+        self, prompt: str, *, callback: StepCallback | None = None, **settings: Any
+    ) -> list[Image.Image]:
+        return [r.image for r in self.generate(GenerationParams(prompt, **settings), callback=callback)]
 
-    def inpaint(
-        self, image: Image.Image, mask: Image.Image, prompt: str, **settings: Any
+    def img2img(
+        self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None, **settings: Any
     ) -> list[Image.Image]:
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, mask=mask)]
+        return [r.image for r in self.generate(params, image=image, callback=callback)]
 
-    def upscale(self, prompt: str, image: Image.Image | None = None, **settings: Any) -> list[Image.Image]:
+    def inpaint(
+        self, image: Image.Image, mask: Image.Image, prompt: str, *, callback: StepCallback | None = None,
+        **settings: Any,
+    ) -> list[Image.Image]:
+        params = GenerationParams(prompt, **settings)
+        return [r.image for r in self.generate(params, image=image, mask=mask, callback=callback)]
+
+    def upscale(
+        self, prompt: str, image: Image.Image | None = None, *, callback: StepCallback | None = None,
+        **settings: Any,
+    ) -> list[Image.Image]:
         """Hires fix: generate (or take `image`), enlarge, then refine with img2img."""
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, hires=True)]
+        return [r.image for r in self.generate(params, image=image, hires=True, callback=callback)]
 
     # --- the shared path ---------------------------------------------------------------------
 
@@ -134,6 +146,7 @@ class Pipeline:
         hires: bool = False, callback: StepCallback | None = None, latents: torch.Tensor | None = None,
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size."""
+        _refuse_prompt_networks(params)
         params = params.with_seed()
         width, height = self._size(params, image)
         mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
@@ -350,6 +363,16 @@ class Pipeline:
         return self.decode(x), x
 
 
+def _refuse_prompt_networks(params: GenerationParams) -> None:
+    """`<lora:name:w>` tags are not looked up by name: refuse them rather than feed their text to CLIP."""
+    refs = [ref for text in (params.prompt, params.negative) for ref in extract_networks(text)[1]]
+    if refs:
+        tags = ", ".join(f"<{ref.kind}:{ref.name}>" for ref in refs)
+        raise ValueError(f"the prompt names extra networks ({tags}), which are not looked up by name: "
+                         "remove the tags and pass the files with --lora FILE:WEIGHT "
+                         "(Python: openldm.networks.apply_networks)")
+
+
 def _round8(value: float) -> int:
     return max(8, int(round(value / 8)) * 8)
 
@@ -373,8 +396,14 @@ MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None) -> Pipeline:
-    """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use."""
+    """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
+
+    `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
+    where half-precision kernels are slow or missing (fp16 files are upcast once, at load).
+    """
     path = Path(path)
+    if dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32
     folder = path if path.is_dir() and not (path / "model_index.json").exists() else None
     if folder is not None and not (folder / MODEL_FILE).is_file():
         raise CheckpointError(f"{folder}: neither a diffusers folder (model_index.json) nor a model folder "

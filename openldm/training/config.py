@@ -8,7 +8,6 @@ never a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -34,7 +38,8 @@ class DataConfig:
     flip: bool = False  # random horizontal flip (never for captions that say left or right)
     two_shape_fraction: float = 0.0
     caption_dropout: float = 0.0  # replace the caption by "" this often, for classifier-free guidance
-    buckets: bool = False  # aspect-ratio bucketing (folder source)
+    buckets: bool = False  # aspect-ratio bucketing (folder source): one size per batch, near its images'
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SD; 8 at least)
     cache_latents: bool = False  # ldm: encode once with the VAE, reuse every epoch
     num_workers: int = 0
 
@@ -101,13 +106,34 @@ class LDMConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """A LoRA over the `ldm` section's model (kind: lora), saved in kohya's format."""
+
+    rank: int = 4
+    alpha: float | None = None  # the delta is scaled by alpha / rank; None: alpha = rank
+    text_encoder: bool = False  # also adapt the text encoder's attention and MLP layers
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """A textual-inversion embedding for the `ldm` section's model (kind: embedding), A1111's format."""
+
+    token: str = "my-concept"  # the trigger word, and the file's name
+    vectors: int = 1  # prompt tokens the embedding takes up
+    init_word: str = "object"  # every vector starts as this word's (first) token embedding
+    template: str = "a picture of {token}"  # each image's caption; {caption} is the dataset's own
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    kind: Literal["vae", "ldm"]
+    kind: Literal["vae", "ldm", "lora", "embedding"]
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     vae: VAELossConfig = field(default_factory=VAELossConfig)
     ldm: LDMConfig = field(default_factory=LDMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,16 +183,17 @@ def _section(cls: type, values: Any, where: str) -> Any:
 
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig, "vae": VAELossConfig,
-             "ldm": LDMConfig}
+             "ldm": LDMConfig, "lora": LoRAConfig, "embedding": EmbeddingConfig}
+KINDS = ("vae", "ldm", "lora", "embedding")
 
 
 def parse_config(values: dict[str, Any], kind: str | None = None, where: str = "config") -> TrainConfig:
-    """A `TrainConfig` from plain data; `kind` (vae or ldm) overrides the file's `kind` key."""
+    """A `TrainConfig` from plain data; `kind` (see `KINDS`) overrides the file's `kind` key."""
     values = dict(values)
     kind = kind or values.pop("kind", None)
     values.pop("kind", None)
-    if kind not in ("vae", "ldm"):
-        raise ConfigError(f"{where}: kind must be 'vae' or 'ldm', got {kind!r}")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
     unknown = sorted(set(values) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
@@ -188,6 +215,9 @@ def _validate(config: TrainConfig, where: str) -> None:
             raise ConfigError(f"{where}: {name} must be positive, got {value}")
     if data.image_size % 8 or (data.crop_size is not None and data.crop_size % 8):
         raise ConfigError(f"{where}: data.image_size and data.crop_size must be multiples of 8")
+    if data.buckets and (data.source != "folder" or data.cache_latents or data.bucket_step % 8):
+        raise ConfigError(f"{where}: data.buckets needs source: folder, no cache_latents, and a "
+                          "bucket_step that is a multiple of 8")
     if data.source == "folder" and not data.path:
         raise ConfigError(f"{where}: data.source is 'folder' but data.path is not set")
     if not 0 <= data.caption_dropout < 1:
@@ -195,6 +225,7 @@ def _validate(config: TrainConfig, where: str) -> None:
     if optim.ema_decay is not None and not 0 < optim.ema_decay < 1:
         raise ConfigError(f"{where}: optim.ema_decay must be in (0, 1)")
     _validate_vae(config.vae, data, where)
+    _validate_networks(config.lora, config.embedding, where)
 
 
 def _validate_vae(vae: VAELossConfig, data: DataConfig, where: str) -> None:
@@ -207,6 +238,14 @@ def _validate_vae(vae: VAELossConfig, data: DataConfig, where: str) -> None:
         raise ConfigError(f"{where}: a {vae.disc_layers}-layer discriminator needs images of at least "
                           f"{3 * 2**vae.disc_layers} px, the training images are {side} px; "
                           "lower vae.disc_layers")
+
+
+def _validate_networks(lora: LoRAConfig, embedding: EmbeddingConfig, where: str) -> None:
+    if lora.rank < 1 or embedding.vectors < 1:
+        raise ConfigError(f"{where}: lora.rank and embedding.vectors must be at least 1")
+    if not embedding.token.strip() or "{token}" not in embedding.template:
+        raise ConfigError(f"{where}: embedding.token must not be empty and embedding.template must "
+                          "contain {token}")
 
 
 def load_config(path: str | Path, kind: str | None = None) -> TrainConfig:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from openldm.data.shapes import ShapesConfig, ShapesDataset
+from openldm.training.buckets import BucketPlan, Size, bucket_sizes, fit_to_bucket
 from openldm.training.config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -104,12 +105,26 @@ class FolderSource:
             with Image.open(self.files[index]) as image:
                 return Example(image.convert("RGB"), self.captions[index])
         except (OSError, UnidentifiedImageError, ValueError):
-            self.skipped.add(index)
-            count = len(self.skipped)
-            if count & (count - 1) == 0:
-                warnings.warn(f"{self.folder}: skipped {count} unreadable image(s), e.g. {self.files[index]}",
-                              stacklevel=2)
+            self._skip(index)
             return None
+
+    def size(self, index: int) -> Size | None:
+        """(width, height) from the file's header, None (and skipped) when it cannot be read."""
+        if index in self.skipped:
+            return None
+        try:
+            with Image.open(self.files[index]) as image:
+                return image.size
+        except (OSError, UnidentifiedImageError, ValueError):
+            self._skip(index)
+            return None
+
+    def _skip(self, index: int) -> None:
+        self.skipped.add(index)
+        count = len(self.skipped)
+        if count & (count - 1) == 0:
+            warnings.warn(f"{self.folder}: skipped {count} unreadable image(s), e.g. {self.files[index]}",
+                          stacklevel=3)
 
     def describe(self) -> str:
         return f"folder({self.folder}, {len(self)} images)"
@@ -182,7 +197,8 @@ class BatchStream:
     """Batch `step` of a run: positions step*global_batch + rank*batch_size ... of the sample stream.
 
     Unreadable samples are replaced by the next readable position beyond the stream's end of
-    this step (deterministic, so resume stays exact).
+    this step (deterministic, so resume stays exact). With `buckets`, a `BucketPlan` chooses each
+    global batch instead, and a rank takes its slice of it.
     """
 
     def __init__(self, source, config: DataConfig, seed: int, batch_size: int, rank: int = 0, world: int = 1,
@@ -191,12 +207,24 @@ class BatchStream:
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.load_images = load_images
         self.order = EpochOrder(seed, len(source))
+        self.plan = self._bucket_plan() if config.buckets else None
+
+    def _bucket_plan(self) -> BucketPlan:
+        sizes = [self.source.size(i) for i in range(len(self.source))]
+        buckets = bucket_sizes(self.config.image_size, self.config.bucket_step)
+        plan = BucketPlan(sizes, buckets, self.seed, self.batch_size * self.world)
+        if not plan.per_epoch:
+            raise DataError(f"{self.source.describe()}: no bucket holds a whole batch of "
+                            f"{self.batch_size * self.world} images; lower run.batch_size")
+        return plan
 
     def positions(self, step: int) -> Sequence[int]:
         start = step * self.batch_size * self.world + self.rank * self.batch_size
         return range(start, start + self.batch_size)
 
     def __call__(self, step: int) -> Batch:
+        if self.plan is not None:
+            return self._bucketed(step)
         images, captions, indices, positions = [], [], [], []
         for position in self.positions(step):
             index, example, tries = self.order(position), None, 0
@@ -216,6 +244,27 @@ class BatchStream:
             indices.append(index)
             positions.append(position)
         return Batch(torch.stack(images) if images else None, captions, indices, positions)
+
+    def _bucketed(self, step: int) -> Batch:
+        """This rank's slice of the bucket plan's global batch `step`, all of one size."""
+        size, members = self.plan(step)
+        mine = members[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        positions = list(self.positions(step))
+        images, captions, indices = [], [], []
+        for position, index in zip(positions, mine):
+            example, tries = self.source[index], 0
+            while example is None:  # a readable header over unreadable data: take another of the bucket
+                tries += 1
+                if tries > 100:
+                    raise DataError(f"{self.source.describe()}: 100 unreadable images in a row")
+                index = self.plan.neighbour(size, index, tries)
+                example = self.source[index]
+            rng = sample_rng(self.seed, position, "sample")
+            images.append(to_tensor(fit_to_bucket(example.image, size, self.config.random_crop,
+                                                  self.config.flip, rng)))
+            captions.append("" if rng.random() < self.config.caption_dropout else example.caption)
+            indices.append(index)
+        return Batch(torch.stack(images), captions, indices, positions)
 
     def source_caption(self, index: int) -> str:
         if isinstance(self.source, ShapesSource):

@@ -226,14 +226,20 @@ class LDMTask:
         run, size = self.config.run, self.config.data.image_size
         modules = [self.unet, self.vae, self.text_encoder]
         modes = [m.training for m in modules]
-        pipeline = Pipeline(self.components, [self.tokenizer])  # puts the modules in eval mode
+        pipeline = self.sampling_pipeline()  # puts the modules in eval mode
         try:
-            captions = [self.stream.source_caption(i) for i in range(min(count, len(self.source)))]
-            return [pipeline.txt2img(caption, steps=run.sample_steps, seed=run.seed + i, width=size,
-                                     height=size)[0] for i, caption in enumerate(captions)]
+            prompts = self.sample_prompts(count)
+            return [pipeline.txt2img(prompt, steps=run.sample_steps, seed=run.seed + i, width=size,
+                                     height=size)[0] for i, prompt in enumerate(prompts)]
         finally:
             for module, mode in zip(modules, modes):
                 module.train(mode)
+
+    def sampling_pipeline(self) -> Pipeline:
+        return Pipeline(self.components, [self.tokenizer])
+
+    def sample_prompts(self, count: int) -> list[str]:
+        return [self.stream.source_caption(i) for i in range(min(count, len(self.source)))]
 
     # --- export --------------------------------------------------------------------------------
     def export(self, output_dir: Path) -> list[Path]:

@@ -154,7 +154,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["config"])
         mine = json.loads(json.dumps(self.config.to_dict()))  # tuples as lists, like the saved copy
-        changed = [k for k in ("kind", "data", "vae", "ldm") if _differs(saved.get(k), mine[k])]
+        sections = ("kind", "data", "vae", "ldm", "lora", "embedding")
+        changed = [k for k in sections if k in saved and _differs(saved[k], mine[k])]
         if changed:
             raise TrainingError(f"the checkpoint was made with a different config ({', '.join(changed)} "
                                 "differ); resume with the config it was trained with")
@@ -247,8 +248,8 @@ class Trainer:
                 logs[key] = logs.get(key, 0.0) + value / accum
         self._step_optimizers(sorted(stepped), logs)
         self.step += 1
-        logs["loss"] = self._rank_mean(total)
-        return logs
+        logs["loss"] = total
+        return self._rank_mean(logs)
 
     def _step_optimizers(self, auxiliary: list[str], logs: dict[str, float]) -> None:
         self.scaler.unscale_(self.optimizer)
@@ -265,13 +266,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
 
-    def _rank_mean(self, value: float) -> float:
-        """The loss averaged over the ranks (what the averaged gradients descend), for the logs."""
+    def _rank_mean(self, logs: dict[str, float]) -> dict[str, float]:
+        """Logged values averaged over the ranks: the loss the averaged gradients descend."""
         if self.dist.world == 1:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return logs
+        keys = sorted(logs)  # every rank logs the same keys: they ran the same steps
+        total = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
         torch_dist.all_reduce(total)
-        return total.item() / self.dist.world
+        return {k: v / self.dist.world for k, v in zip(keys, total.tolist())}
 
     def fit(self) -> History:
         run = self.config.run

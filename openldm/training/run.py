@@ -34,6 +34,14 @@ def make_task(config: TrainConfig, dist: Distributed):
         from openldm.training.vae import VAETask
 
         return VAETask(config, dist.rank, dist.world)
+    if config.kind == "lora":
+        from openldm.training.lora import LoRATask
+
+        return LoRATask(config, dist.rank, dist.world)
+    if config.kind == "embedding":
+        from openldm.training.embedding import EmbeddingTask
+
+        return EmbeddingTask(config, dist.rank, dist.world)
     from openldm.training.ldm import LDMTask
 
     return LDMTask(config, dist.rank, dist.world)

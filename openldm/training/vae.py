@@ -131,11 +131,12 @@ class VAETask:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         metadata = {"openldm.kind": "vae"}
         written = [write_safetensors_atomic(Path(output_dir) / VAE_FILE, state, metadata=metadata)]
-        mean, std = latent_statistics(self.model, self._full_images(STATS_IMAGES))
-        stats = {"images": STATS_IMAGES, "mean": mean, "std": std, "scale_factor": 1 / std}
+        images = self._full_images(STATS_IMAGES)
+        mean, std = latent_statistics(self.model, images)
+        stats = {"images": len(images), "mean": mean, "std": std, "scale_factor": 1 / std}
         stats_json = json.dumps(stats, indent=2).encode()
         written.append(write_bytes_atomic(Path(output_dir) / STATS_FILE, stats_json))
-        print(f"latents of {STATS_IMAGES} images: mean {mean:.4f}, std {std:.4f} -> "
+        print(f"latents of {len(images)} images: mean {mean:.4f}, std {std:.4f} -> "
               f"scale_factor {1 / std:.5f}")
         return written
 

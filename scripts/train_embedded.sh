@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Reproduce the embedded model (openldm/weights/shapes) from scratch with openldm's own trainer.
+# Run from the repository root after `pip install .`; each stage resumes if interrupted
+# (rerun the script: finished stages are skipped, a stopped one continues from its checkpoint).
+set -euo pipefail
+
+resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
+
+# 1. The autoencoder (writes runs/shapes-vae/vae.safetensors and latent_stats.json).
+if [ ! -f runs/shapes-vae/vae.safetensors ]; then
+  openldm train vae configs/shapes-vae.yaml $(resume_flag runs/shapes-vae)
+fi
+# The preset's latent scale factor (openldm/config.py, SHAPES) must be 1 / the std it reports.
+cat runs/shapes-vae/latent_stats.json
+
+# 2. UNet and text encoder on the VAE's latents (writes runs/shapes-ldm/model.safetensors + tokenizer/).
+if [ ! -f runs/shapes-ldm/model.safetensors ]; then
+  openldm train ldm configs/shapes-ldm.yaml $(resume_flag runs/shapes-ldm)
+fi
+
+# 3. Ship it in half precision.
+openldm convert runs/shapes-ldm/model.safetensors openldm/weights/shapes/model.safetensors --to single-file --dtype fp16
+rm -rf openldm/weights/shapes/tokenizer && cp -r runs/shapes-ldm/tokenizer openldm/weights/shapes/tokenizer
+openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json
