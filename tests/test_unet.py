@@ -235,8 +235,9 @@ def test_vector_conditioning_is_required_exactly_when_configured():
 def test_full_size_matches_diffusers(preset, monkeypatch):
     """On a GPU when there is one, in true float32 (TF32 off); SDXL needs about 25 GB either way."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    if device == "cuda":  # on a CPU-only torch, cuda.matmul has no settable allow_tf32
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     cfg = preset.unet
     start = time.perf_counter()
     ours, theirs = (m.to(device) for m in build_pair(cfg))
