@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from openldm.checkpoints.io import CheckpointError
 from openldm.config import ModelConfig, Prediction
 
@@ -36,6 +34,8 @@ class LdmConfig:
 
 def read_ldm_config(path: str | Path) -> LdmConfig:
     """Parse an ldm or sgm inference yaml (with `yaml.safe_load`: no tags, no code)."""
+    import yaml  # here, not at the top: yaml costs a noticeable share of every CLI start-up
+
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
