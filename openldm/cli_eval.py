@@ -16,7 +16,7 @@ from openldm.data.shapes_eval import PROMPT_SETS, eval_scenes, evaluate, format_
 
 EXIT_ERROR = 2
 EVAL_STEPS = 20
-EVAL_CFG = 3.0
+EVAL_CFG = None  # the model's own guidance scale (`ModelConfig.guidance`)
 EVAL_SAMPLER = "dpmpp_2m"
 
 
@@ -33,7 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--sets", default="in_distribution,compositional,two_shapes",
                    help=f"comma-separated prompt sets out of {', '.join(PROMPT_SETS)}")
     p.add_argument("--steps", type=int, default=EVAL_STEPS)
-    p.add_argument("--cfg", type=float, default=EVAL_CFG)
+    p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (default: the model's own)")
     p.add_argument("--sampler", default=EVAL_SAMPLER)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grid", type=Path,
@@ -103,7 +103,8 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json:
         data = {name: {"n": s.n, **s.accuracy()} for name, s in results.items()}
-        settings = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "model": str(model)}
+        cfg = pipe.config.guidance if args.cfg is None else args.cfg
+        settings = {"steps": args.steps, "cfg": cfg, "sampler": args.sampler, "model": str(model)}
         write_bytes_atomic(args.json, json.dumps({"settings": settings, "scores": data}, indent=2).encode())
     if args.grid and tiles:
         import io

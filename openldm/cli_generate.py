@@ -1,4 +1,4 @@
-"""`openldm txt2img | img2img | inpaint | upscale | png-info`: generate images from the command line.
+"""`openldm txt2img | img2img | inpaint | outpaint | upscale | png-info`: images from the command line.
 
 Every option left out keeps its default, or the value stored in the `--from-png` file. Output
 naming: `-o out.png` is the file when a run makes one image; with more (batch size, batch count,
@@ -21,17 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from openldm.checkpoints.hashing import model_hash
-from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import SAMPLERS, SCHEDULE_DISPLAY, resolve
 from openldm.models.embedded import default_model_path
-from openldm.networks.formats import load_network
-from openldm.networks.lora import apply_networks
+from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines import images as im
 from openldm.pipelines.common import seeds_for
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import output_paths, read_settings, save_result
-from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.params import GenerationParams, read_ints
 from openldm.pipelines.pipeline import MASKED_CONTENT, Pipeline, load
 
 EXIT_ERROR = 2
@@ -42,7 +40,7 @@ _SETTINGS = {f.name for f in dataclasses.fields(GenerationParams)} - {"prompt", 
 
 def add_commands(sub) -> None:
     """Register the generation subcommands on `openldm`'s subparsers."""
-    for add in (_add_txt2img, _add_img2img, _add_inpaint, _add_upscale, _add_png_info):
+    for add in (_add_txt2img, _add_img2img, _add_inpaint, _add_outpaint, _add_upscale, _add_png_info):
         add(sub)
 
 
@@ -79,9 +77,22 @@ def _lora_spec(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
+def _ints(text: str, count: int, sep: str, form: str) -> tuple[int, ...]:
+    try:
+        return read_ints(text, count, sep)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}") from None
+
+
+_size_spec = functools.partial(_ints, count=2, sep="x", form="WIDTHxHEIGHT")
+_crop_spec = functools.partial(_ints, count=2, sep=",", form="TOP,LEFT")
+_extend_spec = functools.partial(_ints, count=4, sep=",", form="LEFT,RIGHT,TOP,BOTTOM")
+
+
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     """Options every generating command shares; None means "not given"."""
-    p.add_argument("prompt", nargs="?", help="what to draw; A1111 syntax: (word:1.2), [from:to:0.5], BREAK")
+    p.add_argument("prompt", nargs="?", help="what to draw; A1111 syntax: (word:1.2), [from:to:0.5], BREAK, "
+                   "<lora:NAME:WEIGHT> (see --lora-dir), embedding names (see --embeddings)")
     model = p.add_argument_group("model and output")
     model.add_argument("--model", type=Path, metavar="PATH", help="a .safetensors/.ckpt checkpoint, a "
                        "diffusers folder or a model folder (default: the embedded model, "
@@ -92,6 +103,13 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                        f"{command}-0001.png, ...)")
     model.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
                        help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)")
+    model.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+                       help="folder of LoRA/LyCORIS files (.safetensors/.pt/.ckpt, subfolders too) that "
+                       "prompts name as <lora:NAME:WEIGHT> or <lyco:NAME:WEIGHT>, NAME being the file name "
+                       "without its extension; merged only for the images that name them (repeatable)")
+    model.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
+                       help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
+                       "write a file's name without its extension in a prompt to use it (repeatable)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on cuda, fp32 elsewhere")
     g = p.add_argument_group("generation settings")
@@ -100,7 +118,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--from-png", type=Path, metavar="PNG", help="start from the settings stored in a PNG "
                    "made by openldm or A1111 (prompt, seed, sampler, ...); other options override them")
     g.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 7 for SD "
+                   "checkpoints, 2 for the embedded model)")
     g.add_argument("--sampler", metavar="NAME",
                    help=f"default euler; one of {', '.join(SAMPLERS)} (A1111 names work too)")
     g.add_argument("--scheduler", dest="schedule", metavar="NAME",
@@ -117,6 +136,18 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="batches run one after another (default 1)")
     g.add_argument("--clip-skip", type=int, metavar="N",
                    help="use the text encoder's n-th layer from the end")
+    xl = p.add_argument_group("SDXL settings")
+    xl.add_argument("--original-size", type=_size_spec, metavar="WxH",
+                    help="size conditioning: the picture's size before cropping (default: the output size)")
+    xl.add_argument("--crop-coords", type=_crop_spec, metavar="TOP,LEFT",
+                    help="size conditioning: where the crop began (default 0,0; larger values look cut off)")
+    xl.add_argument("--target-size", type=_size_spec, metavar="WxH",
+                    help="size conditioning: the size asked for (default: the output size)")
+    xl.add_argument("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each "
+                    "image: it takes over the latents at --refiner-switch")
+    xl.add_argument("--refiner-switch", type=float, metavar="F", help="fraction of the noise range the base "
+                    "model samples before the refiner takes over (default 0.8, as diffusers' denoising_end)")
+    p.set_defaults(outpaint=(0, 0, 0, 0))  # only `outpaint` extends, even with --from-png of an outpainting
 
 
 def _add_txt2img(sub) -> None:
@@ -149,6 +180,26 @@ def _add_inpaint(sub) -> None:
     p.add_argument("image", type=Path, help="the image to repaint")
     p.add_argument("mask", type=Path, help="same size as IMAGE; white = repaint, black = keep")
     _add_common(p, "inpaint")
+    _add_inpaint_settings(p)
+    p.set_defaults(run=_generate, inputs=("image", "mask"))
+
+
+def _add_outpaint(sub) -> None:
+    p = _parser(sub, "outpaint", "extend an image beyond its borders",
+                "Add --extend pixels to the sides of IMAGE and paint them following PROMPT. The new area "
+                "starts from the stretched edge pixels (or --masked-content) and is inpainted; the original "
+                "stays as it was, except within --mask-blur pixels of the seam. The new size must be a "
+                "multiple of 8. A higher --strength (0.9-1) lets more new content in.",
+                'openldm outpaint photo.png "a wide beach" --extend 64,64,0,0 --strength 0.95')
+    p.add_argument("image", type=Path, help="the image to extend")
+    _add_common(p, "outpaint")
+    g = _add_inpaint_settings(p)
+    g.add_argument("--extend", dest="outpaint", type=_extend_spec, metavar="LEFT,RIGHT,TOP,BOTTOM",
+                   help="pixels to add on each side, e.g. 0,64,0,0 widens to the right")
+    p.set_defaults(run=_generate, inputs=("image",), outpaint=None)
+
+
+def _add_inpaint_settings(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("inpainting settings")
     g.add_argument("--strength", type=float, help="denoising strength (default 0.75)")
     g.add_argument("--mask-blur", type=float, help="blur radius of the mask edge in pixels (default 4)")
@@ -159,7 +210,7 @@ def _add_inpaint(sub) -> None:
                    help="work on a crop around the mask at full resolution, then paste it back")
     g.add_argument("--padding", dest="only_masked_padding", type=int,
                    help="pixels around the mask in --only-masked crops (default 32)")
-    p.set_defaults(run=_generate, inputs=("image", "mask"))
+    return g
 
 
 def _add_upscale(sub) -> None:
@@ -213,12 +264,15 @@ def _settings(args: argparse.Namespace) -> tuple[list[GenerationParams], str | N
     else:
         raise ValueError("no prompt: give a PROMPT, --prompt-file or --from-png")
     resolve(base.sampler, base.schedule)  # unknown names fail now, not after loading the model
+    if args.command == "outpaint" and not any(base.outpaint):
+        raise ValueError("nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM (pixels to add)")
     return [dataclasses.replace(base, prompt=p) for p in prompts], stored.model_hash if stored else None
 
 
 def _check_size(params: GenerationParams, image) -> None:
-    width = params.width or (image.width if image is not None else None)
-    height = params.height or (image.height if image is not None else None)
+    left, right, top, bottom = params.outpaint  # outpainting works on the image with its new borders
+    width = params.width or (image.width + left + right if image is not None else None)
+    height = params.height or (image.height + top + bottom if image is not None else None)
     sizes = (("width", width), ("height", height))
     bad = [f"{n} {v}" for n, v in sizes if v is not None and (v <= 0 or v % 8)]
     if bad:
@@ -245,13 +299,28 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _load(args: argparse.Namespace, path: Path) -> Pipeline:
+def _load(args: argparse.Namespace, path: Path, jobs: list[GenerationParams]) -> Pipeline:
+    """The model with its --lora-dir and --embeddings; those are read first, so a typo costs no load time."""
+    networks, embeddings = NetworkLibrary(args.lora_dir), read_embeddings(args.embeddings)
+    for ref in network_refs(*(text for params in jobs for text in (params.prompt, params.negative))):
+        networks.path(ref)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     default = torch.float16 if device.startswith("cuda") else torch.float32
     dtype = DTYPES[args.dtype] if args.dtype else default
     pipe = load(path, device=device, dtype=dtype, prediction=args.prediction)
-    pipe.progress = True
+    pipe.progress, pipe.networks = True, networks
+    for skipped in pipe.add_embeddings(embeddings):
+        print(f"warning: {skipped}", file=sys.stderr)
     return pipe
+
+
+def _load_refiner(args: argparse.Namespace, pipe: Pipeline) -> Pipeline | None:
+    """The --refiner model, on the base model's device and in its dtype."""
+    if args.refiner is None:
+        return None
+    refiner = load(args.refiner, device=pipe.device, dtype=pipe.dtype)
+    refiner.progress = True
+    return refiner
 
 
 def _apply_loras(pipe: Pipeline, specs: list[tuple[Path, float]]) -> tuple[tuple[str, float], ...]:
@@ -259,8 +328,7 @@ def _apply_loras(pipe: Pipeline, specs: list[tuple[Path, float]]) -> tuple[tuple
     if not specs:
         return ()
     networks = [(load_network(path), weight) for path, weight in specs]
-    models = {"unet": pipe.unet, **dict(zip(TEXT_ENCODER_NAMES, pipe.components.text_encoders))}
-    print(apply_networks(models, networks, pipe.config).summary(), file=sys.stderr)
+    print(pipe.merge_networks(networks).summary(), file=sys.stderr)
     return tuple((network.name, weight) for network, weight in networks)
 
 
@@ -280,7 +348,7 @@ def _generate(args: argparse.Namespace) -> int:
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
     paths = iter(output_paths(args.out, total, args.command))
     path = _model_path(args)
-    pipe = _load(args, path)
+    pipe = _load(args, path, jobs)
     name, hash_ = path.stem if path.is_file() else path.name, model_hash(path)
     if png_hash and png_hash != hash_:
         print(f"note: {args.from_png} was made with another model ({png_hash}; this one is {hash_})",
@@ -289,10 +357,20 @@ def _generate(args: argparse.Namespace) -> int:
     if jobs[0].loras and not loras:
         print(f"note: {args.from_png} used LoRAs {', '.join(n for n, _ in jobs[0].loras)}; pass them with "
               "--lora FILE:WEIGHT to reproduce it", file=sys.stderr)
+    reported = {""}  # what the prompts' LoRA tags matched, printed once per distinct set of networks
+    refiner = _load_refiner(args, pipe)
+    if jobs[0].refiner_model and refiner is None:
+        print(f"note: {args.from_png} used the refiner {jobs[0].refiner_model}; pass it with --refiner PATH "
+              "to reproduce it", file=sys.stderr)
     with tqdm(total=total, desc="images", unit="image", disable=total == 1) as bar:
         for params in jobs:
             for batch in _batches(dataclasses.replace(params, loras=loras)):
-                for result in pipe.generate(batch, hires=args.command == "upscale", **inputs):
+                for result in pipe.generate(batch, hires=args.command == "upscale", refiner=refiner,
+                                            **inputs):
+                    report = "\n".join(network.summary() for network in result.networks)
+                    if report not in reported:
+                        reported.add(report)
+                        bar.write(report, file=sys.stderr)
                     written = save_result(result, next(paths), name, hash_)
                     bar.write(f"wrote {written} (seed {result.params.seed})")
                 bar.update(batch.batch_size)

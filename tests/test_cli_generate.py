@@ -164,7 +164,7 @@ def _bad(tmp_path, picture, model):
         "mask size": (["inpaint", picture, small, "x"], "mask size 8x8 does not match the image size 24x32"),
         "suffix": (["txt2img", "x", "-o", tmp_path / "out.jpg"], "must be a .png file"),
         "lora": (["txt2img", "x", "--lora", tmp_path / "none.safetensors:1"], "none.safetensors: no such"),
-        "lora in prompt": (["txt2img", "a cat <lora:grain:0.6>"], "extra networks (<lora:grain>)"),
+        "lora in prompt": (["txt2img", "a cat <lora:grain:0.6>"], "names <lora:grain>, but no LoRA folders"),
         "png-info": (["png-info", small], "holds no generation parameters"),
     }
 

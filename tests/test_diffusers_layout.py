@@ -28,7 +28,7 @@ from openldm.models.clip import CLIPTextModel
 from openldm.models.unet import UNetModel
 from openldm.models.vae import AutoencoderKL
 
-TINY = ["tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2", "tiny-sdxl"]
+TINY = ["tiny-sd1", "tiny-sd1-inpaint", "tiny-sd2", "tiny-sdxl", "tiny-sdxl-refiner"]
 ORACLES = {
     "unet": (convert_ldm_unet_checkpoint, UNET_PREFIX), "vae": (convert_ldm_vae_checkpoint, VAE_PREFIX),
 }

@@ -4,7 +4,7 @@ Every scheduler is a function `(n, schedule, **opts) -> Tensor` registered in `S
 pipeline picks one by name. Timestep-based ones read the model's own discrete sigmas from the
 `DiscreteSchedule`; the continuous ones (karras, exponential, ...) span [sigma_min, sigma_max] of it
 unless told otherwise. Sigmas are computed in float64 and returned as float32 on the CPU.
-Also here: the img2img helpers `img2img_sigmas` and `noise_latent`.
+Also here: the img2img helpers `img2img_sigmas` and `noise_latent`, and the refiner's `switch_step`.
 """
 
 from __future__ import annotations
@@ -286,6 +286,20 @@ def img2img_sigmas(sigmas: torch.Tensor, strength: float) -> torch.Tensor:
     n = len(sigmas) - 1
     steps = min(int(n * strength), n)
     return sigmas[n - steps:]
+
+
+def switch_step(sigmas: torch.Tensor, schedule: DiscreteSchedule, fraction: float) -> int:
+    """How many steps of `sigmas` a base model runs before a refiner takes over (diffusers' `denoising_end`).
+
+    The base keeps the steps that start at timestep t >= round((1 - fraction) T): the switch is a noise
+    level, not a step count, so it falls in the same place for every schedule. Fraction 1 keeps all.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"refiner switch must be in [0, 1], got {fraction}")
+    total = len(schedule.sigmas)
+    cutoff = int(round(total - fraction * total))
+    t = schedule.sigma_to_t(sigmas[:-1].cpu())
+    return int((t >= cutoff - 1e-6).sum())  # timesteps come back from sigmas within float error
 
 
 def noise_latent(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:

@@ -129,5 +129,8 @@ def load_embedding(path: str | Path, name: str | None = None) -> Embedding:
         data = _load_pickle(path)
     else:
         data = read_state_dict(path)[0]
-    embedding = parse_embedding(data, name or path.stem)
+    try:
+        embedding = parse_embedding(data, name or path.stem)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return Embedding(embedding.name, embedding.vectors, path)

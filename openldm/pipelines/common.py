@@ -9,7 +9,7 @@ import torch
 
 from openldm.diffusion.noise import BatchNoise
 from openldm.diffusion.samplers import Denoiser, Step, append_dims
-from openldm.prompts import prompt_schedule
+from openldm.prompts import extract_networks, prompt_schedule
 
 
 def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
@@ -50,8 +50,11 @@ class PromptSteps:
 
 
 def schedule_prompts(prompts: Sequence[str], steps: int) -> PromptSteps:
-    """Resolve prompt editing and alternation for every prompt of a batch over `steps` steps."""
-    schedules = [prompt_schedule(p, steps) for p in prompts]
+    """Resolve prompt editing and alternation for every prompt of a batch over `steps` steps.
+
+    Extra-network tags (`<lora:name:1>`) are taken out first, as in A1111: the text encoders never see them.
+    """
+    schedules = [prompt_schedule(extract_networks(p)[0], steps) for p in prompts]
     ends = sorted({end for schedule in schedules for end, _ in schedule})
     texts = [[next(t for e, t in schedule if e >= end) for schedule in schedules] for end in ends]
     return PromptSteps(ends, texts)
@@ -60,12 +63,12 @@ def schedule_prompts(prompts: Sequence[str], steps: int) -> PromptSteps:
 class StepTracker:
     """Counts sampling steps through the sampler's callback; denoisers read `step` from it."""
 
-    def __init__(self, callback: Callable[[Step], None] | None = None):
-        self.step = 0
+    def __init__(self, callback: Callable[[Step], None] | None = None, first: int = 0):
+        self.step = self.first = first  # a refiner's sampler starts counting where the base stopped
         self.callback = callback
 
     def __call__(self, info: Step) -> None:
-        self.step = info.i + 1
+        self.step = self.first + info.i + 1
         if self.callback is not None:
             self.callback(info)
 

@@ -127,16 +127,22 @@ def paste_back(
 
 
 def extend_canvas(
-    image: Image.Image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0
+    image: Image.Image, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
+    mask: Image.Image | None = None,
 ) -> tuple[Image.Image, Image.Image]:
-    """Outpainting: a larger canvas (borders filled by stretched edges) and a mask of the new area."""
+    """Outpainting: a larger canvas (borders filled by stretched edges) and a mask of the new area.
+
+    A `mask` of the image's own (white = repaint) is kept inside the new one, at the image's place.
+    """
     w, h = image.size
+    if mask is not None and mask.size != image.size:
+        raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size {w}x{h}")
     canvas = Image.new("RGB", (w + left + right, h + top + bottom))
     canvas.paste(image, (left, top))
     _stretch_edges(canvas, image, left, top)
-    mask = Image.new("L", canvas.size, 255)
-    mask.paste(0, (left, top, left + w, top + h))
-    return canvas, mask
+    new_mask = Image.new("L", canvas.size, 255)
+    new_mask.paste(0 if mask is None else mask.convert("L"), (left, top, left + w, top + h))
+    return canvas, new_mask
 
 
 def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:

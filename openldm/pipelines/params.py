@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from openldm.diffusion.registry import SCHEDULE_DISPLAY, resolve
@@ -17,7 +18,7 @@ class GenerationParams:
     steps: int = 20
     sampler: str = "euler"
     schedule: str | None = None  # None: the sampler's default
-    cfg: float = 7.0
+    cfg: float | None = None  # None: the model's own scale (`ModelConfig.guidance`, 7 for SD)
     guidance_rescale: float = 0.0
     seed: int = -1  # -1: pick one at random (and record it)
     subseed: int = -1
@@ -38,15 +39,20 @@ class GenerationParams:
     only_masked: bool = False
     only_masked_padding: int = 32
     overlay: bool = True  # paste the original pixels back outside the mask
+    outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels added (left, right, top, bottom): inpainted
     # hires fix / upscaling
     upscale_by: float = 2.0
     upscaler: str = "latent"  # latent | lanczos
     hires_steps: int | None = None  # None: the same number as `steps`
     hires_strength: float = 0.5
-    # SDXL
+    # SDXL: the size conditioning tells the model what picture it draws; None means the image's size.
+    original_size: tuple[int, int] | None = None  # (width, height) the training image had
+    crop_coords: tuple[int, int] = (0, 0)  # (top, left) of the crop taken from it, as sgm writes it
+    target_size: tuple[int, int] | None = None  # (width, height)
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
-    refiner_switch: float = 0.8
+    refiner_switch: float = 0.8  # the base samples down to timestep (1 - f) T, the refiner the rest
+    refiner_model: str | None = None  # recorded by `Pipeline.generate`: the refiner used, if any
     loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
     def with_seed(self) -> GenerationParams:
@@ -57,7 +63,7 @@ class GenerationParams:
         return dataclasses.replace(self, seed=seed, subseed=subseed)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: list(map(list, v)) if k == "loras" else v for k, v in dataclasses.asdict(self).items()}
+        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GenerationParams:
@@ -65,9 +71,16 @@ class GenerationParams:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        data = dict(data)
-        data["loras"] = tuple(tuple(x) for x in data.get("loras", ()))
-        return cls(**data)
+        return cls(**{k: _tuples(v) for k, v in data.items()})
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back into the tuples the frozen record holds (sizes, crops, LoRA pairs)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def infotext_settings(
@@ -93,7 +106,24 @@ def infotext_settings(
         settings["CFG Rescale phi"] = params.guidance_rescale
     if params.loras:
         settings["Lora weights"] = ", ".join(f"{name}: {w}" for name, w in params.loras)
+    for key, size in (("Original size", params.original_size), ("Target size", params.target_size)):
+        if size is not None:
+            settings[key] = "{}x{}".format(*size)
+    if params.crop_coords != (0, 0):
+        settings["Crop coords"] = "{},{}".format(*params.crop_coords)
+    if any(params.outpaint):
+        settings["Outpaint"] = ",".join(map(str, params.outpaint))
+    if params.refiner_model is not None:  # A1111's keys
+        settings |= {"Refiner": params.refiner_model, "Refiner switch at": params.refiner_switch}
     return settings
+
+
+def read_ints(text: str, count: int, sep: str = ",") -> tuple[int, ...]:
+    """`count` integers written with `sep` between them ("1024x768", "0,64,0,0")."""
+    parts = text.lower().split(sep)
+    if len(parts) != count:
+        raise ValueError(f"{text!r} is not {count} integers separated by {sep!r}")
+    return tuple(int(p) for p in parts)
 
 
 # A1111 infotext key -> (our field, how to read its value); the inverse of `infotext_settings`.
@@ -104,6 +134,11 @@ _FROM_INFOTEXT = {
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
     "Hires upscale": ("upscale_by", float), "Hires steps": ("hires_steps", int),
     "Hires upscaler": ("upscaler", str.lower),
+    "Original size": ("original_size", partial(read_ints, count=2, sep="x")),
+    "Target size": ("target_size", partial(read_ints, count=2, sep="x")),
+    "Crop coords": ("crop_coords", partial(read_ints, count=2)),
+    "Outpaint": ("outpaint", partial(read_ints, count=4)),
+    "Refiner": ("refiner_model", str), "Refiner switch at": ("refiner_switch", float),
 }
 
 
@@ -115,7 +150,7 @@ def params_from_infotext(prompt: str, negative: str, settings: dict[str, str]) -
             if key in settings:
                 values[name] = read(settings[key])
         if "Size" in settings:
-            values["width"], values["height"] = (int(v) for v in settings["Size"].lower().split("x"))
+            values["width"], values["height"] = read_ints(settings["Size"], 2, "x")
         if "Lora weights" in settings:
             pairs = (item.rsplit(":", 1) for item in settings["Lora weights"].split(","))
             values["loras"] = tuple((name.strip(), float(w)) for name, w in pairs)

@@ -8,8 +8,10 @@ the model (guidance, prompt editing, masks) and what happens to the pixels after
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from openldm.checkpoints.io import CheckpointError
+from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.checkpoints.load import Components, load_components
 from openldm.config import ModelConfig
 from openldm.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser
@@ -25,8 +28,18 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
 from openldm.diffusion.registry import resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
-from openldm.diffusion.sigmas import img2img_sigmas
+from openldm.diffusion.sigmas import img2img_sigmas, switch_step
 from openldm.models.tokenizer import CLIPTokenizer
+from openldm.networks import (
+    AppliedNetworks,
+    Embedding,
+    LoadedNetwork,
+    NetworkLibrary,
+    NetworkReport,
+    apply_networks,
+    network_refs,
+    read_embeddings,
+)
 from openldm.pipelines import images as im
 from openldm.pipelines.common import (
     MaskedDenoiser,
@@ -38,7 +51,6 @@ from openldm.pipelines.common import (
 )
 from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, vector_conditioning
 from openldm.pipelines.params import GenerationParams
-from openldm.prompts import extract_networks
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised latents)
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
@@ -52,6 +64,7 @@ class Result:
     params: GenerationParams
     mode: str
     latent: torch.Tensor
+    networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
 
 
 @dataclass
@@ -80,6 +93,21 @@ class _Start:
     concat: torch.Tensor | None = None  # inpainting models' extra UNet input: mask + masked image
 
 
+def _with_prompt_networks(generate):
+    """Merge the LoRAs a run's prompts name for that run only; the weights come back bit for bit after it.
+
+    A wrapper, so that `generate` still reads as the steps of one run.
+    """
+
+    @functools.wraps(generate)
+    def wrapper(self: Pipeline, params: GenerationParams, **inputs: Any) -> list[Result]:
+        with self.prompt_networks(params) as applied:
+            results = generate(self, params, **inputs)
+        return [dataclasses.replace(result, networks=applied.reports) for result in results]
+
+    return wrapper
+
+
 class Pipeline:
     def __init__(self, components: Components, tokenizers: Sequence[CLIPTokenizer] | None = None):
         self.components = components
@@ -93,6 +121,7 @@ class Pipeline:
         self.schedule = DiscreteSchedule.from_betas(betas)
         self.denoiser = DiscreteDenoiser(self._unet, self.schedule, cfg.prediction)
         self.progress = False
+        self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
 
     @property
     def device(self) -> torch.device:
@@ -109,53 +138,93 @@ class Pipeline:
             x = torch.cat([x, concat.to(x)], dim=1)
         return self.unet(x, t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype))
 
+    # --- extra networks and embeddings -----------------------------------------------------------
+
+    def merge_networks(self, networks: Iterable[tuple[LoadedNetwork, float]]) -> AppliedNetworks:
+        """Merge (network, weight) pairs into the UNet and text encoders; the result's `remove` undoes it."""
+        encoders = {name: encoder.model for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders)}
+        return apply_networks({"unet": self.unet, **encoders}, networks, self.config)
+
+    def prompt_networks(self, params: GenerationParams) -> AppliedNetworks:
+        """Merge the networks that the prompt and negative prompt name, found by name in `networks`."""
+        refs = network_refs(params.prompt, params.negative)
+        return self.merge_networks(self.networks.load(refs)) if refs else AppliedNetworks([])
+
+    def add_embeddings(self, embeddings: Iterable[Embedding]) -> list[str]:
+        """Make embeddings usable by name in prompts; returns why each made for another model was skipped."""
+        fitting, skipped = {}, []
+        for embedding in embeddings:
+            try:
+                fitting[embedding.name] = embedding.for_model(self.config)
+            except CheckpointError as e:
+                skipped.append(f"{embedding.source or embedding.name}: skipped: {e}")
+        for i, (component, encoder) in enumerate(zip(TEXT_ENCODER_NAMES, self.text_encoders)):
+            own = {name: parts[component] for name, parts in fitting.items() if component in parts}
+            self.text_encoders[i] = dataclasses.replace(encoder, embeddings={**encoder.embeddings, **own})
+        return skipped
+
     # --- public modes ----------------------------------------------------------------------
 
     # `settings` are `GenerationParams` fields; `callback(step, total, denoised)` sees every step.
 
-    def txt2img(
-        self, prompt: str, *, callback: StepCallback | None = None, **settings: Any
-    ) -> list[Image.Image]:
-        return [r.image for r in self.generate(GenerationParams(prompt, **settings), callback=callback)]
+    # `refiner`, another pipeline (the SDXL refiner), finishes each sampling run from `refiner_switch` on;
+    # this pipeline's VAE encodes and decodes (SDXL base and refiner ship the same one).
 
-    def img2img(
-        self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None, **settings: Any
+    def txt2img(
+        self, prompt: str, *, callback: StepCallback | None = None, refiner: Pipeline | None = None,
+        **settings: Any,
     ) -> list[Image.Image]:
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, callback=callback)]
+        return [r.image for r in self.generate(params, callback=callback, refiner=refiner)]
+
+    def img2img(
+        self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None,
+        refiner: Pipeline | None = None, **settings: Any,
+    ) -> list[Image.Image]:
+        """Redraw `image`; `outpaint=(left, right, top, bottom)` first extends it and paints the new area."""
+        params = GenerationParams(prompt, **settings)
+        return [r.image for r in self.generate(params, image=image, callback=callback, refiner=refiner)]
 
     def inpaint(
         self, image: Image.Image, mask: Image.Image, prompt: str, *, callback: StepCallback | None = None,
-        **settings: Any,
+        refiner: Pipeline | None = None, **settings: Any,
     ) -> list[Image.Image]:
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, mask=mask, callback=callback)]
+        return [r.image for r in self.generate(params, image=image, mask=mask, callback=callback,
+                                               refiner=refiner)]
 
     def upscale(
         self, prompt: str, image: Image.Image | None = None, *, callback: StepCallback | None = None,
-        **settings: Any,
+        refiner: Pipeline | None = None, **settings: Any,
     ) -> list[Image.Image]:
         """Hires fix: generate (or take `image`), enlarge, then refine with img2img."""
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, hires=True, callback=callback)]
+        return [r.image for r in self.generate(params, image=image, hires=True, callback=callback,
+                                               refiner=refiner)]
 
     # --- the shared path ---------------------------------------------------------------------
 
+    @_with_prompt_networks
     def generate(
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         hires: bool = False, callback: StepCallback | None = None, latents: torch.Tensor | None = None,
+        refiner: Pipeline | None = None,
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size."""
-        _refuse_prompt_networks(params)
-        params = params.with_seed()
+        if refiner is not None:
+            self._check_refiner(refiner)
+        params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
+                                     cfg=self.config.guidance if params.cfg is None else params.cfg)
+        image, mask = _outpaint(params, image, mask)
         width, height = self._size(params, image)
         mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
+        mode = "outpaint" if any(params.outpaint) else mode
         results = []
         for batch in range(params.batch_count):
             seeds = seeds_for(params.seed, params.batch_size, batch * params.batch_size)
             subseeds = seeds_for(params.subseed, params.batch_size, batch * params.batch_size)
             images, x = self._run(
-                params, seeds, subseeds, width, height, image, mask, hires, callback, latents
+                params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner
             )
             for i, (picture, seed, subseed) in enumerate(zip(images, seeds, subseeds)):
                 one = dataclasses.replace(params, seed=seed, subseed=subseed, width=width, height=height,
@@ -170,9 +239,9 @@ class Pipeline:
         im.check_size(width, height, 8)
         return width, height
 
-    def _run(self, params, seeds, subseeds, width, height, image, mask, hires, callback, latents):
+    def _run(self, params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner):
         if hires:
-            return self._hires(params, seeds, subseeds, width, height, image, callback)
+            return self._hires(params, seeds, subseeds, width, height, image, callback, refiner)
         start, overlay = _Start(), None
         if image is not None:
             if mask is not None:
@@ -182,7 +251,7 @@ class Pipeline:
                 image = im.resize_image(image, width, height, params.resize_mode)
             start = self._start_from_image(params, image, mask, seeds)
         strength = params.strength if start.latent is not None else 1.0
-        x = self.sample(params, seeds, subseeds, width, height, start, strength, callback, latents)
+        x = self.sample(params, seeds, subseeds, width, height, start, strength, callback, latents, refiner)
         pictures = self.decode(x)
         if overlay is not None and params.overlay:
             pictures = [overlay.apply(p) for p in pictures]
@@ -203,9 +272,13 @@ class Pipeline:
     def sample(
         self, params: GenerationParams, seeds: list[int], subseeds: list[int], width: int, height: int,
         start: _Start, strength: float = 1.0, callback: StepCallback | None = None,
-        latents: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None, refiner: Pipeline | None = None,
     ) -> torch.Tensor:
-        """Run the sampler from noise (txt2img) or from a noised image latent (strength < 1)."""
+        """Run the sampler from noise (txt2img) or from a noised image latent (strength < 1).
+
+        With a refiner, this model runs the steps down to the switch and the refiner the rest: one
+        schedule and one noise stream, so ancestral noise is what a single run would draw.
+        """
         spec, schedule_name = resolve(params.sampler, params.schedule)
         f = self.config.vae.downsample_factor
         shape = (self.config.latent_format.channels, height // f, width // f)
@@ -225,61 +298,91 @@ class Pipeline:
             return start.latent.expand(len(seeds), -1, -1, -1).float()
         from_noise = start.latent is None or strength >= 1  # strength 1 is txt2img, as in diffusers
         x = first * sigmas[0] if from_noise else start.latent + first * sigmas[0]
-        denoiser, tracker = self._denoiser(params, len(seeds), width, height, start, sigmas, callback)
         noise_sampler = noise
         if spec.noise == "brownian":
             noise_sampler = BrownianTreeNoise.for_sigmas(seeds, shape, sigmas, device=self.device)
         options = {k: v for k, v in (("eta", params.eta), ("s_noise", params.s_noise)) if v is not None}
-        with torch.no_grad():
-            return spec(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=tracker, **options)
-
-    def _denoiser(self, params, batch, width, height, start, sigmas, callback):
-        """Guidance per prompt-schedule segment, switched by step; masks applied around it."""
         steps = len(sigmas) - 1
+        switch = steps if refiner is None else switch_step(sigmas, self.schedule, params.refiner_switch)
+        parts = [(self, start, sigmas[: switch + 1], 0)]
+        if refiner is not None:  # the same latents on, without an inpainting model's extra input
+            parts.append((refiner, _Start(start.latent, start.keep), sigmas[switch:], switch))
+        with torch.no_grad():
+            for pipe, part_start, part, offset in parts:
+                if len(part) > 1:
+                    denoiser, tracker = pipe._denoiser(params, len(seeds), width, height, part_start, steps,
+                                                       offset, callback)
+                    x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
+        return x
+
+    def _check_refiner(self, refiner: Pipeline) -> None:
+        """A refiner continues this model's latents: the same latent space and device, no inpainting input."""
+        if refiner.config.latent_format != self.config.latent_format or refiner.config.is_inpainting:
+            raise ValueError(f"{refiner.config.name} cannot refine {self.config.name}: a refiner must share "
+                             "its latent format and take plain latents (not an inpainting model)")
+        if refiner.device != self.device:
+            raise ValueError(f"the refiner is on {refiner.device} and the model on {self.device}: "
+                             "load both on the same device")
+
+    @property
+    def name(self) -> str:
+        """What PNGs call this model: its file's stem or folder's name (its preset's, if built in memory)."""
+        source = self.components.source
+        if source is None:
+            return self.config.name
+        source = Path(source).parent if Path(source).name == MODEL_FILE else Path(source)
+        return source.name if source.is_dir() else source.stem
+
+    def _denoiser(self, params, batch, width, height, start, steps, offset, callback):
+        """Guidance per prompt-schedule segment, switched by step; masks applied around it.
+
+        `steps` counts the whole run; this sampler starts at step `offset` (a refiner's, at the switch).
+        """
         positive = schedule_prompts([params.prompt] * batch, steps)
         negative = schedule_prompts([params.negative] * batch, steps)
         ends = sorted(set(positive.ends) | set(negative.ends))
         encoder = PromptEncoder(self.text_encoders, params.clip_skip)
+        sizes = _size_conditioning(params, width, height)
         denoisers = []
         for end in ends:
             cond_texts = next(t for e, t in zip(positive.ends, positive.texts) if e >= end)
             uncond_texts = next(t for e, t in zip(negative.ends, negative.texts) if e >= end)
             count = max(encoder.chunk_count(t) for t in cond_texts + uncond_texts)
-            cond = self._cond(encoder(cond_texts, count), width, height, start, params.aesthetic_score)
-            uncond = self._cond(encoder(uncond_texts, count), width, height, start,
-                                params.negative_aesthetic_score)
+            cond = self._cond(encoder(cond_texts, count), sizes, start, params.aesthetic_score)
+            uncond = self._cond(encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score)
             denoisers.append(CFGDenoiser(self.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
-        tracker = StepTracker(self._step_callback(callback, steps))
+        tracker = StepTracker(self._step_callback(callback, steps, offset), offset)
         denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
         if start.keep is not None:
             denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
         return denoiser, tracker
 
-    def _cond(self, encoded, width: int, height: int, start: _Start, aesthetic: float) -> dict[str, Any]:
+    def _cond(self, encoded, sizes: dict[str, tuple[int, ...]], start: _Start, aesthetic: float) -> dict:
         device = self.device
         cond: dict[str, Any] = {"context": encoded.context.to(device)}
         if self.config.vector_conds:
-            values = {"original_size": (height, width), "crop_coords": (0, 0), "target_size": (height, width),
-                      "aesthetic_score": (aesthetic,)}
+            values = sizes | {"aesthetic_score": (aesthetic,)}
             cond["y"] = vector_conditioning(self.config, encoded.pooled, values).to(device)
         if start.concat is not None:
             cond["concat"] = start.concat.expand(encoded.context.shape[0], -1, -1, -1)
         return cond
 
-    def _step_callback(self, callback: StepCallback | None, total: int) -> Callable[[Step], None] | None:
+    def _step_callback(
+        self, callback: StepCallback | None, total: int, offset: int = 0
+    ) -> Callable[[Step], None] | None:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+            bar = tqdm(total=total, initial=offset, desc="sampling", unit="step", leave=False)
 
         def on_step(info: Step) -> None:
             if bar is not None:
                 bar.update(1)
-                if info.i + 1 >= total:
+                if offset + info.i + 1 >= total:
                     bar.close()
             if callback is not None:
-                callback(info.i + 1, total, info.denoised)
+                callback(offset + info.i + 1, total, info.denoised)
 
         return on_step if (callback or bar) else None
 
@@ -343,10 +446,10 @@ class Pipeline:
 
     # --- hires fix ----------------------------------------------------------------------------
 
-    def _hires(self, params, seeds, subseeds, width, height, image, callback):
+    def _hires(self, params, seeds, subseeds, width, height, image, callback, refiner):
         """Generate at the base size (or take `image`), enlarge, then img2img at hires_strength."""
         if image is None:
-            base = self.sample(params, seeds, subseeds, width, height, _Start(), 1.0, callback)
+            base = self.sample(params, seeds, subseeds, width, height, _Start(), 1.0, callback, None, refiner)
         else:
             base = self.encode_image(im.resize_image(image, width, height)).expand(len(seeds), -1, -1, -1)
         big_w, big_h = _round8(width * params.upscale_by), _round8(height * params.upscale_by)
@@ -359,18 +462,37 @@ class Pipeline:
         else:
             raise ValueError(f"unknown upscaler {params.upscaler!r}; choose latent or lanczos")
         hires = dataclasses.replace(params, steps=params.hires_steps or params.steps)
-        x = self.sample(hires, seeds, subseeds, big_w, big_h, _Start(start), params.hires_strength, callback)
+        x = self.sample(hires, seeds, subseeds, big_w, big_h, _Start(start), params.hires_strength, callback,
+                        None, refiner)
         return self.decode(x), x
 
 
-def _refuse_prompt_networks(params: GenerationParams) -> None:
-    """`<lora:name:w>` tags are not looked up by name: refuse them rather than feed their text to CLIP."""
-    refs = [ref for text in (params.prompt, params.negative) for ref in extract_networks(text)[1]]
-    if refs:
-        tags = ", ".join(f"<{ref.kind}:{ref.name}>" for ref in refs)
-        raise ValueError(f"the prompt names extra networks ({tags}), which are not looked up by name: "
-                         "remove the tags and pass the files with --lora FILE:WEIGHT "
-                         "(Python: openldm.networks.apply_networks)")
+def _size_conditioning(params: GenerationParams, width: int, height: int) -> dict[str, tuple[int, ...]]:
+    """SDXL's size numbers in sgm's order: (height, width) and (top, left); unset sizes are the image's."""
+    original_w, original_h = params.original_size or (width, height)
+    target_w, target_h = params.target_size or (width, height)
+    return {"original_size": (original_h, original_w), "crop_coords": tuple(params.crop_coords),
+            "target_size": (target_h, target_w)}
+
+
+def _outpaint(
+    params: GenerationParams, image: Image.Image | None, mask: Image.Image | None
+) -> tuple[Image.Image | None, Image.Image | None]:
+    """The image on a canvas grown by `params.outpaint` and the mask of the new area (plus `mask`'s)."""
+    if not any(params.outpaint):
+        return image, mask
+    if image is None:
+        raise ValueError("outpainting extends an image: give one")
+    left, right, top, bottom = params.outpaint
+    if min(params.outpaint) < 0:
+        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {params.outpaint} is negative")
+    canvas, new_area = im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom,
+                                        mask=mask)
+    if canvas.width % 8 or canvas.height % 8:
+        raise ValueError(f"outpainting {image.width}x{image.height} by (left, right, top, bottom) "
+                         f"{params.outpaint} makes {canvas.width}x{canvas.height}: choose the pixels added "
+                         "so that the new size is a multiple of 8")
+    return canvas, new_area
 
 
 def _round8(value: float) -> int:
@@ -395,12 +517,16 @@ MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single 
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         prediction: str | None = None, config_file: str | Path | None = None) -> Pipeline:
+         prediction: str | None = None, config_file: str | Path | None = None,
+         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = ()) -> Pipeline:
     """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
 
     `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
     where half-precision kernels are slow or missing (fp16 files are upcast once, at load).
+    Prompts may name the LoRA files under `lora_dirs` (`<lora:file_stem:weight>`) and the embeddings
+    under `embedding_dirs` (the file stem); an embedding made for another model is skipped with a warning.
     """
+    networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)  # fail before loading
     path = Path(path)
     if dtype is None and torch.device(device).type == "cpu":
         dtype = torch.float32
@@ -410,4 +536,8 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
                               f"({MODEL_FILE})")
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
                                  config_file=config_file, dtype=dtype, device=device)
-    return Pipeline(components, default_tokenizers(components, folder))
+    pipe = Pipeline(components, default_tokenizers(components, folder))
+    pipe.networks = networks
+    for skipped in pipe.add_embeddings(embeddings):
+        warnings.warn(skipped, stacklevel=2)
+    return pipe

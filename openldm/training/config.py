@@ -74,6 +74,7 @@ class RunConfig:
     sample_steps: int = 20  # sampler steps of those samples
     gradient_checkpointing: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp) the model
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ class VAELossConfig:
     disc_layers: int = 3  # PatchGAN stride-2 layers (taming: 3); images need a side of 3 * 2**layers
     sample_posterior: bool = True  # decode a posterior sample (ldm); False: its mean, a noise-free loss
     decoder_only: bool = False  # fine-tune the decoder, keep the encoder (and latents) fixed
+    perceptual_weight: float = 0.0  # LPIPS term (ldm: 1.0), 0 disables it; needs lpips_weights
+    # LPIPS v0.1 weights, never downloaded: one file holding torchvision's VGG16 `features.*` and the
+    # heads `lin0..lin4`, or a list of two files (VGG16, LPIPS heads); .safetensors or .pth
+    lpips_weights: tuple[str, str] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,13 +229,34 @@ def _validate(config: TrainConfig, where: str) -> None:
         raise ConfigError(f"{where}: data.caption_dropout must be in [0, 1)")
     if optim.ema_decay is not None and not 0 < optim.ema_decay < 1:
         raise ConfigError(f"{where}: optim.ema_decay must be in (0, 1)")
+    if run.distributed == "fsdp":
+        _validate_fsdp(config, where)
     _validate_vae(config.vae, data, where)
     _validate_networks(config.lora, config.embedding, where)
 
 
+def _validate_fsdp(config: TrainConfig, where: str) -> None:
+    """What sharded training does not support, each with the reason."""
+    if config.kind in ("lora", "embedding"):
+        raise ConfigError(f"{where}: run.distributed: fsdp shards whole models; a {config.kind} trains a few "
+                          "small tensors inside a frozen model, use ddp")
+    if config.run.precision == "fp16":
+        raise ConfigError(f"{where}: run.distributed: fsdp trains in fp32 or bf16; fp16's loss scaling is "
+                          "not supported over sharded gradients")
+    if config.kind == "vae" and config.vae.disc_weight:
+        raise ConfigError(f"{where}: run.distributed: fsdp cannot train the GAN term (vae.disc_weight): its "
+                          "adaptive weight differentiates by the decoder's last weight in an extra autograd "
+                          "pass, which FSDP's backward hooks take for the real backward; use ddp")
+
+
 def _validate_vae(vae: VAELossConfig, data: DataConfig, where: str) -> None:
-    if vae.disc_weight < 0 or vae.disc_start < 0:
-        raise ConfigError(f"{where}: vae.disc_weight and vae.disc_start must not be negative")
+    if vae.disc_weight < 0 or vae.disc_start < 0 or vae.perceptual_weight < 0:
+        raise ConfigError(f"{where}: vae.disc_weight, vae.disc_start and vae.perceptual_weight must not be "
+                          "negative")
+    if vae.perceptual_weight and not vae.lpips_weights:
+        raise ConfigError(f"{where}: vae.perceptual_weight needs vae.lpips_weights: LPIPS is never "
+                          "downloaded; give torchvision's VGG16 weights and the LPIPS v0.1 vgg heads (one "
+                          "file with both, or a list of the two files)")
     if vae.disc_layers < 1:
         raise ConfigError(f"{where}: vae.disc_layers must be at least 1, got {vae.disc_layers}")
     side = data.crop_size or data.image_size

@@ -5,8 +5,10 @@ loop owns everything else. Randomness inside a step comes from a generator seede
 step, rank), so a resumed run draws exactly the noise an uninterrupted one would.
 
 Under torch.distributed every trained module is wrapped in DDP, which averages gradients over the
-ranks; the task computes its loss through the wrapped modules (`Task.use_wrapped`). Checkpoints,
-logs and exports are written by rank 0 only, and every rank resumes from the file rank 0 chose.
+ranks; the task computes its loss through the wrapped modules (`Task.use_wrapped`). With
+`run.distributed: fsdp` the trained modules are sharded in place instead (`fsdp.py`) and only
+auxiliary modules get DDP. Checkpoints, logs and exports are written by rank 0 only, and every rank
+resumes from the file rank 0 chose.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch
 import torch.distributed as torch_dist
 from PIL import Image
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from openldm.training import fsdp
 from openldm.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from openldm.training.config import TrainConfig
 from openldm.training.data import Batch, BatchStream, hash_seed
@@ -117,6 +121,8 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.modules = task.trainable()
         self.auxiliary = task.auxiliary()
+        self.sharded = self.dist.world > 1 and config.run.distributed == "fsdp"
+        self.wrapped = self._wrap() if self.dist.world > 1 else {}  # first: FSDP swaps the parameters
         self.optimizer = make_optimizer(task.param_groups(), config.optim, self.device)
         factor = lr_factor(config.optim, config.run.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
@@ -125,31 +131,51 @@ class Trainer:
         self.ema = EMA(_parameters(self.modules), decay, config.optim.ema_warmup) if decay else None
         self.step = 0
         self.history = History()
-        self.wrapped = self._wrap() if self.dist.world > 1 else {}
 
     def _wrap(self) -> dict[str, DistributedDataParallel]:
-        """DDP around every trained module; its construction broadcasts rank 0's weights."""
+        """DDP around every trained module (its construction broadcasts rank 0's weights); with FSDP the
+        trained modules are sharded in place and only the auxiliary ones get DDP."""
         ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
-        modules = {**self.modules, **{name: aux.module for name, aux in self.auxiliary.items()}}
+        modules = {name: aux.module for name, aux in self.auxiliary.items()}
+        if self.sharded:
+            mesh = init_device_mesh(self.device.type, (self.dist.world,))
+            for module in self.modules.values():
+                fsdp.shard(module, mesh)
+        else:
+            modules = {**self.modules, **modules}
         wrapped = {name: DistributedDataParallel(m, device_ids=ids) for name, m in modules.items()}
-        self.task.use_wrapped(dict(wrapped))
+        self.task.use_wrapped({**self.modules, **wrapped})
         return wrapped
 
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a resumed run needs. Sharded runs gather it whole to rank 0: every rank must call."""
         return {
             "step": self.step,
-            "modules": {name: m.state_dict() for name, m in self.modules.items()},
-            "optimizer": self.optimizer.state_dict(),
+            "modules": self.module_states(),
+            "optimizer": fsdp.full_optimizer_state(self.modules, self.optimizer) if self.sharded
+            else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
+            "ema": self._ema_state(),
             "auxiliary": {name: {"module": aux.module.state_dict(), "optimizer": aux.optimizer.state_dict()}
                           for name, aux in self.auxiliary.items()},
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "history": {"steps": self.history.steps, "losses": self.history.losses},
         }
+
+    def module_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The trained modules' state dicts (sharded runs: whole, on rank 0; every rank must call)."""
+        if self.sharded:
+            return {name: fsdp.full_state(m) for name, m in self.modules.items()}
+        return {name: m.state_dict() for name, m in self.modules.items()}
+
+    def _ema_state(self) -> dict | None:
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        return {**state, "shadow": fsdp.gather(state["shadow"])} if self.sharded else state
 
     def load_state_dict(self, state: dict) -> None:
         saved = json.loads(state["config"])
@@ -163,19 +189,32 @@ class Trainer:
         if set(auxiliary) != set(self.auxiliary):
             raise TrainingError(f"the checkpoint holds auxiliary modules {sorted(auxiliary)}, this run "
                                 f"trains {sorted(self.auxiliary)}")
-        for name, module in self.modules.items():
-            module.load_state_dict(state["modules"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_trained(state["modules"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+            ema = state["ema"]
+            if self.sharded:
+                ema = {**ema, "shadow": fsdp.scatter_like(ema["shadow"], self.ema.shadow)}
+            self.ema.load_state_dict(ema)
         for name, aux in self.auxiliary.items():
             aux.module.load_state_dict(auxiliary[name]["module"])
             aux.optimizer.load_state_dict(auxiliary[name]["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.history = History(list(state["history"]["steps"]), list(state["history"]["losses"]))
+
+    def _load_trained(self, modules: dict[str, dict], optimizer: dict) -> None:
+        """Whole tensors in, each rank keeping its shard when sharded: checkpoints do not depend on how
+        the run that wrote them was spread over processes."""
+        if self.sharded:
+            for name, module in self.modules.items():
+                fsdp.load_full_state(module, modules[name])
+            fsdp.load_full_optimizer_state(self.modules, self.optimizer, optimizer)
+            return
+        for name, module in self.modules.items():
+            module.load_state_dict(modules[name])
+        self.optimizer.load_state_dict(optimizer)
 
     def _agreed(self, path: Path | None) -> Path | None:
         """Rank 0's answer on every rank, so all ranks resume from one file even if they see others."""
@@ -197,9 +236,12 @@ class Trainer:
         return self._agreed(latest_checkpoint(self.output_dir)) is not None
 
     def save(self) -> Path | None:
+        if not self.dist.main and not self.sharded:
+            return None
+        state = self.state_dict()  # sharded: a collective, whose result only rank 0 receives
         if not self.dist.main:
             return None
-        return save_checkpoint(self.state_dict(), self.output_dir, self.step, self.config.run.keep_last)
+        return save_checkpoint(state, self.output_dir, self.step, self.config.run.keep_last)
 
     # --- steps ---------------------------------------------------------------------------------
     def generator(self, step: int, micro: int) -> torch.Generator:
@@ -207,11 +249,15 @@ class Trainer:
         return torch.Generator().manual_seed(seed)
 
     def _sync(self, last: bool) -> ExitStack:
-        """DDP averages gradients on the last micro-batch only; `no_sync` before it."""
+        """DDP and FSDP reduce gradients on the last micro-batch only; before it they accumulate locally."""
         stack = ExitStack()
         if not last:
             for module in self.wrapped.values():
                 stack.enter_context(module.no_sync())
+            if self.sharded:
+                for module in self.modules.values():
+                    module.set_requires_gradient_sync(False)
+                    stack.callback(module.set_requires_gradient_sync, True)
         return stack
 
     def _optimized(self, name: str) -> list[nn.Parameter]:
@@ -295,9 +341,9 @@ class Trainer:
                 self._log(log, window, logs, rate)
             if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                 self.save()
-            if log is not None and run.sample_every and self.step % run.sample_every == 0:
-                images = self.task.sample_images(self.step)
-                if images:
+            if run.sample_every and self.step % run.sample_every == 0 and (log is not None or self.sharded):
+                images = self.task.sample_images(self.step)  # sharded: every rank runs the model with rank 0
+                if images and log is not None:
                     log.samples(self.step, images)
         bar.close()
         if log is not None:

@@ -2,7 +2,8 @@
 
 Under `torchrun` (the RANK / WORLD_SIZE environment variables) the process group is set up here
 with torch.distributed's own launcher contract (gloo on the CPU, NCCL with one GPU per LOCAL_RANK),
-the trainer wraps the trained modules in DDP, and the group is taken down when the run ends.
+the trainer wraps the trained modules in DDP or shards them with FSDP (`run.distributed`), and the
+group is taken down when the run ends.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from openldm.training.config import TrainConfig
-from openldm.training.loop import Distributed, Trainer, TrainingError, log_summary
+from openldm.training.loop import Distributed, Task, Trainer, TrainingError, log_summary
 
 
 def distributed_from_env() -> Distributed:
@@ -71,9 +72,18 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool) -> tuple[Traine
         raise TrainingError(f"{output} already holds checkpoints of a run: pass --resume to continue it, "
                             "or choose another run.output_dir")
     trainer.fit()
+    trainer.apply_ema()
+    states = trainer.module_states() if trainer.sharded else None  # a collective: every rank gathers
     exported: list[Path] = []
     if dist.main:
-        trainer.apply_ema()
-        exported = task.export(output)
+        exported = (task if states is None else _unsharded(config, states)).export(output)
         print(f"{config.kind}: {log_summary(trainer.history)}; wrote {', '.join(map(str, exported))}")
     return trainer, exported
+
+
+def _unsharded(config: TrainConfig, states: dict[str, dict[str, torch.Tensor]]) -> Task:
+    """A single-process task holding the trained weights: sharded modules cannot run on rank 0 alone."""
+    task = make_task(config, Distributed())
+    for name, module in task.trainable().items():
+        module.load_state_dict(states[name])
+    return task

@@ -1,10 +1,12 @@
-"""VAE training: reconstruction + KL (+ PatchGAN), from scratch or fine-tuning (optionally decoder only).
+"""VAE training: reconstruction (+ LPIPS) + KL (+ PatchGAN), from scratch or fine-tuning (optionally
+decoder only).
 
 Losses follow ldm's convention: per-sample sums averaged over the batch, so a `kl_weight` taken
-from an ldm config means the same here. With `disc_weight > 0` a discriminator joins after
-`disc_start` steps, trained by its own optimizer on its own loss (see `discriminator.py`). The
-result is written as a standalone VAE file in the original key layout (`encoder.*`, `decoder.*`,
-...), the form SD VAE files are shared in.
+from an ldm config means the same here. ldm adds `perceptual_weight * LPIPS` to every pixel's error
+before that sum, so the perceptual term counts c*h*w times per sample, here as there (`lpips.py`).
+With `disc_weight > 0` a discriminator joins after `disc_start` steps, trained by its own optimizer
+on its own loss (see `discriminator.py`). The result is written as a standalone VAE file in the
+original key layout (`encoder.*`, `decoder.*`, ...), the form SD VAE files are shared in.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from openldm.training.config import TrainConfig
 from openldm.training.data import Batch, BatchStream, make_source, transform
 from openldm.training.discriminator import NLayerDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from openldm.training.loop import MAIN, Auxiliary, Losses
+from openldm.training.lpips import load_lpips
 from openldm.training.optim import make_optimizer
 
 VAE_FILE = "vae.safetensors"
@@ -74,6 +77,9 @@ class VAETask:
             self.discriminator = NLayerDiscriminator(self.model.cfg.out_ch, self.options.disc_channels,
                                                      self.options.disc_layers).to(config.run.device)
         self._vae, self._disc = self.model, self.discriminator  # what forward passes run through
+        self.lpips = None  # frozen, never checkpointed: it comes from the config's files
+        if self.options.perceptual_weight > 0:
+            self.lpips = load_lpips(self.options.lpips_weights).to(config.run.device)
 
     def trainable(self) -> dict[str, nn.Module]:
         return {"vae": self.model}
@@ -102,9 +108,13 @@ class VAETask:
             (reconstruction.float() - x).pow(2)
         rec = error.flatten(1).sum(1).mean()
         kl = posterior.kl().float().mean()
-        loss = rec + self.options.kl_weight * kl
         pixels = x[0].numel()
         parts = {"rec_per_pixel": rec.item() / pixels, "kl": kl.item()}
+        if self.lpips is not None:
+            distance = self.lpips(reconstruction.float(), x).mean()
+            rec = rec + self.options.perceptual_weight * pixels * distance
+            parts["lpips"] = distance.item()
+        loss = rec + self.options.kl_weight * kl
         if self.discriminator is None or step < self.options.disc_start:
             return loss, parts
         return self._adversarial(x, reconstruction, rec, loss, parts)
