@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from openldm.checkpoints.io import atomic_path
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
@@ -38,19 +39,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def save_checkpoint(state: dict, output_dir: str | Path, step: int, keep_last: int) -> Path:
     """Write `step-NNNNNNNN.pt` atomically, then delete all but the newest `keep_last`."""
-    folder = checkpoint_dir(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
-    handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save(state, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path = checkpoint_dir(output_dir) / f"step-{step:08d}.pt"
+    with atomic_path(path) as tmp, tmp.open("wb") as out:
+        torch.save(state, out)
+        out.flush()
+        os.fsync(out.fileno())
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
