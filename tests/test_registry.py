@@ -17,13 +17,7 @@ F64 = torch.float64
 SD = DiscreteSchedule.stable_diffusion()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tensors are small, and on a busy machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 # ComfyUI's KSampler names that the diffusion-core issue covers (comfy/samplers.py, SAMPLER_NAMES), with the
 # sampler each must be; the others (cfg_pp variants, heunpp2, res_multistep, er_sde, seeds, sa_solver, ...)

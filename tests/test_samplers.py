@@ -15,13 +15,7 @@ F64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 0.02, 80.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tensors are small, and on a busy machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 def sampler(name: str):

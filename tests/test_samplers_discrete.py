@@ -27,14 +27,7 @@ SHAPE = (2, 4, 3, 3)
 TOL = 1e-9  # the target is 1e-6; seen: <= 4e-13, and 3e-10 for DDPM (see its test)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are small, and on a busy 2-core machine two threads contend
-    and make each elementwise op ~25x slower (the 20000-sample runs took 40 s instead of 2 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 
 # --- the parity harness -------------------------------------------------------------------------
