@@ -8,7 +8,6 @@ the model (guidance, prompt editing, masks) and what happens to the pixels after
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,21 +90,6 @@ class _Start:
     latent: torch.Tensor | None = None
     keep: torch.Tensor | None = None  # latent-resolution mask of what to keep (ordinary models)
     concat: torch.Tensor | None = None  # inpainting models' extra UNet input: mask + masked image
-
-
-def _with_prompt_networks(generate):
-    """Merge the LoRAs a run's prompts name for that run only; the weights come back bit for bit after it.
-
-    A wrapper, so that `generate` still reads as the steps of one run.
-    """
-
-    @functools.wraps(generate)
-    def wrapper(self: Pipeline, params: GenerationParams, **inputs: Any) -> list[Result]:
-        with self.prompt_networks(params) as applied:
-            results = generate(self, params, **inputs)
-        return [dataclasses.replace(result, networks=applied.reports) for result in results]
-
-    return wrapper
 
 
 class Pipeline:
@@ -204,7 +188,6 @@ class Pipeline:
 
     # --- the shared path ---------------------------------------------------------------------
 
-    @_with_prompt_networks
     def generate(
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         hires: bool = False, callback: StepCallback | None = None, latents: torch.Tensor | None = None,
@@ -220,16 +203,18 @@ class Pipeline:
         mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
         mode = "outpaint" if any(params.outpaint) else mode
         results = []
-        for batch in range(params.batch_count):
-            seeds = seeds_for(params.seed, params.batch_size, batch * params.batch_size)
-            subseeds = seeds_for(params.subseed, params.batch_size, batch * params.batch_size)
-            images, x = self._run(
-                params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner
-            )
-            for i, (picture, seed, subseed) in enumerate(zip(images, seeds, subseeds)):
-                one = dataclasses.replace(params, seed=seed, subseed=subseed, width=width, height=height,
-                                          batch_size=1, batch_count=1)
-                results.append(Result(picture, one, "upscale" if hires else mode, x[i : i + 1]))
+        with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
+            for batch in range(params.batch_count):
+                seeds = seeds_for(params.seed, params.batch_size, batch * params.batch_size)
+                subseeds = seeds_for(params.subseed, params.batch_size, batch * params.batch_size)
+                images, x = self._run(
+                    params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner
+                )
+                for i, (picture, seed, subseed) in enumerate(zip(images, seeds, subseeds)):
+                    one = dataclasses.replace(params, seed=seed, subseed=subseed, width=width, height=height,
+                                              batch_size=1, batch_count=1)
+                    results.append(Result(picture, one, "upscale" if hires else mode, x[i : i + 1],
+                                          applied.reports))
         return results
 
     def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
