@@ -43,12 +43,13 @@ from test_samplers_discrete import (
     initial_noise,
     make_scheduler,
     max_error,
-    one_thread,  # noqa: F401 (the autouse fixture applies here too)
 )
 
 from openldm.diffusion import dpm_solver, samplers
 from openldm.diffusion.denoisers import get_scalings
 from openldm.diffusion.samplers import append_dims, default_noise_sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one thread
 
 TRAILING = {"timestep_spacing": "trailing"}
 LINSPACE = {"timestep_spacing": "linspace"}

@@ -25,7 +25,6 @@ from test_samplers_discrete import (
     max_error,
     observed_order,
     ode_end,
-    one_thread,  # noqa: F401 (the autouse fixture applies here too)
     run_diffusers,
     run_ours,
     sigmas_at,
@@ -37,7 +36,8 @@ from openldm.diffusion.samplers import Step, default_noise_sampler, sample_heun
 from openldm.diffusion.samplers_multistep import RestartInterval, restart_plan
 
 # diffusers' DEIS and UniPC call NumPy on tensors in ways NumPy 2 deprecates: thousands of warnings.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]  # conftest.py: tiny tensors, one thread
 
 # --- parity with diffusers -----------------------------------------------------------------------
 
