@@ -1,108 +1,36 @@
-"""The `openldm` command: inspect, convert and create checkpoints (more subcommands plug in here).
+"""The `openldm` command: every subcommand plugs in here.
 
-Each subcommand is two small functions: `_add_<name>(subparsers)` declares its arguments and
-`_<name>(args)` runs it. Expected failures (a bad file, a missing path) print one line to stderr
-and exit with status 2; a traceback means a bug.
+Each subcommand has a function that declares its arguments (`_add_<name>(subparsers)`, or a
+module's `add_commands`) and one that runs it. Declaring imports no torch: the modules that run
+models are imported when a command needs them, so `--help`, `png-info` and clients of `openldm
+serve` start at once. Expected failures (a bad file, a missing path) print one line to stderr and
+exit with status 2; a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
-from collections import Counter
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-
-from openldm import cli_eval, cli_generate, cli_train
-from openldm.checkpoints import diffusers_layout as dl
-from openldm.checkpoints import save
-from openldm.checkpoints.detect import detect
-from openldm.checkpoints.io import CheckpointError, read_metadata, read_state_dict
-from openldm.checkpoints.layout import split_state_dict
-from openldm.checkpoints.ldm_config import read_ldm_config
-from openldm.checkpoints.load import load_components
-from openldm.config import PRESETS, ModelConfig, get_preset
+from openldm import cli_eval, cli_generate, cli_serve, cli_train
+from openldm.checkpoints.errors import CheckpointError
+from openldm.config import PRESETS, WEIGHT_DTYPES
 
 EXIT_USAGE = 2
 
 
-# --- reading whatever the user points at --------------------------------------------------
+def _deferred(module: str, function: str):
+    """A command's run function, imported when the command runs: parsing and `--help` load no torch."""
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
 
-
-def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Shapes and dtypes without the data: meta tensors from a safetensors header."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
-            return {key: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
-                    for key, s in slices.items()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return run
 
 
-def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(t.shape) for key, t in tensors.items()}
-
-
-def _prediction(path: Path, args: argparse.Namespace, metadata: dict[str, str]) -> str | None:
-    """What the keys cannot tell, as `load_components` decides it: flag, header, then ldm YAML."""
-    if getattr(args, "prediction", None):
-        return args.prediction
-    for key in (save.META_PREDICTION, "modelspec.prediction_type"):
-        if key in metadata:
-            return "v" if metadata[key].lower().startswith("v") else "eps"
-    beside = [path.with_suffix(s) for s in (".yaml", ".yml") if path.is_file()]
-    yamls = [Path(args.config)] if getattr(args, "config", None) else [p for p in beside if p.is_file()]
-    return read_ldm_config(yamls[0]).prediction if yamls else None
-
-
-def _describe(path: Path, args: argparse.Namespace) -> dict:
-    """Facts about a checkpoint file or diffusers folder, reading headers rather than data if we can."""
-    if path.is_dir():
-        config = dl.detect_diffusers(path, _prediction(path, args, {}))
-        parts = {name: _folder_tensors(path / sub) for name, sub in dl.folder_names(config).items()}
-        return _facts(path, "diffusers", config, parts, {}, {})
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        tensors, metadata = _header_tensors(path), read_metadata(path)
-    else:
-        tensors, metadata = read_state_dict(path)
-    config = detect(_shapes(tensors), prediction=_prediction(path, args, metadata))
-    parts, rest = split_state_dict(tensors, config)
-    return _facts(path, "single-file", config, parts, rest, metadata)
-
-
-def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in dl._weight_files(folder):
-        tensors |= _header_tensors(file) if file.suffix == ".safetensors" else read_state_dict(file)[0]
-    return tensors
-
-
-def _facts(path, layout, config: ModelConfig, parts, rest, metadata) -> dict:
-    everything = [t for part in parts.values() for t in part.values()] + list(rest.values())
-    ema = [t for key, t in rest.items() if key.startswith(save.EMA_PREFIX)]
-    return {
-        "path": str(path), "layout": layout, "preset": config.name, "family": config.family,
-        "prediction": config.prediction, "inpainting": config.is_inpainting,
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in everything)),
-        "parameters": {name: sum(t.numel() for t in part.values()) for name, part in parts.items()},
-        "ema": bool(ema), "ema_parameters": sum(t.numel() for t in ema),
-        "other_keys": len(rest) - len(ema), "metadata": metadata,
-    }
-
-
-# --- subcommands ---------------------------------------------------------------------------
+# --- checkpoint subcommands (openldm.cli_checkpoints runs them) -----------------------------
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="say what a checkpoint is: family, prediction, sizes, dtypes",
@@ -112,7 +40,7 @@ def _add_info(sub) -> None:
     p.add_argument("path", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_prediction_options(p)
-    p.set_defaults(run=_info)
+    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "info"))
 
 
 def _add_prediction_options(p: argparse.ArgumentParser) -> None:
@@ -120,26 +48,6 @@ def _add_prediction_options(p: argparse.ArgumentParser) -> None:
                    help="what the network predicts, when the file cannot tell (SD2 768-v models: v)")
     p.add_argument("--config", metavar="YAML",
                    help="the model's original ldm YAML; its `parameterization` sets the prediction")
-
-
-def _info(args: argparse.Namespace) -> int:
-    facts = _describe(args.path, args)
-    if args.json:
-        print(json.dumps(facts))
-        return 0
-    total = sum(facts["parameters"].values())
-    rows = [
-        ("path", f"{facts['path']} ({facts['layout']})"),
-        ("preset", f"{facts['preset']} (family {facts['family']}, {facts['prediction']} prediction)"),
-        ("dtypes", ", ".join(f"{d}: {n} tensors" for d, n in facts["dtypes"].items())),
-        *((f"  {name}", f"{n:,} parameters") for name, n in facts["parameters"].items()),
-        ("total", f"{total:,} parameters"),
-        ("EMA", f"yes ({facts['ema_parameters']:,} parameters)" if facts["ema"] else "no"),
-        *((f"  {key}", value) for key, value in facts["metadata"].items()),
-    ]
-    for label, value in rows:
-        print(f"{label:<16} {value}")
-    return 0
 
 
 def _add_convert(sub) -> None:
@@ -150,43 +58,12 @@ def _add_convert(sub) -> None:
     p.add_argument("src", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("dst", type=Path, help="the .safetensors file or the folder to write")
     p.add_argument("--to", required=True, choices=("single-file", "diffusers"), help="the layout to write")
-    p.add_argument("--dtype", choices=tuple(save.DTYPES),
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES,
                    help="cast floating-point weights (fp16 halves the size); default: keep as stored")
     p.add_argument("--prune-ema", action="store_true",
                    help="drop the EMA copy of the UNet (`model_ema.*` keys) that training checkpoints carry")
     _add_prediction_options(p)
-    p.set_defaults(run=_convert)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    dtype = save.DTYPES[args.dtype] if args.dtype else None
-    if args.to == "single-file" and args.src.is_file():
-        config, count = _rewrite_single_file(args, dtype)
-    else:  # through the loader: its allow-list, EMA choice and OpenCLIP conversion
-        components = load_components(args.src, prediction=args.prediction, config_file=args.config)
-        config, parts = components.config, save.component_parts(components)
-        if args.to == "single-file":
-            save.save_single_file(components, args.dst, dtype=dtype, progress=True)
-            count = save.verify_single_file(args.dst, save.single_file_state_dict(parts, config), dtype=dtype)
-        else:
-            save.save_diffusers(components, args.dst, dtype=dtype, progress=True)
-            count = save.verify_diffusers(args.dst, parts, config, dtype=dtype)
-    cast = f" after the cast to {args.dtype}" if dtype else ""
-    print(f"wrote {args.dst} ({args.to}, {config.name}, {config.prediction} prediction)")
-    if args.to == "diffusers" and any(dl.drops_last_layer(e) for e in config.text_encoders):
-        print("note: the text encoder is stored without its last layer, which SD2 never reads, as in the "
-              "published SD2 diffusers folders; reading the folder back fills that layer with zeros")
-    print(f"verified: re-read all {count} tensors; each equals the source{cast}")
-    return 0
-
-
-def _rewrite_single_file(args: argparse.Namespace, dtype: torch.dtype | None) -> tuple[ModelConfig, int]:
-    """File to file keeps every key (EMA copies too, unless pruned) and the header metadata."""
-    state, metadata = read_state_dict(args.src)
-    config = detect(_shapes(state), prediction=_prediction(args.src, args, metadata))
-    save.save_single_file(state, args.dst, config=config, dtype=dtype, prune_ema=args.prune_ema,
-                          metadata=metadata, progress=True)
-    return config, save.verify_single_file(args.dst, state, dtype=dtype, prune_ema=args.prune_ema)
+    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "convert"))
 
 
 def _add_init(sub) -> None:
@@ -198,17 +75,8 @@ def _add_init(sub) -> None:
                    help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("out", type=Path, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", choices=tuple(save.DTYPES), default="fp32", help="weight dtype (default fp32)")
-    p.set_defaults(run=_init)
-
-
-def _init(args: argparse.Namespace) -> int:
-    config = get_preset(args.preset)
-    state = save.random_state_dict(config, seed=args.seed, dtype=save.DTYPES[args.dtype], progress=True)
-    save.save_single_file(state, args.out, config=config, metadata={"openldm.seed": str(args.seed)})
-    count = sum(t.numel() for t in state.values())
-    print(f"wrote {args.out}: random {config.name} weights, seed {args.seed}, {count:,} parameters")
-    return 0
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weight dtype (default fp32)")
+    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "init"))
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -225,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_generate.add_commands(sub)
     cli_train.add_commands(sub)
     cli_eval.add_commands(sub)
+    cli_serve.add_commands(sub)
     return parser
 
 

@@ -7,12 +7,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from openldm.atomic import write_bytes_atomic
+from openldm.checkpoints.errors import CheckpointError
 
-from openldm.checkpoints.io import CheckpointError, write_bytes_atomic
-from openldm.data.shapes_eval import PROMPT_SETS, eval_scenes, evaluate, format_table
+if TYPE_CHECKING:
+    from PIL import Image
 
 EXIT_ERROR = 2
 EVAL_STEPS = 20
@@ -31,7 +32,7 @@ def add_commands(sub) -> None:
                    help="checkpoint, diffusers folder or model folder (default: the embedded model)")
     p.add_argument("--n", type=int, default=200, help="prompts per prompt set (default 200)")
     p.add_argument("--sets", default="in_distribution,compositional,two_shapes",
-                   help=f"comma-separated prompt sets out of {', '.join(PROMPT_SETS)}")
+                   help="comma-separated prompt sets (default: all three)")
     p.add_argument("--steps", type=int, default=EVAL_STEPS)
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (default: the model's own)")
     p.add_argument("--sampler", default=EVAL_SAMPLER)
@@ -45,6 +46,8 @@ def add_commands(sub) -> None:
 def make_grid(tiles: list[tuple[Image.Image, str]], columns: int = 4, caption_height: int = 50
               ) -> Image.Image:
     """Images in rows with their prompt written under each."""
+    from PIL import Image, ImageDraw
+
     w, h = tiles[0][0].size
     rows = (len(tiles) + columns - 1) // columns
     grid = Image.new("RGB", (columns * w, rows * (h + caption_height)), "white")
@@ -63,6 +66,9 @@ def make_grid(tiles: list[tuple[Image.Image, str]], columns: int = 4, caption_he
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from openldm.data.shapes_eval import PROMPT_SETS, eval_scenes, evaluate, format_table
     from openldm.models.embedded import default_model_path
     from openldm.pipelines.pipeline import load
 

@@ -1,10 +1,14 @@
-"""`openldm txt2img | img2img | inpaint | outpaint | upscale | png-info`: images from the command line.
+"""`openldm txt2img | img2img | inpaint | outpaint | upscale | png-info | samplers`: images from the CLI.
 
 Every option left out keeps its default, or the value stored in the `--from-png` file. Output
 naming: `-o out.png` is the file when a run makes one image; with more (batch size, batch count,
 several prompts) the images are out-0001.png, out-0002.png, ... in generation order. An existing
 folder, or a path ending in `/`, holds `<command>.png` (or `<command>-0001.png`, ...). Files are
 written atomically and carry their settings, so `--from-png` regenerates them.
+
+With `--server URL` (or $OPENLDM_SERVER) a running `openldm serve` makes the images with the model
+it keeps loaded. torch and the models are imported only by the functions that run a model here,
+so such a run, `png-info` and `--help` start in a fraction of a second.
 
 Expected failures print one line, `openldm COMMAND: error: ...`, and exit with status 2.
 """
@@ -14,23 +18,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import sys
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from openldm.checkpoints.hashing import model_hash
-from openldm.checkpoints.save import DTYPES
-from openldm.diffusion.registry import SAMPLERS, SCHEDULE_DISPLAY, resolve
+from openldm.atomic import write_bytes_atomic
+from openldm.client import SERVER_ENV, RemoteRenderer, ServerError
+from openldm.config import WEIGHT_DTYPES
 from openldm.models.embedded import default_model_path
-from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
-from openldm.pipelines import images as im
-from openldm.pipelines.common import seeds_for
 from openldm.pipelines.infotext import read_png
-from openldm.pipelines.outputs import output_paths, read_settings, save_result
-from openldm.pipelines.params import GenerationParams, read_ints
-from openldm.pipelines.pipeline import MASKED_CONTENT, Pipeline, load
+from openldm.pipelines.outputs import output_paths, read_settings
+from openldm.pipelines.params import (
+    MASKED_CONTENT,
+    MODE_INPUTS,
+    RESIZE_MODES,
+    GenerationParams,
+    read_ints,
+    seeds_for,
+)
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
@@ -40,7 +45,8 @@ _SETTINGS = {f.name for f in dataclasses.fields(GenerationParams)} - {"prompt", 
 
 def add_commands(sub) -> None:
     """Register the generation subcommands on `openldm`'s subparsers."""
-    for add in (_add_txt2img, _add_img2img, _add_inpaint, _add_outpaint, _add_upscale, _add_png_info):
+    for add in (_add_txt2img, _add_img2img, _add_inpaint, _add_outpaint, _add_upscale, _add_png_info,
+                _add_samplers):
         add(sub)
 
 
@@ -51,7 +57,7 @@ def _clean_errors(run):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ServerError) as e:
             print(f"openldm {args.command}: error: {e}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:  # files already written are whole; the one being written is not there
@@ -89,29 +95,37 @@ _crop_spec = functools.partial(_ints, count=2, sep=",", form="TOP,LEFT")
 _extend_spec = functools.partial(_ints, count=4, sep=",", form="LEFT,RIGHT,TOP,BOTTOM")
 
 
+def add_model_options(group) -> None:
+    """Which model to load and how: shared by the generating commands and `openldm serve`."""
+    group.add_argument("--model", type=Path, metavar="PATH", help="a .safetensors/.ckpt checkpoint, a "
+                       "diffusers folder or a model folder (default: the embedded model, "
+                       f"{default_model_path()})")
+    group.add_argument("--prediction", choices=("eps", "v"), help="for SD2 768-v files that cannot tell")
+    group.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
+                       help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)")
+    group.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+                       help="folder of LoRA/LyCORIS files (.safetensors/.pt/.ckpt, subfolders too) that "
+                       "prompts name as <lora:NAME:WEIGHT> or <lyco:NAME:WEIGHT>, NAME being the file name "
+                       "without its extension; merged only for the images that name them (repeatable)")
+    group.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
+                       help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
+                       "write a file's name without its extension in a prompt to use it (repeatable)")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere")
+
+
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     """Options every generating command shares; None means "not given"."""
     p.add_argument("prompt", nargs="?", help="what to draw; A1111 syntax: (word:1.2), [from:to:0.5], BREAK, "
                    "<lora:NAME:WEIGHT> (see --lora-dir), embedding names (see --embeddings)")
     model = p.add_argument_group("model and output")
-    model.add_argument("--model", type=Path, metavar="PATH", help="a .safetensors/.ckpt checkpoint, a "
-                       "diffusers folder or a model folder (default: the embedded model, "
-                       f"{default_model_path()})")
-    model.add_argument("--prediction", choices=("eps", "v"), help="for SD2 768-v files that cannot tell")
     model.add_argument("-o", "--out", type=Path, default=Path(f"{command}.png"),
                        help=f"output PNG, or a folder (default {command}.png; several images: "
                        f"{command}-0001.png, ...)")
-    model.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
-                       help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)")
-    model.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
-                       help="folder of LoRA/LyCORIS files (.safetensors/.pt/.ckpt, subfolders too) that "
-                       "prompts name as <lora:NAME:WEIGHT> or <lyco:NAME:WEIGHT>, NAME being the file name "
-                       "without its extension; merged only for the images that name them (repeatable)")
-    model.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
-                       help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
-                       "write a file's name without its extension in a prompt to use it (repeatable)")
-    model.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
-    model.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on cuda, fp32 elsewhere")
+    model.add_argument("--server", metavar="URL", default=os.environ.get(SERVER_ENV) or None,
+                       help="have a running `openldm serve` make the images (http://HOST:PORT, HOST:PORT or "
+                       f"PORT; default ${SERVER_ENV}); the model options below are then the server's")
+    add_model_options(model)
     g = p.add_argument_group("generation settings")
     g.add_argument("--negative", help="negative prompt: what to steer away from")
     g.add_argument("--prompt-file", type=Path, metavar="FILE", help="one prompt per line, each run in turn")
@@ -120,10 +134,10 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--steps", type=int, help="sampling steps (default 20)")
     g.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 7 for SD "
                    "checkpoints, 2 for the embedded model)")
-    g.add_argument("--sampler", metavar="NAME",
-                   help=f"default euler; one of {', '.join(SAMPLERS)} (A1111 names work too)")
+    g.add_argument("--sampler", metavar="NAME", help="default euler; `openldm samplers` lists the names "
+                   "(A1111's and ComfyUI's work too)")
     g.add_argument("--scheduler", dest="schedule", metavar="NAME",
-                   help=f"sigma schedule (default: the sampler's own); one of {', '.join(SCHEDULE_DISPLAY)}")
+                   help="sigma schedule (default: the sampler's own); `openldm samplers` lists them")
     g.add_argument("--seed", type=int, help="seed of the first image; image i uses seed+i (default -1: "
                    "random, and recorded)")
     g.add_argument("--subseed", type=int, help="variation seed")
@@ -155,7 +169,7 @@ def _add_txt2img(sub) -> None:
                 "Generate images from a text prompt.",
                 'openldm txt2img "a red circle" --steps 20 --seed 1 -o a.png')
     _add_common(p, "txt2img")
-    p.set_defaults(run=_generate, inputs=())
+    p.set_defaults(run=_generate)
 
 
 def _add_img2img(sub) -> None:
@@ -167,9 +181,9 @@ def _add_img2img(sub) -> None:
     g = p.add_argument_group("img2img settings")
     g.add_argument("--strength", type=float, help="denoising strength: 0 keeps the image, 1 ignores it "
                    "(default 0.75)")
-    g.add_argument("--resize-mode", choices=im.RESIZE_MODES, help="fit IMAGE to --width/--height by "
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, help="fit IMAGE to --width/--height by "
                    "stretching (resize), cropping (crop) or padding (fill)")
-    p.set_defaults(run=_generate, inputs=("image",))
+    p.set_defaults(run=_generate)
 
 
 def _add_inpaint(sub) -> None:
@@ -181,7 +195,7 @@ def _add_inpaint(sub) -> None:
     p.add_argument("mask", type=Path, help="same size as IMAGE; white = repaint, black = keep")
     _add_common(p, "inpaint")
     _add_inpaint_settings(p)
-    p.set_defaults(run=_generate, inputs=("image", "mask"))
+    p.set_defaults(run=_generate)
 
 
 def _add_outpaint(sub) -> None:
@@ -196,7 +210,7 @@ def _add_outpaint(sub) -> None:
     g = _add_inpaint_settings(p)
     g.add_argument("--extend", dest="outpaint", type=_extend_spec, metavar="LEFT,RIGHT,TOP,BOTTOM",
                    help="pixels to add on each side, e.g. 0,64,0,0 widens to the right")
-    p.set_defaults(run=_generate, inputs=("image",), outpaint=None)
+    p.set_defaults(run=_generate, outpaint=None)
 
 
 def _add_inpaint_settings(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -224,7 +238,7 @@ def _add_upscale(sub) -> None:
     g.add_argument("--upscaler", choices=("latent", "lanczos"), help="how to enlarge (default latent)")
     g.add_argument("--strength", dest="hires_strength", type=float, help="redraw strength (default 0.5)")
     g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
-    p.set_defaults(run=_generate, inputs=("image",))
+    p.set_defaults(run=_generate)
 
 
 def _add_png_info(sub) -> None:
@@ -233,6 +247,14 @@ def _add_png_info(sub) -> None:
                 "openldm png-info txt2img.png")
     p.add_argument("png", type=Path, help="the PNG to read")
     p.set_defaults(run=_png_info)
+
+
+def _add_samplers(sub) -> None:
+    p = _parser(sub, "samplers", "list the samplers and sigma schedules --sampler and --scheduler take",
+                "List every sampler with its A1111 display name, default schedule and other accepted "
+                "names, then the sigma schedules. Names are matched case-insensitively.",
+                "openldm samplers")
+    p.set_defaults(run=_samplers)
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -263,33 +285,12 @@ def _settings(args: argparse.Namespace) -> tuple[list[GenerationParams], str | N
         prompts = [args.prompt if args.prompt is not None else base.prompt]
     else:
         raise ValueError("no prompt: give a PROMPT, --prompt-file or --from-png")
-    resolve(base.sampler, base.schedule)  # unknown names fail now, not after loading the model
-    if args.command == "outpaint" and not any(base.outpaint):
-        raise ValueError("nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM (pixels to add)")
     return [dataclasses.replace(base, prompt=p) for p in prompts], stored.model_hash if stored else None
-
-
-def _check_size(params: GenerationParams, image) -> None:
-    left, right, top, bottom = params.outpaint  # outpainting works on the image with its new borders
-    width = params.width or (image.width + left + right if image is not None else None)
-    height = params.height or (image.height + top + bottom if image is not None else None)
-    sizes = (("width", width), ("height", height))
-    bad = [f"{n} {v}" for n, v in sizes if v is not None and (v <= 0 or v % 8)]
-    if bad:
-        raise ValueError(f"{' and '.join(bad)}: sizes must be positive multiples of 8 "
-                         "(--width/--height resize an input image)")
-
-
-def _open_inputs(args: argparse.Namespace) -> dict:
-    inputs = {name: im.open_image(getattr(args, name), name) for name in args.inputs}
-    if "mask" in inputs:
-        inputs["mask"] = inputs["mask"].convert("L")
-    return inputs
 
 
 # --- running -----------------------------------------------------------------------------
 
-def _model_path(args: argparse.Namespace) -> Path:
+def model_path(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return args.model
     path = default_model_path()
@@ -299,37 +300,46 @@ def _model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _load(args: argparse.Namespace, path: Path, jobs: list[GenerationParams]) -> Pipeline:
-    """The model with its --lora-dir and --embeddings; those are read first, so a typo costs no load time."""
-    networks, embeddings = NetworkLibrary(args.lora_dir), read_embeddings(args.embeddings)
-    for ref in network_refs(*(text for params in jobs for text in (params.prompt, params.negative))):
-        networks.path(ref)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    default = torch.float16 if device.startswith("cuda") else torch.float32
-    dtype = DTYPES[args.dtype] if args.dtype else default
-    pipe = load(path, device=device, dtype=dtype, prediction=args.prediction)
-    pipe.progress, pipe.networks = True, networks
-    for skipped in pipe.add_embeddings(embeddings):
-        print(f"warning: {skipped}", file=sys.stderr)
-    return pipe
+def load_here(args: argparse.Namespace, prompts=()):
+    """A `Renderer` for the model options in `args` (the `--lora` files merged, the refiner loaded)."""
+    from openldm.pipelines.render import load_renderer
+
+    return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
+                         lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
+                         refiner=args.refiner, prompts=prompts)
 
 
-def _load_refiner(args: argparse.Namespace, pipe: Pipeline) -> Pipeline | None:
-    """The --refiner model, on the base model's device and in its dtype."""
-    if args.refiner is None:
-        return None
-    refiner = load(args.refiner, device=pipe.device, dtype=pipe.dtype)
-    refiner.progress = True
-    return refiner
+def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]):
+    """This process loads the model; the inputs are read and checked first, so a typo costs no load time."""
+    from openldm.pipelines.images import open_image
+    from openldm.pipelines.render import check_inputs
+
+    inputs = {name: open_image(getattr(args, name), name) for name in MODE_INPUTS[args.command]}
+    check_inputs(args.command, jobs[0], **inputs)
+    renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
+    return functools.partial(renderer.render, args.command, **inputs), lambda: renderer.model_hash
 
 
-def _apply_loras(pipe: Pipeline, specs: list[tuple[Path, float]]) -> tuple[tuple[str, float], ...]:
-    """Merge the --lora files into the weights; print what each matched (and every key it did not)."""
-    if not specs:
-        return ()
-    networks = [(load_network(path), weight) for path, weight in specs]
-    print(pipe.merge_networks(networks).summary(), file=sys.stderr)
-    return tuple((network.name, weight) for network, weight in networks)
+_SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
+    "--model": "model", "--prediction": "prediction", "--lora": "lora", "--lora-dir": "lora_dir",
+    "--embeddings": "embeddings", "--device": "device", "--dtype": "dtype", "--refiner": "refiner",
+}
+
+
+def _render_on_server(args: argparse.Namespace):
+    """The server renders; the inputs travel as their files' bytes."""
+    given = [flag for flag, name in _SERVER_SIDE.items() if getattr(args, name, None) not in (None, [])]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the server's model settings; give them to `openldm serve`, "
+                         "not to a client")
+    inputs = {}
+    for name in MODE_INPUTS[args.command]:
+        try:
+            inputs[name] = getattr(args, name).read_bytes()
+        except FileNotFoundError:
+            raise ValueError(f"{name} not found: {getattr(args, name)}") from None
+    client = RemoteRenderer(args.server)
+    return functools.partial(client.render, args.command, **inputs), lambda: client.model()["hash"]
 
 
 def _batches(params: GenerationParams):
@@ -343,37 +353,30 @@ def _batches(params: GenerationParams):
 @_clean_errors
 def _generate(args: argparse.Namespace) -> int:
     jobs, png_hash = _settings(args)
-    inputs = _open_inputs(args)
-    _check_size(jobs[0], inputs.get("image"))
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
     paths = iter(output_paths(args.out, total, args.command))
-    path = _model_path(args)
-    pipe = _load(args, path, jobs)
-    name, hash_ = path.stem if path.is_file() else path.name, model_hash(path)
-    if png_hash and png_hash != hash_:
+    render, current_hash = _render_on_server(args) if args.server else _render_here(args, jobs)
+    if png_hash and png_hash != (hash_ := current_hash()):
         print(f"note: {args.from_png} was made with another model ({png_hash}; this one is {hash_})",
               file=sys.stderr)
-    loras = _apply_loras(pipe, args.lora)
-    if jobs[0].loras and not loras:
+    if jobs[0].loras and not args.lora and not args.server:
         print(f"note: {args.from_png} used LoRAs {', '.join(n for n, _ in jobs[0].loras)}; pass them with "
               "--lora FILE:WEIGHT to reproduce it", file=sys.stderr)
-    reported = {""}  # what the prompts' LoRA tags matched, printed once per distinct set of networks
-    refiner = _load_refiner(args, pipe)
-    if jobs[0].refiner_model and refiner is None:
+    if jobs[0].refiner_model and args.refiner is None and not args.server:
         print(f"note: {args.from_png} used the refiner {jobs[0].refiner_model}; pass it with --refiner PATH "
               "to reproduce it", file=sys.stderr)
-    with tqdm(total=total, desc="images", unit="image", disable=total == 1) as bar:
-        for params in jobs:
-            for batch in _batches(dataclasses.replace(params, loras=loras)):
-                for result in pipe.generate(batch, hires=args.command == "upscale", refiner=refiner,
-                                            **inputs):
-                    report = "\n".join(network.summary() for network in result.networks)
-                    if report not in reported:
-                        reported.add(report)
-                        bar.write(report, file=sys.stderr)
-                    written = save_result(result, next(paths), name, hash_)
-                    bar.write(f"wrote {written} (seed {result.params.seed})")
-                bar.update(batch.batch_size)
+    reported = {""}  # what the prompts' LoRA tags matched, printed once per distinct set of networks
+    done = 0
+    for params in jobs:
+        for batch in _batches(params):
+            for image in render(batch):
+                if image.networks not in reported:
+                    reported.add(image.networks)
+                    print(image.networks, file=sys.stderr)
+                written = write_bytes_atomic(next(paths), image.png)
+                done += 1
+                counter = f"[{done}/{total}] " if total > 1 else ""
+                print(f"{counter}wrote {written} (seed {image.seed})")
     return 0
 
 
@@ -383,4 +386,16 @@ def _png_info(args: argparse.Namespace) -> int:
     if text is None:
         raise ValueError(f"{args.png}: the PNG holds no generation parameters")
     print(text)
+    return 0
+
+
+def _samplers(args: argparse.Namespace) -> int:
+    from openldm.diffusion.registry import SAMPLERS, SCHEDULE_DISPLAY
+
+    print(f"{'sampler':<20} {'A1111 name':<20} {'default schedule':<18} other names")
+    for spec in SAMPLERS.values():
+        print(f"{spec.name:<20} {spec.display:<20} {spec.default_schedule:<18} {', '.join(spec.aliases)}")
+    print(f"\n{'schedule':<20} A1111 name")
+    for name, display in SCHEDULE_DISPLAY.items():
+        print(f"{name:<20} {display}")
     return 0

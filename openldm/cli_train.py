@@ -5,10 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from openldm.checkpoints.io import CheckpointError
-from openldm.training.config import KINDS, ConfigError
-from openldm.training.data import DataError
-from openldm.training.loop import TrainingError
+from openldm.training.config import KINDS
 
 EXIT_USAGE = 2
 
@@ -30,7 +27,10 @@ def add_commands(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from openldm.training.config import load_config
+    from openldm.checkpoints.errors import CheckpointError
+    from openldm.training.config import ConfigError, load_config
+    from openldm.training.data import DataError
+    from openldm.training.loop import TrainingError
     from openldm.training.run import train
 
     try:

@@ -138,6 +138,7 @@ SD_LATENT = LatentFormat(scale_factor=0.18215)
 SDXL_LATENT = LatentFormat(scale_factor=0.13025)
 SDXL_SIZE_CONDS = ("original_size", "crop_coords", "target_size")
 SDXL_REFINER_CONDS = ("original_size", "crop_coords", "aesthetic_score")
+WEIGHT_DTYPES = ("fp16", "bf16", "fp32")  # the names `--dtype` takes; checkpoints.save maps them to torch
 SIZE_EMBED_DIM = 256  # sgm embeds each vector-conditioning number with 256 Fourier channels
 
 # --- full-size presets -------------------------------------------------------------------

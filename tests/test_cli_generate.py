@@ -229,5 +229,16 @@ def test_help_names_every_option_a_newcomer_needs(capsys):
     text = capsys.readouterr().out
     for option in ("--negative", "--model", "--sampler", "--scheduler", "--steps", "--cfg", "--seed",
                    "--width", "--batch-size", "--n-iter", "--prompt-file", "--from-png", "--lora", "--device",
-                   "--dtype", "dpmpp_2m", "example:"):
+                   "--dtype", "--server", "openldm samplers", "example:"):
         assert option in text
+
+
+def test_samplers_lists_every_sampler_and_schedule_with_its_a1111_name(capsys):
+    from openldm.diffusion.registry import SAMPLERS, SCHEDULE_DISPLAY
+
+    assert cli.main(["samplers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for spec in SAMPLERS.values():
+        assert any(line.split()[:1] == [spec.name] and spec.display in line for line in lines), spec.name
+    for name, display in SCHEDULE_DISPLAY.items():
+        assert any(line.split()[:1] == [name] and line.endswith(display) for line in lines), name

@@ -10,25 +10,21 @@ runs nothing and is thrown away with everything else that is not a tensor.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
-import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from openldm.atomic import atomic_path
+from openldm.checkpoints.errors import CheckpointError
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _CONVERT_HINT = "convert it to .safetensors with a tool you trust, or use a .safetensors release of it"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says which and why."""
 
 
 class _Inert:
@@ -146,37 +142,6 @@ def write_safetensors_atomic(
     with atomic_path(path) as tmp:
         save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
         _sort_metadata(tmp)
-    return path
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file beside `path`, renamed onto it if the block succeeds and removed if not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def default_permissions(path: str | Path) -> None:
-    """mkstemp makes owner-only files; give the finished file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write any small file (JSON, PNG) the same all-or-nothing way."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
     return path
 
 

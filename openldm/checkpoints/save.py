@@ -22,7 +22,7 @@ from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.io import CheckpointError, write_safetensors_atomic
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, join_state_dict, split_state_dict
 from openldm.checkpoints.openclip import hf_to_openclip, openclip_to_hf
-from openldm.config import ModelConfig
+from openldm.config import WEIGHT_DTYPES, ModelConfig
 from openldm.models.tokenizer import CLIPTokenizer
 
 # Keys we add to the safetensors header so `openldm info` and loaders know what the keys cannot tell.
@@ -30,7 +30,7 @@ META_PRESET = "openldm.preset"
 META_FAMILY = "openldm.family"
 META_PREDICTION = "openldm.prediction"
 EMA_PREFIX = "model_ema."
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = dict(zip(WEIGHT_DTYPES, (torch.float16, torch.bfloat16, torch.float32), strict=True))
 Parts = dict[str, dict[str, torch.Tensor]]
 
 

@@ -12,11 +12,6 @@ from openldm.diffusion.samplers import Denoiser, Step, append_dims
 from openldm.prompts import extract_networks, prompt_schedule
 
 
-def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
-    """Image i of a run uses seed + i, so any image can be regenerated alone."""
-    return [(seed + offset + i) % 2**64 for i in range(count)]
-
-
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation per sample, from a (t=0) to b (t=1): variation seeds keep unit variance."""
     a_flat, b_flat = a.flatten(1).double(), b.flatten(1).double()

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from openldm.pipelines.params import RESIZE_MODES
+
 ResizeMode = Literal["resize", "crop", "fill"]
-RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
 LANCZOS = Image.Resampling.LANCZOS
 
 

@@ -16,11 +16,12 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image, PngImagePlugin
+from openldm.atomic import write_bytes_atomic
 
-from openldm.checkpoints.io import write_bytes_atomic
+if TYPE_CHECKING:
+    from PIL import Image
 
 INFOTEXT_KEY = "parameters"
 EXACT_KEY = "openldm"
@@ -65,19 +66,27 @@ def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     return "\n".join(prompt_lines), "\n".join(negative_lines), settings
 
 
-def save_png(image: Image.Image, path: str | Path, infotext: str, exact: dict[str, Any]) -> Path:
-    """Write a PNG with both chunks, atomically: an interrupted run leaves no broken file."""
-    path = Path(path)
+def png_bytes(image: Image.Image, infotext: str, exact: dict[str, Any]) -> bytes:
+    """A PNG file's bytes with both chunks: what `save_png` writes and the server sends."""
+    from PIL import PngImagePlugin  # Pillow is imported when an image is read or written, not before
+
     info = PngImagePlugin.PngInfo()
     info.add_text(INFOTEXT_KEY, infotext)
     info.add_text(EXACT_KEY, json.dumps(exact, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    return write_bytes_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: str | Path, infotext: str, exact: dict[str, Any]) -> Path:
+    """Write a PNG with both chunks, atomically: an interrupted run leaves no broken file."""
+    return write_bytes_atomic(Path(path), png_bytes(image, infotext, exact))
 
 
 def read_png(path: str | Path) -> tuple[str | None, dict[str, Any] | None]:
     """(infotext, exact settings) stored in a PNG; None for a chunk that is absent."""
+    from PIL import Image
+
     try:
         with Image.open(path) as image:
             text = dict(image.text) if hasattr(image, "text") else dict(image.info)

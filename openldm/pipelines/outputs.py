@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openldm.pipelines.infotext import format_infotext, parse_infotext, read_png, save_png
+from openldm.atomic import write_bytes_atomic
+from openldm.pipelines.infotext import format_infotext, parse_infotext, png_bytes, read_png
 from openldm.pipelines.params import GenerationParams, infotext_settings, params_from_infotext
 
 FORMAT_VERSION = 1
@@ -27,6 +28,15 @@ class PngSettings:
     model_hash: str | None = None
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One finished image as its PNG file's bytes: what a local run writes and the server sends."""
+
+    png: bytes
+    seed: int
+    networks: str = ""  # what the prompt's LoRA tags merged, as a printable report ("" for none)
+
+
 def result_infotext(result, model: str | None = None, model_hash: str | None = None) -> str:
     """The A1111 infotext of a `Result` (its params hold the concrete seed and size)."""
     p = result.params
@@ -35,11 +45,16 @@ def result_infotext(result, model: str | None = None, model_hash: str | None = N
     return format_infotext(p.prompt, p.negative, settings)
 
 
-def save_result(result, path: str | Path, model: str | None = None, model_hash: str | None = None) -> Path:
-    """Write one `Result` as a PNG with both chunks, atomically."""
+def result_png(result, model: str | None = None, model_hash: str | None = None) -> bytes:
+    """One `Result` as PNG bytes carrying both chunks."""
     exact = {"version": FORMAT_VERSION, "mode": result.mode, "model": model, "model_hash": model_hash,
              "params": result.params.to_json()}
-    return save_png(result.image, path, result_infotext(result, model, model_hash), exact)
+    return png_bytes(result.image, result_infotext(result, model, model_hash), exact)
+
+
+def save_result(result, path: str | Path, model: str | None = None, model_hash: str | None = None) -> Path:
+    """Write one `Result` as a PNG with both chunks, atomically."""
+    return write_bytes_atomic(Path(path), result_png(result, model, model_hash))
 
 
 def read_settings(path: str | Path) -> PngSettings:

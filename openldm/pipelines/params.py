@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from openldm.diffusion.registry import SCHEDULE_DISPLAY, resolve
+RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
+MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # what an inpainted area starts from
+MODE_INPUTS = {  # the images each kind of run starts from
+    "txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "outpaint": ("image",),
+    "upscale": ("image",),
+}
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,27 @@ class GenerationParams:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        return cls(**{k: _tuples(v) for k, v in data.items()})
+        values = {k: _tuples(v) for k, v in data.items()}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            _check_type(name, types[name], value)
+        return cls(**values)
+
+
+_KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool, "tuple": tuple}
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """Settings that arrive as JSON (a server request, a PNG chunk) must have the field's type."""
+    kinds = [part.strip().split("[")[0] for part in annotation.split("|")]
+    if value is None:
+        ok = "None" in kinds
+    elif isinstance(value, bool):  # JSON true is not a number of steps
+        ok = "bool" in kinds
+    else:
+        ok = any(isinstance(value, _KINDS[kind]) for kind in kinds if kind != "None")
+    if not ok:
+        raise ValueError(f"setting {name!r} must be {' or '.join(kinds)}, not {value!r}")
 
 
 def _lists(value: Any) -> Any:
@@ -87,6 +112,8 @@ def infotext_settings(
     params: GenerationParams, width: int, height: int, model_name: str, model_hash: str, mode: str
 ) -> dict[str, Any]:
     """The `Key: value` pairs of an A1111 infotext for these settings."""
+    from openldm.diffusion.registry import SCHEDULE_DISPLAY, resolve  # the samplers, and torch: only here
+
     spec, schedule = resolve(params.sampler, params.schedule)
     settings: dict[str, Any] = {
         "Steps": params.steps, "Sampler": spec.display, "Schedule type": SCHEDULE_DISPLAY[schedule],
@@ -116,6 +143,11 @@ def infotext_settings(
     if params.refiner_model is not None:  # A1111's keys
         settings |= {"Refiner": params.refiner_model, "Refiner switch at": params.refiner_switch}
     return settings
+
+
+def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
+    """Image i of a run uses seed + i, so any image can be regenerated alone."""
+    return [(seed + offset + i) % 2**64 for i in range(count)]
 
 
 def read_ints(text: str, count: int, sep: str = ",") -> tuple[int, ...]:

@@ -45,14 +45,12 @@ from openldm.pipelines.common import (
     ScheduledDenoiser,
     StepTracker,
     schedule_prompts,
-    seeds_for,
     starting_noise,
 )
 from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, vector_conditioning
-from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.params import MASKED_CONTENT, GenerationParams, seeds_for
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised latents)
-MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from openldm.checkpoints.io import atomic_path
+from openldm.atomic import atomic_path
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 

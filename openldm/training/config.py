@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -280,6 +278,8 @@ def load_config(path: str | Path, kind: str | None = None) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     text = path.read_text(encoding="utf-8")
+    import yaml  # here, not at the top: `openldm` declares its commands without it
+
     try:
         values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as error:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from openldm.checkpoints.io import write_bytes_atomic
+from openldm.atomic import write_bytes_atomic
 
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"

@@ -147,6 +147,17 @@ class Trainer:
         self.task.use_wrapped({**self.modules, **wrapped})
         return wrapped
 
+    def unwrap(self) -> None:
+        """Drop the DDP wrappers, while the process group is still alive.
+
+        A DDP reducer left to hold the last reference to a gloo group destroys it with the GIL held,
+        and that can deadlock at exit against a gloo worker thread that needs the GIL to free a tensor
+        (pytorch/pytorch#56297; seen here as a rank that never exits).
+        """
+        if self.wrapped:
+            self.wrapped = {}
+            self.task.use_wrapped({**self.modules, **{n: aux.module for n, aux in self.auxiliary.items()}})
+
     # --- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resumed run needs. Sharded runs gather it whole to rank 0: every rank must call."""

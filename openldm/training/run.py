@@ -53,17 +53,22 @@ def train(config: TrainConfig, *, resume: bool = False) -> tuple[Trainer, list[P
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     dist = distributed_from_env()
+    trainers: list[Trainer] = []
     try:
-        return _train(config, dist, resume)
+        return _train(config, dist, resume, trainers)
     finally:
         if dist.world > 1 and torch_dist.is_initialized():
+            for trainer in trainers:  # before the group goes: see `Trainer.unwrap`
+                trainer.unwrap()
             torch_dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, dist: Distributed, resume: bool) -> tuple[Trainer, list[Path]]:
+def _train(config: TrainConfig, dist: Distributed, resume: bool, trainers: list[Trainer]
+           ) -> tuple[Trainer, list[Path]]:
     torch.manual_seed(config.run.seed)
     task = make_task(config, dist)
     trainer = Trainer(config, task, dist)
+    trainers.append(trainer)
     output = Path(config.run.output_dir)
     if resume:
         if not trainer.resume() and dist.main:

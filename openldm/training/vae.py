@@ -19,12 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from openldm.checkpoints.io import (
-    CheckpointError,
-    read_state_dict,
-    write_bytes_atomic,
-    write_safetensors_atomic,
-)
+from openldm.atomic import write_bytes_atomic
+from openldm.checkpoints.io import CheckpointError, read_state_dict, write_safetensors_atomic
 from openldm.checkpoints.layout import VAE_PREFIX
 from openldm.config import get_preset
 from openldm.models.vae import AutoencoderKL
