@@ -20,14 +20,16 @@ import dataclasses
 import functools
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openldm.atomic import write_bytes_atomic
 from openldm.client import SERVER_ENV, RemoteRenderer, ServerError
 from openldm.config import WEIGHT_DTYPES
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.infotext import read_png
-from openldm.pipelines.outputs import output_paths, read_settings
+from openldm.pipelines.outputs import Rendered, output_paths, read_settings
 from openldm.pipelines.params import (
     MASKED_CONTENT,
     MODE_INPUTS,
@@ -37,6 +39,10 @@ from openldm.pipelines.params import (
     seeds_for,
 )
 
+if TYPE_CHECKING:
+    from openldm.pipelines.render import Renderer
+
+Render = Callable[[GenerationParams], list[Rendered]]  # one batch's settings -> its finished PNGs
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 _FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -300,7 +306,7 @@ def model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def load_here(args: argparse.Namespace, prompts=()):
+def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer:
     """A `Renderer` for the model options in `args` (the `--lora` files merged, the refiner loaded)."""
     from openldm.pipelines.render import load_renderer
 
@@ -309,7 +315,7 @@ def load_here(args: argparse.Namespace, prompts=()):
                          refiner=args.refiner, prompts=prompts)
 
 
-def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]):
+def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
     """This process loads the model; the inputs are read and checked first, so a typo costs no load time."""
     from openldm.pipelines.images import open_image
     from openldm.pipelines.render import check_inputs
@@ -326,7 +332,7 @@ _SERVER_SIDE = {  # options that choose or change the model: a server's own, giv
 }
 
 
-def _render_on_server(args: argparse.Namespace):
+def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], str]]:
     """The server renders; the inputs travel as their files' bytes."""
     given = [flag for flag, name in _SERVER_SIDE.items() if getattr(args, name, None) not in (None, [])]
     if given:
