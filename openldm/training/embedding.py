@@ -19,8 +19,7 @@ from openldm.checkpoints.io import write_safetensors_atomic
 from openldm.pipelines.pipeline import Pipeline
 from openldm.training.config import TrainConfig
 from openldm.training.data import DataError
-from openldm.training.ldm import LDMTask
-from openldm.training.loop import TrainingError
+from openldm.training.ldm import FrozenModelTask
 
 
 class TokenVectors(nn.Module):
@@ -31,15 +30,13 @@ class TokenVectors(nn.Module):
         self.emb_params = nn.Parameter(vectors)
 
 
-class EmbeddingTask(LDMTask):
+class EmbeddingTask(FrozenModelTask):
     """The LDM loss with the whole model frozen; only the embedding's vectors learn."""
 
+    what = "embedding"
+
     def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1):
-        if world > 1:
-            raise TrainingError("embedding training runs in one process; launch it without torchrun")
         super().__init__(config, rank, world)
-        self.unet.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
         self.embedding_options = options = config.embedding
         init_ids = self.tokenizer.encode(options.init_word)
         if not init_ids:

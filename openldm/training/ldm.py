@@ -31,7 +31,7 @@ from openldm.models.tokenizer import CLIPTokenizer
 from openldm.pipelines.pipeline import Pipeline
 from openldm.training.config import TrainConfig
 from openldm.training.data import Batch, BatchStream, DataError, make_source, sample_rng, transform
-from openldm.training.loop import Auxiliary
+from openldm.training.loop import Auxiliary, TrainingError
 from openldm.training.vae import load_vae_into
 from openldm.training.vocab import build_tokenizer
 
@@ -251,3 +251,19 @@ class LDMTask:
         if self.options.export_diffusers:
             written.append(save_diffusers(components, output_dir / "diffusers"))
         return written
+
+
+class FrozenModelTask(LDMTask):
+    """The LDM loss with the UNet and text encoder frozen: subclasses add the few weights that learn.
+
+    One process only: what they add runs where DDP cannot follow it (hooks, an extended embedding).
+    """
+
+    what = "adapter"  # named in the error for a multi-process launch
+
+    def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1):
+        if world > 1:
+            raise TrainingError(f"{self.what} training runs in one process; launch it without torchrun")
+        super().__init__(config, rank, world)
+        self.unet.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)

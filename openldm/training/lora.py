@@ -24,8 +24,7 @@ from openldm.config import ModelConfig
 from openldm.models.clip import CLIPMLP, CLIPAttention
 from openldm.nn.transformer import SpatialTransformer
 from openldm.training.config import TrainConfig
-from openldm.training.ldm import LDMTask
-from openldm.training.loop import TrainingError
+from openldm.training.ldm import FrozenModelTask
 
 LORA_FILE = "lora.safetensors"
 _HOSTS = {"unet": (SpatialTransformer,), "text_encoder": (CLIPAttention, CLIPMLP)}
@@ -105,19 +104,17 @@ def _add_output(adapter: LoRAModule):
     return hook
 
 
-class LoRATask(LDMTask):
+class LoRATask(FrozenModelTask):
     """The LDM loss, with every weight of the model frozen and only the adapters trained.
 
     One process only: the adapters run inside the model's forward through hooks, where DDP cannot
     follow them.
     """
 
+    what = "LoRA"
+
     def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1):
-        if world > 1:
-            raise TrainingError("LoRA training runs in one process; launch it without torchrun")
         super().__init__(config, rank, world)
-        self.unet.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
         options = config.lora
         models: dict[str, nn.Module] = {"unet": self.unet}
         if options.text_encoder:
