@@ -17,20 +17,13 @@ so loading an original file is a prefix strip and a strict load. Its layout:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openldm.config import UNetConfig
 from openldm.nn.attention import Backend
+from openldm.nn.blocks import Downsample, GroupNorm32, Upsample, checkpointed, zero_init
 from openldm.nn.embeddings import timestep_embedding
-from openldm.nn.transformer import (
-    BasicTransformerBlock,
-    CrossAttention,
-    GroupNorm32,
-    SpatialTransformer,
-    checkpointed,
-    zero_init,
-)
+from openldm.nn.transformer import BasicTransformerBlock, CrossAttention, SpatialTransformer
 
 
 class ResBlock(nn.Module):
@@ -63,28 +56,6 @@ class ResBlock(nn.Module):
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
-
-
-class Downsample(nn.Module):
-    """Halve the resolution with a stride-2 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Block(nn.Sequential):

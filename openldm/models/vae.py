@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openldm.config import VAEConfig
-from openldm.models.unet import Upsample
 from openldm.nn.attention import Backend, attention
-from openldm.nn.transformer import GroupNorm32, checkpointed
+from openldm.nn.blocks import GroupNorm32, Upsample, checkpointed
 
 
 def _norm(channels: int, groups: int) -> GroupNorm32:

@@ -1,4 +1,4 @@
-"""The UNet's spatial transformer, in ldm's parameter names, and the small blocks it shares with the UNet.
+"""The UNet's spatial transformer, in ldm's parameter names.
 
 A spatial transformer treats each pixel of a feature map as a token: self-attention among pixels,
 cross-attention from pixels to the text tokens (`context`), then a GEGLU feed-forward.
@@ -6,46 +6,12 @@ cross-attention from pixels to the text tokens (`context`), then a GEGLU feed-fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from openldm.nn.attention import Backend, attention
-
-
-class GroupNorm32(nn.GroupNorm):
-    """32-group GroupNorm computed in float32 and cast back, as the originals' `GroupNorm32` does.
-
-    Its statistics span a whole group of a feature map (tens of thousands of values at SD sizes);
-    in half precision the sum of squares can overflow or lose the mean, on kernels that do not
-    accumulate in float32 themselves. The upcast costs one copy of an activation and keeps fp16 and
-    bf16 runs on the numerics the weights were trained with. LayerNorm runs in the input dtype, as
-    in the originals: it spans only one token's channels.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-5, groups: int = 32):
-        super().__init__(groups, channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight.float(), self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    """Zero a block's last layer so that at initialisation the block adds nothing to its residual."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-def checkpointed(enabled: bool, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """Run `fn`, recomputing it in the backward pass instead of keeping its activations, if enabled."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+from openldm.nn.blocks import GroupNorm32, checkpointed, zero_init
 
 
 class CrossAttention(nn.Module):
