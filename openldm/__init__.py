@@ -14,7 +14,7 @@ __all__ = ["__version__", "load"]
 
 def __getattr__(name: str) -> Any:
     if name == "load":
-        from openldm.pipelines.pipeline import load
+        from openldm.pipelines.loading import load
 
         return load
     raise AttributeError(f"module 'openldm' has no attribute {name!r}")

@@ -70,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from openldm.data.shapes_eval import PROMPT_SETS, eval_scenes, evaluate, format_table
     from openldm.models.embedded import default_model_path
-    from openldm.pipelines.pipeline import load
+    from openldm.pipelines.loading import load
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in PROMPT_SETS]

@@ -14,7 +14,7 @@ from collections import Counter
 
 from openldm.data.shapes import ShapesDataset, score_image
 from openldm.data.shapes_eval import PROMPT_SETS
-from openldm.pipelines.pipeline import load
+from openldm.pipelines.loading import load
 
 VALIDATION_DATASET_SEED = 424_242
 VALIDATION_GENERATION_SEED = 9_000_000

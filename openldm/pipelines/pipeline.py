@@ -8,7 +8,6 @@ the model (guidance, prompt editing, masks) and what happens to the pixels after
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
-from openldm.checkpoints.load import Components, load_components
+from openldm.checkpoints.load import Components
 from openldm.config import ModelConfig
 from openldm.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser
 from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
@@ -37,7 +36,6 @@ from openldm.networks import (
     NetworkReport,
     apply_networks,
     network_refs,
-    read_embeddings,
 )
 from openldm.pipelines import images as im
 from openldm.pipelines.common import (
@@ -96,6 +94,8 @@ class Pipeline:
         self.config: ModelConfig = components.config
         self.unet, self.vae = components.unet.eval(), components.vae.eval()
         if tokenizers is None:
+            from openldm.pipelines.loading import default_tokenizers  # loading builds Pipelines
+
             tokenizers = default_tokenizers(components)
         self.text_encoders = [TextEncoder(t, m.eval()) for t, m in zip(tokenizers, components.text_encoders)]
         cfg = self.config
@@ -310,6 +310,8 @@ class Pipeline:
     @property
     def name(self) -> str:
         """What PNGs call this model: its file's stem or folder's name (its preset's, if built in memory)."""
+        from openldm.pipelines.loading import MODEL_FILE  # loading builds Pipelines
+
         source = self.components.source
         if source is None:
             return self.config.name
@@ -482,45 +484,10 @@ def _round8(value: float) -> int:
     return max(8, int(round(value / 8)) * 8)
 
 
-def default_tokenizers(components: Components, folder: Path | None = None) -> list[CLIPTokenizer]:
-    """Each text encoder's tokenizer: from `folder` or a diffusers folder if there, else standard CLIP."""
-    if folder is None and components.layout == "diffusers" and components.source is not None:
-        folder = Path(components.source)
-    tokenizers = []
-    for i, cfg in enumerate(components.config.text_encoders):
-        candidates = [] if folder is None else [folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")]
-        if folder is not None and i == 0:
-            candidates.append(folder)  # a model folder may keep its one tokenizer beside the weights
-        found = next((c for c in candidates if (c / "vocab.json").exists()), None)
-        tokenizers.append(CLIPTokenizer.for_config(cfg, found))
-    return tokenizers
+def __getattr__(name: str) -> Any:
+    """`load`, `MODEL_FILE` and `default_tokenizers` moved to `loading` (which imports this module)."""
+    if name in ("load", "MODEL_FILE", "default_tokenizers"):
+        from openldm.pipelines import loading
 
-
-MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single file plus its tokenizer
-
-
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         prediction: str | None = None, config_file: str | Path | None = None,
-         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = ()) -> Pipeline:
-    """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
-
-    `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
-    where half-precision kernels are slow or missing (fp16 files are upcast once, at load).
-    Prompts may name the LoRA files under `lora_dirs` (`<lora:file_stem:weight>`) and the embeddings
-    under `embedding_dirs` (the file stem); an embedding made for another model is skipped with a warning.
-    """
-    networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)  # fail before loading
-    path = Path(path)
-    if dtype is None and torch.device(device).type == "cpu":
-        dtype = torch.float32
-    folder = path if path.is_dir() and not (path / "model_index.json").exists() else None
-    if folder is not None and not (folder / MODEL_FILE).is_file():
-        raise CheckpointError(f"{folder}: neither a diffusers folder (model_index.json) nor a model folder "
-                              f"({MODEL_FILE})")
-    components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
-                                 config_file=config_file, dtype=dtype, device=device)
-    pipe = Pipeline(components, default_tokenizers(components, folder))
-    pipe.networks = networks
-    for skipped in pipe.add_embeddings(embeddings):
-        warnings.warn(skipped, stacklevel=2)
-    return pipe
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,9 +19,10 @@ from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
+from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import MODE_INPUTS, GenerationParams
-from openldm.pipelines.pipeline import Pipeline, load
+from openldm.pipelines.pipeline import Pipeline
 
 Log = Callable[[str], None]
 
