@@ -13,14 +13,14 @@ Classifier-free guidance is itself a denoiser wrapping a conditional one (STYLE.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from openldm.diffusion.samplers import Denoiser, append_dims
+from openldm.diffusion.samplers import Denoiser, Step, append_dims
 from openldm.diffusion.schedules import DiscreteSchedule
 
 PredictionType = Literal["eps", "v", "x0"]
@@ -217,3 +217,38 @@ class CFGDenoiser:
         factor = out_cond.std(dim=dims, keepdim=True) / out_cfg.std(dim=dims, keepdim=True)
         out = out_cfg * (self.rescale * factor + (1 - self.rescale))
         return c_skip * x + out
+
+
+class StepTracker:
+    """Counts sampling steps through the sampler's callback; denoisers read `step` from it."""
+
+    def __init__(self, callback: Callable[[Step], None] | None = None, first: int = 0):
+        self.step = self.first = first  # a refiner's sampler starts counting where the base stopped
+        self.callback = callback
+
+    def __call__(self, info: Step) -> None:
+        self.step = self.first + info.i + 1
+        if self.callback is not None:
+            self.callback(info)
+
+
+class ScheduledDenoiser:
+    """Switches between denoisers (one per prompt text) as sampling passes each schedule boundary."""
+
+    def __init__(self, ends: Sequence[int], denoisers: Sequence[Denoiser], tracker: StepTracker):
+        self.ends, self.denoisers, self.tracker = list(ends), list(denoisers), tracker
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        step = self.tracker.step
+        index = next((k for k, end in enumerate(self.ends) if end >= step), len(self.ends) - 1)
+        return self.denoisers[index](x, sigma)
+
+
+class MaskedDenoiser:
+    """Inpainting with any model: outside the mask the clean estimate is the original latent."""
+
+    def __init__(self, inner: Denoiser, original: torch.Tensor, keep: torch.Tensor):
+        self.inner, self.original, self.keep = inner, original, keep
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.keep * self.original + (1 - self.keep) * self.inner(x, sigma)

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from openldm.diffusion.samplers import append_dims
+
 Shape = Sequence[int]
 _MASK64 = (1 << 64) - 1
 
@@ -161,3 +163,27 @@ class BrownianTreeNoise:
         scale = 1 / math.sqrt(abs(u_next - u))
         w = torch.stack([(tree(u_next) - tree(u)) * scale for tree in self.trees])
         return w.to(device=self.device, dtype=self.dtype)
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation per sample, from a (t=0) to b (t=1): variation seeds keep unit variance."""
+    a_flat, b_flat = a.flatten(1).double(), b.flatten(1).double()
+    cos = (a_flat * b_flat).sum(1) / (a_flat.norm(dim=1) * b_flat.norm(dim=1))
+    omega = torch.acos(cos.clamp(-1, 1))
+    so = torch.sin(omega)
+    linear = so.abs() < 1e-6
+    wa = torch.where(linear, torch.full_like(so, 1 - t), torch.sin((1 - t) * omega) / so)
+    wb = torch.where(linear, torch.full_like(so, t), torch.sin(t * omega) / so)
+    out = append_dims(wa, a.ndim) * a.double() + append_dims(wb, a.ndim) * b.double()
+    return out.to(a.dtype)
+
+
+def starting_noise(
+    noise: BatchNoise, subseeds: Sequence[int] | None, subseed_strength: float, shape: Sequence[int]
+) -> torch.Tensor:
+    """The first draw of each seed's generator, optionally bent towards its variation seed."""
+    x = noise()
+    if subseeds is not None and subseed_strength > 0:
+        variation = BatchNoise(subseeds, shape, device=x.device, dtype=x.dtype)()
+        x = slerp(subseed_strength, x, variation)
+    return x

@@ -20,7 +20,7 @@ from openldm.config import SIZE_EMBED_DIM, ModelConfig
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.nn.embeddings import timestep_embedding
-from openldm.prompts import BREAK, parse_attention
+from openldm.prompts import BREAK, extract_networks, parse_attention, prompt_schedule
 
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
 
@@ -175,3 +175,22 @@ def vector_conditioning(
     numbers = [float(v) for name in config.vector_conds for v in values[name]]
     t = torch.tensor(numbers, device=pooled.device).repeat(pooled.shape[0], 1)
     return torch.cat([pooled, timestep_embedding(t, SIZE_EMBED_DIM).flatten(1).to(pooled.dtype)], dim=1)
+
+
+@dataclass(frozen=True)
+class PromptSteps:
+    """The distinct prompt texts of a batch and the last sampling step each is used for."""
+
+    ends: list[int]  # ascending; step i (0-based) uses the first entry with end >= i, as A1111 does
+    texts: list[list[str]]  # texts[k][b]: prompt of batch item b up to ends[k]
+
+
+def schedule_prompts(prompts: Sequence[str], steps: int) -> PromptSteps:
+    """Resolve prompt editing and alternation for every prompt of a batch over `steps` steps.
+
+    Extra-network tags (`<lora:name:1>`) are taken out first, as in A1111: the text encoders never see them.
+    """
+    schedules = [prompt_schedule(extract_networks(p)[0], steps) for p in prompts]
+    ends = sorted({end for schedule in schedules for end, _ in schedule})
+    texts = [[next(t for e, t in schedule if e >= end) for schedule in schedules] for end in ends]
+    return PromptSteps(ends, texts)

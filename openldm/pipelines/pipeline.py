@@ -21,8 +21,14 @@ from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.checkpoints.load import Components
 from openldm.config import ModelConfig
-from openldm.diffusion.denoisers import CFGDenoiser, DiscreteDenoiser
-from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
+from openldm.diffusion.denoisers import (
+    CFGDenoiser,
+    DiscreteDenoiser,
+    MaskedDenoiser,
+    ScheduledDenoiser,
+    StepTracker,
+)
+from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_noise
 from openldm.diffusion.registry import resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
@@ -38,14 +44,7 @@ from openldm.networks import (
     network_refs,
 )
 from openldm.pipelines import images as im
-from openldm.pipelines.common import (
-    MaskedDenoiser,
-    ScheduledDenoiser,
-    StepTracker,
-    schedule_prompts,
-    starting_noise,
-)
-from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, vector_conditioning
+from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, schedule_prompts, vector_conditioning
 from openldm.pipelines.params import MASKED_CONTENT, GenerationParams, seeds_for
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised latents)
