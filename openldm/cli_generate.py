@@ -36,8 +36,8 @@ from openldm.pipelines.params import (
     RESIZE_MODES,
     GenerationParams,
     read_ints,
-    seeds_for,
 )
+from openldm.pipelines.run import batch_params
 
 if TYPE_CHECKING:
     from openldm.pipelines.render import Renderer
@@ -348,14 +348,6 @@ def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], st
     return functools.partial(client.render, args.command, **inputs), lambda: client.model()["hash"]
 
 
-def _batches(params: GenerationParams):
-    """One run per batch; batch b starts at seed + b * batch_size, as `Pipeline.generate` numbers them."""
-    for b in range(params.batch_count):
-        offset = b * params.batch_size
-        yield dataclasses.replace(params, seed=seeds_for(params.seed, 1, offset)[0],
-                                  subseed=seeds_for(params.subseed, 1, offset)[0], batch_count=1)
-
-
 @_clean_errors
 def _generate(args: argparse.Namespace) -> int:
     jobs, png_hash = _settings(args)
@@ -374,7 +366,7 @@ def _generate(args: argparse.Namespace) -> int:
     reported = {""}  # what the prompts' LoRA tags matched, printed once per distinct set of networks
     done = 0
     for params in jobs:
-        for batch in _batches(params):
+        for batch in batch_params(params):
             for image in render(batch):
                 if image.networks not in reported:
                     reported.add(image.networks)

@@ -20,6 +20,7 @@ from openldm.config import SIZE_EMBED_DIM, ModelConfig
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.nn.embeddings import timestep_embedding
+from openldm.pipelines.params import GenerationParams
 from openldm.prompts import BREAK, extract_networks, parse_attention, prompt_schedule
 
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
@@ -194,3 +195,11 @@ def schedule_prompts(prompts: Sequence[str], steps: int) -> PromptSteps:
     ends = sorted({end for schedule in schedules for end, _ in schedule})
     texts = [[next(t for e, t in schedule if e >= end) for schedule in schedules] for end in ends]
     return PromptSteps(ends, texts)
+
+
+def size_conditioning(params: GenerationParams, width: int, height: int) -> dict[str, tuple[int, ...]]:
+    """SDXL's size numbers in sgm's order: (height, width) and (top, left); unset sizes are the image's."""
+    original_w, original_h = params.original_size or (width, height)
+    target_w, target_h = params.target_size or (width, height)
+    return {"original_size": (original_h, original_w), "crop_coords": tuple(params.crop_coords),
+            "target_size": (target_h, target_w)}

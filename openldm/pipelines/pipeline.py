@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from openldm.checkpoints.io import CheckpointError
@@ -29,7 +28,7 @@ from openldm.diffusion.denoisers import (
     StepTracker,
 )
 from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_noise
-from openldm.diffusion.registry import resolve
+from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
@@ -44,10 +43,23 @@ from openldm.networks import (
     network_refs,
 )
 from openldm.pipelines import images as im
-from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, schedule_prompts, vector_conditioning
-from openldm.pipelines.params import MASKED_CONTENT, GenerationParams, seeds_for
-
-StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, denoised latents)
+from openldm.pipelines.conditioning import (
+    PromptEncoder,
+    TextEncoder,
+    schedule_prompts,
+    size_conditioning,
+    vector_conditioning,
+)
+from openldm.pipelines.inpaint import (
+    Overlay,
+    inpaint_start,
+    outpaint_canvas,
+    prepare_inpaint,
+    unmasked_concat,
+)
+from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.run import Interrupted, Run, Start, StepCallback, batch_params, run_mode
+from openldm.pipelines.upscale import hires_fix
 
 
 @dataclass
@@ -59,32 +71,6 @@ class Result:
     mode: str
     latent: torch.Tensor
     networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
-
-
-@dataclass
-class _Overlay:
-    """The picture to inpaint at working size, and how to put results back into the original."""
-
-    image: Image.Image
-    mask: Image.Image
-    original: Image.Image
-    original_mask: Image.Image
-    box: tuple[int, int, int, int] | None = None
-
-    def apply(self, picture: Image.Image) -> Image.Image:
-        """Outside the mask the result keeps the original pixels ("only masked": pasted back)."""
-        if self.box is not None:
-            return im.paste_back(self.original, picture, self.box, self.original_mask)
-        return Image.composite(picture, self.original, self.mask)
-
-
-@dataclass
-class _Start:
-    """Where sampling begins: the image latent (None for txt2img) and the mask handling."""
-
-    latent: torch.Tensor | None = None
-    keep: torch.Tensor | None = None  # latent-resolution mask of what to keep (ordinary models)
-    concat: torch.Tensor | None = None  # inpainting models' extra UNet input: mask + masked image
 
 
 class Pipeline:
@@ -146,17 +132,15 @@ class Pipeline:
 
     # --- public modes ----------------------------------------------------------------------
 
-    # `settings` are `GenerationParams` fields; `callback(step, total, denoised)` sees every step.
-
-    # `refiner`, another pipeline (the SDXL refiner), finishes each sampling run from `refiner_switch` on;
-    # this pipeline's VAE encodes and decodes (SDXL base and refiner ship the same one).
+    # `settings` are `GenerationParams` fields; `callback(step, total, denoised)` sees every step (see
+    # `generate`). `refiner`, another pipeline (the SDXL refiner), finishes each sampling run from
+    # `refiner_switch` on; this pipeline's VAE encodes and decodes (SDXL base and refiner share one).
 
     def txt2img(
         self, prompt: str, *, callback: StepCallback | None = None, refiner: Pipeline | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
-        params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, callback=callback, refiner=refiner)]
+        return self._images(GenerationParams(prompt, **settings), callback=callback, refiner=refiner)
 
     def img2img(
         self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None,
@@ -164,15 +148,14 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Redraw `image`; `outpaint=(left, right, top, bottom)` first extends it and paints the new area."""
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, callback=callback, refiner=refiner)]
+        return self._images(params, image=image, callback=callback, refiner=refiner)
 
     def inpaint(
         self, image: Image.Image, mask: Image.Image, prompt: str, *, callback: StepCallback | None = None,
         refiner: Pipeline | None = None, **settings: Any,
     ) -> list[Image.Image]:
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, mask=mask, callback=callback,
-                                               refiner=refiner)]
+        return self._images(params, image=image, mask=mask, callback=callback, refiner=refiner)
 
     def upscale(
         self, prompt: str, image: Image.Image | None = None, *, callback: StepCallback | None = None,
@@ -180,39 +163,70 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Hires fix: generate (or take `image`), enlarge, then refine with img2img."""
         params = GenerationParams(prompt, **settings)
-        return [r.image for r in self.generate(params, image=image, hires=True, callback=callback,
-                                               refiner=refiner)]
+        return self._images(params, image=image, mode="upscale", callback=callback, refiner=refiner)
 
-    # --- the shared path ---------------------------------------------------------------------
+    def _images(self, params: GenerationParams, **inputs: Any) -> list[Image.Image]:
+        return [r.image for r in self.generate(params, **inputs)]
+
+    # --- the shared path: encode, prepare, sample, decode ----------------------------------------
 
     def generate(
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
-        hires: bool = False, callback: StepCallback | None = None, latents: torch.Tensor | None = None,
-        refiner: Pipeline | None = None,
+        mode: str | None = None, hires: bool = False, callback: StepCallback | None = None,
+        latents: torch.Tensor | None = None, refiner: Pipeline | None = None,
     ) -> list[Result]:
-        """All images of a run (batch_count batches of batch_size), each with its exact seed and size."""
+        """All images of a run (batch_count batches of batch_size), each with its exact seed and size.
+
+        `mode` (one of `run.MODES`; `hires=True` means "upscale") defaults to what the inputs make.
+        `callback(step, total, denoised)` is called after every sampling step with the step number
+        (1-based, counted through a refiner's hand-off and the hires pass), the steps of that pass and
+        the current clean estimate (latents, batch first) for previews. A callback that raises
+        `Interrupted` stops the run before the next model call: the batches already finished are returned.
+        """
         if refiner is not None:
             self._check_refiner(refiner)
         params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
                                      cfg=self.config.guidance if params.cfg is None else params.cfg)
-        image, mask = _outpaint(params, image, mask)
+        image, mask = outpaint_canvas(params, image, mask)
+        mode = run_mode(params, image, mask, "upscale" if hires else mode)
         width, height = self._size(params, image)
-        mode = "inpaint" if mask is not None else "img2img" if image is not None else "txt2img"
-        mode = "outpaint" if any(params.outpaint) else mode
-        results = []
+        results: list[Result] = []
         with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
-            for batch in range(params.batch_count):
-                seeds = seeds_for(params.seed, params.batch_size, batch * params.batch_size)
-                subseeds = seeds_for(params.subseed, params.batch_size, batch * params.batch_size)
-                images, x = self._run(
-                    params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner
-                )
-                for i, (picture, seed, subseed) in enumerate(zip(images, seeds, subseeds)):
-                    one = dataclasses.replace(params, seed=seed, subseed=subseed, width=width, height=height,
-                                              batch_size=1, batch_count=1)
-                    results.append(Result(picture, one, "upscale" if hires else mode, x[i : i + 1],
-                                          applied.reports))
+            for batch in batch_params(params):
+                run = Run.of_batch(batch, width, height, mode, callback=callback, refiner=refiner,
+                                   latents=latents)
+                try:
+                    pictures, x = self._batch(run, image, mask)
+                except Interrupted:
+                    break
+                results += [Result(picture, run.image_params(i), mode, x[i : i + 1], applied.reports)
+                            for i, picture in enumerate(pictures)]
         return results
+
+    def _batch(self, run: Run, image: Image.Image | None,
+               mask: Image.Image | None) -> tuple[list[Image.Image], torch.Tensor]:
+        """One batch's pictures and final latents: the mode prepares the start, then sample and decode."""
+        if run.mode == "upscale":
+            x = hires_fix(self, run, image)
+            return self.decode(x), x
+        start, overlay = self._prepare(run, image, mask)
+        x = self.sample(run, start)
+        pictures = self.decode(x)
+        if overlay is not None and run.params.overlay:
+            pictures = [overlay.apply(p) for p in pictures]
+        return pictures, x
+
+    def _prepare(self, run: Run, image: Image.Image | None,
+                 mask: Image.Image | None) -> tuple[Start, Overlay | None]:
+        """Where sampling starts for txt2img (noise), img2img (the image) and in/outpainting."""
+        params = run.params
+        if run.mode in ("inpaint", "outpaint"):
+            overlay = prepare_inpaint(params, image, mask, run.width, run.height)
+            return inpaint_start(self, params, overlay, run.seeds), overlay
+        if run.mode == "img2img":
+            image = im.resize_image(image, run.width, run.height, params.resize_mode)
+            return Start(self.encode_image(image), params.strength), None
+        return Start(), None
 
     def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
         native = self.config.image_size
@@ -220,24 +234,6 @@ class Pipeline:
         height = params.height or (image.height if image is not None else native)
         im.check_size(width, height, 8)
         return width, height
-
-    def _run(self, params, seeds, subseeds, width, height, image, mask, hires, callback, latents, refiner):
-        if hires:
-            return self._hires(params, seeds, subseeds, width, height, image, callback, refiner)
-        start, overlay = _Start(), None
-        if image is not None:
-            if mask is not None:
-                overlay = self._prepare_inpaint(params, image, mask, width, height)
-                image, mask = overlay.image, overlay.mask
-            else:
-                image = im.resize_image(image, width, height, params.resize_mode)
-            start = self._start_from_image(params, image, mask, seeds)
-        strength = params.strength if start.latent is not None else 1.0
-        x = self.sample(params, seeds, subseeds, width, height, start, strength, callback, latents, refiner)
-        pictures = self.decode(x)
-        if overlay is not None and params.overlay:
-            pictures = [overlay.apply(p) for p in pictures]
-        return pictures, x
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """Pixels -> model-space latent (the posterior's mean: deterministic)."""
@@ -251,49 +247,55 @@ class Pipeline:
 
     # --- sampling ------------------------------------------------------------------------------
 
-    def sample(
-        self, params: GenerationParams, seeds: list[int], subseeds: list[int], width: int, height: int,
-        start: _Start, strength: float = 1.0, callback: StepCallback | None = None,
-        latents: torch.Tensor | None = None, refiner: Pipeline | None = None,
-    ) -> torch.Tensor:
+    def sample(self, run: Run, start: Start | None = None) -> torch.Tensor:
         """Run the sampler from noise (txt2img) or from a noised image latent (strength < 1).
 
         With a refiner, this model runs the steps down to the switch and the refiner the rest: one
         schedule and one noise stream, so ancestral noise is what a single run would draw.
         """
-        spec, schedule_name = resolve(params.sampler, params.schedule)
-        f = self.config.vae.downsample_factor
-        shape = (self.config.latent_format.channels, height // f, width // f)
-        sigmas = spec.sigmas(schedule_name, params.steps, self.schedule).to(self.device)
+        start = start or Start()  # None: from pure noise
+        spec, schedule_name = resolve(run.params.sampler, run.params.schedule)
+        sigmas = spec.sigmas(schedule_name, run.params.steps, self.schedule).to(self.device)
         if start.latent is not None:
-            sigmas = img2img_sigmas(sigmas, strength)
+            sigmas = img2img_sigmas(sigmas, start.strength)
         if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix
-            start = dataclasses.replace(start, concat=self._unmasked_concat(width, height))
-        if latents is not None and tuple(latents.shape) != (len(seeds), *shape):
-            raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit {len(seeds)} images of "
-                             f"{width}x{height}: expected {(len(seeds), *shape)}")
-        noise = BatchNoise(seeds, shape, device=self.device, dtype=torch.float32)
-        first = latents if latents is not None else starting_noise(
-            noise, subseeds, params.subseed_strength, shape
+            start = dataclasses.replace(start, concat=unmasked_concat(self, run.width, run.height))
+        shape = self._latent_shape(run)
+        noise = BatchNoise(run.seeds, shape, device=self.device, dtype=torch.float32)
+        first = run.latents if run.latents is not None else starting_noise(
+            noise, run.subseeds, run.params.subseed_strength, shape
         )
         if len(sigmas) < 2:  # strength 0: nothing to do
-            return start.latent.expand(len(seeds), -1, -1, -1).float()
-        from_noise = start.latent is None or strength >= 1  # strength 1 is txt2img, as in diffusers
+            return start.latent.expand(len(run.seeds), -1, -1, -1).float()
+        from_noise = start.latent is None or start.strength >= 1  # strength 1 is txt2img, as in diffusers
         x = first * sigmas[0] if from_noise else start.latent + first * sigmas[0]
         noise_sampler = noise
         if spec.noise == "brownian":
-            noise_sampler = BrownianTreeNoise.for_sigmas(seeds, shape, sigmas, device=self.device)
+            noise_sampler = BrownianTreeNoise.for_sigmas(run.seeds, shape, sigmas, device=self.device)
+        return self._sample_parts(run, spec, x, sigmas, start, noise_sampler)
+
+    def _latent_shape(self, run: Run) -> tuple[int, int, int]:
+        f = self.config.vae.downsample_factor
+        shape = (self.config.latent_format.channels, run.height // f, run.width // f)
+        if run.latents is not None and tuple(run.latents.shape) != (len(run.seeds), *shape):
+            raise ValueError(f"latents of shape {tuple(run.latents.shape)} do not fit {len(run.seeds)} "
+                             f"images of {run.width}x{run.height}: expected {(len(run.seeds), *shape)}")
+        return shape
+
+    def _sample_parts(self, run: Run, spec: SamplerSpec, x: torch.Tensor, sigmas: torch.Tensor, start: Start,
+                      noise_sampler: Any) -> torch.Tensor:
+        """This model's steps, then the refiner's from the switch on, on the same latents and noise."""
+        params = run.params
         options = {k: v for k, v in (("eta", params.eta), ("s_noise", params.s_noise)) if v is not None}
         steps = len(sigmas) - 1
-        switch = steps if refiner is None else switch_step(sigmas, self.schedule, params.refiner_switch)
+        switch = steps if run.refiner is None else switch_step(sigmas, self.schedule, params.refiner_switch)
         parts = [(self, start, sigmas[: switch + 1], 0)]
-        if refiner is not None:  # the same latents on, without an inpainting model's extra input
-            parts.append((refiner, _Start(start.latent, start.keep), sigmas[switch:], switch))
+        if run.refiner is not None:  # the same latents on, without an inpainting model's extra input
+            parts.append((run.refiner, dataclasses.replace(start, concat=None), sigmas[switch:], switch))
         with torch.no_grad():
             for pipe, part_start, part, offset in parts:
                 if len(part) > 1:
-                    denoiser, tracker = pipe._denoiser(params, len(seeds), width, height, part_start, steps,
-                                                       offset, callback)
+                    denoiser, tracker = pipe._denoiser(run, part_start, steps, offset)
                     x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
         return x
 
@@ -317,16 +319,17 @@ class Pipeline:
         source = Path(source).parent if Path(source).name == MODEL_FILE else Path(source)
         return source.name if source.is_dir() else source.stem
 
-    def _denoiser(self, params, batch, width, height, start, steps, offset, callback):
+    def _denoiser(self, run: Run, start: Start, steps: int, offset: int) -> tuple[Denoiser, StepTracker]:
         """Guidance per prompt-schedule segment, switched by step; masks applied around it.
 
         `steps` counts the whole run; this sampler starts at step `offset` (a refiner's, at the switch).
         """
+        params, batch = run.params, len(run.seeds)
         positive = schedule_prompts([params.prompt] * batch, steps)
         negative = schedule_prompts([params.negative] * batch, steps)
         ends = sorted(set(positive.ends) | set(negative.ends))
         encoder = PromptEncoder(self.text_encoders, params.clip_skip)
-        sizes = _size_conditioning(params, width, height)
+        sizes = size_conditioning(params, run.width, run.height)
         denoisers = []
         for end in ends:
             cond_texts = next(t for e, t in zip(positive.ends, positive.texts) if e >= end)
@@ -335,13 +338,13 @@ class Pipeline:
             cond = self._cond(encoder(cond_texts, count), sizes, start, params.aesthetic_score)
             uncond = self._cond(encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score)
             denoisers.append(CFGDenoiser(self.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
-        tracker = StepTracker(self._step_callback(callback, steps, offset), offset)
+        tracker = StepTracker(self._step_callback(run.callback, steps, offset), offset)
         denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
         if start.keep is not None:
             denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
         return denoiser, tracker
 
-    def _cond(self, encoded, sizes: dict[str, tuple[int, ...]], start: _Start, aesthetic: float) -> dict:
+    def _cond(self, encoded, sizes: dict[str, tuple[int, ...]], start: Start, aesthetic: float) -> dict:
         device = self.device
         cond: dict[str, Any] = {"context": encoded.context.to(device)}
         if self.config.vector_conds:
@@ -366,121 +369,14 @@ class Pipeline:
                 if offset + info.i + 1 >= total:
                     bar.close()
             if callback is not None:
-                callback(offset + info.i + 1, total, info.denoised)
+                try:
+                    callback(offset + info.i + 1, total, info.denoised)
+                except Interrupted:
+                    if bar is not None:
+                        bar.close()
+                    raise
 
         return on_step if (callback or bar) else None
-
-    # --- img2img and inpainting ----------------------------------------------------------------
-
-    def _start_from_image(self, params, image, mask, seeds) -> _Start:
-        latent = self.encode_image(image)
-        if mask is None:
-            return _Start(latent)
-        binary = im.mask_to_tensor(mask).to(self.device).round()
-        small = F.interpolate(binary, size=latent.shape[-2:], mode="nearest")
-        if self.config.is_inpainting:
-            masked = im.to_tensor([image]).to(self.device, self.dtype) * (binary < 0.5)
-            with torch.no_grad():
-                masked_latent = self.config.latent_format.to_model(self.vae.encode(masked).mode())
-            latent = self._masked_content(params, latent, small, seeds)
-            return _Start(latent, concat=torch.cat([small, masked_latent.to(small)], dim=1))
-        latent = self._masked_content(params, latent, small, seeds)
-        return _Start(latent, keep=1 - small)
-
-    def _unmasked_concat(self, width: int, height: int) -> torch.Tensor:
-        """An inpainting model's extra input with no mask, as A1111 makes it: everything is to be painted.
-
-        The mask is all ones and the masked image is the image times (1 - mask), all zeros (mid-grey).
-        """
-        grey = torch.zeros(1, self.vae.cfg.in_channels, height, width, device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            masked_latent = self.config.latent_format.to_model(self.vae.encode(grey).mode())
-        return torch.cat([torch.ones_like(masked_latent[:, :1]), masked_latent], dim=1).float()
-
-    def _masked_content(self, params, latent, small_mask, seeds):
-        """What the masked area starts from: the image, its fill, fresh noise or zeros."""
-        if params.masked_content not in MASKED_CONTENT:
-            raise ValueError(f"unknown masked content {params.masked_content!r}; choose one of "
-                             f"{', '.join(MASKED_CONTENT)}")
-        if params.masked_content == "latent_noise":
-            noise = BatchNoise([s + 0x5EED for s in seeds[:1]], latent.shape[1:], device=latent.device)()
-            return latent * (1 - small_mask) + noise * small_mask
-        if params.masked_content == "latent_nothing":
-            return latent * (1 - small_mask)
-        return latent
-
-    def _prepare_inpaint(self, params, image, mask, width, height) -> _Overlay:
-        """Mask blur/invert, "fill" content, and the "only masked" crop of the region to repaint."""
-        if mask.size != image.size:
-            raise ValueError(f"mask size {mask.size[0]}x{mask.size[1]} does not match the image size "
-                             f"{image.size[0]}x{image.size[1]}")
-        image = image.convert("RGB")
-        mask = im.prepare_mask(mask, params.mask_blur, params.invert_mask)
-        original = image
-        if params.masked_content == "fill":
-            image = im.fill_masked(image, mask)
-        if not params.only_masked:
-            image = im.resize_image(image, width, height)
-            mask = mask.resize((width, height), im.LANCZOS)
-            return _Overlay(image, mask, image if params.masked_content != "fill" else
-                            im.resize_image(original, width, height), mask)
-        box = im.masked_region(mask, params.only_masked_padding, width, height)
-        work = im.resize_image(image.crop(box), width, height)
-        return _Overlay(work, mask.crop(box).resize((width, height), im.LANCZOS), original, mask, box)
-
-    # --- hires fix ----------------------------------------------------------------------------
-
-    def _hires(self, params, seeds, subseeds, width, height, image, callback, refiner):
-        """Generate at the base size (or take `image`), enlarge, then img2img at hires_strength."""
-        if image is None:
-            base = self.sample(params, seeds, subseeds, width, height, _Start(), 1.0, callback, None, refiner)
-        else:
-            base = self.encode_image(im.resize_image(image, width, height)).expand(len(seeds), -1, -1, -1)
-        big_w, big_h = _round8(width * params.upscale_by), _round8(height * params.upscale_by)
-        if params.upscaler == "latent":
-            f = self.config.vae.downsample_factor
-            start = F.interpolate(base, size=(big_h // f, big_w // f), mode="bilinear", align_corners=False)
-        elif params.upscaler == "lanczos":
-            pictures = [p.resize((big_w, big_h), im.LANCZOS) for p in self.decode(base)]
-            start = torch.cat([self.encode_image(p) for p in pictures])
-        else:
-            raise ValueError(f"unknown upscaler {params.upscaler!r}; choose latent or lanczos")
-        hires = dataclasses.replace(params, steps=params.hires_steps or params.steps)
-        x = self.sample(hires, seeds, subseeds, big_w, big_h, _Start(start), params.hires_strength, callback,
-                        None, refiner)
-        return self.decode(x), x
-
-
-def _size_conditioning(params: GenerationParams, width: int, height: int) -> dict[str, tuple[int, ...]]:
-    """SDXL's size numbers in sgm's order: (height, width) and (top, left); unset sizes are the image's."""
-    original_w, original_h = params.original_size or (width, height)
-    target_w, target_h = params.target_size or (width, height)
-    return {"original_size": (original_h, original_w), "crop_coords": tuple(params.crop_coords),
-            "target_size": (target_h, target_w)}
-
-
-def _outpaint(
-    params: GenerationParams, image: Image.Image | None, mask: Image.Image | None
-) -> tuple[Image.Image | None, Image.Image | None]:
-    """The image on a canvas grown by `params.outpaint` and the mask of the new area (plus `mask`'s)."""
-    if not any(params.outpaint):
-        return image, mask
-    if image is None:
-        raise ValueError("outpainting extends an image: give one")
-    left, right, top, bottom = params.outpaint
-    if min(params.outpaint) < 0:
-        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {params.outpaint} is negative")
-    canvas, new_area = im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom,
-                                        mask=mask)
-    if canvas.width % 8 or canvas.height % 8:
-        raise ValueError(f"outpainting {image.width}x{image.height} by (left, right, top, bottom) "
-                         f"{params.outpaint} makes {canvas.width}x{canvas.height}: choose the pixels added "
-                         "so that the new size is a multiple of 8")
-    return canvas, new_area
-
-
-def _round8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
 
 
 def __getattr__(name: str) -> Any:

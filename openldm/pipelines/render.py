@@ -69,7 +69,7 @@ class Renderer:
                mask: Image.Image | None = None) -> list[Rendered]:
         check_inputs(mode, params, image, mask)
         results = self.pipe.generate(
-            dataclasses.replace(params, loras=self.loras), hires=mode == "upscale", refiner=self.refiner,
+            dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
             image=image, mask=mask.convert("L") if mask is not None else None,
         )
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,

@@ -1,0 +1,52 @@
+"""The hires fix: generate at the base size (or take an image), enlarge, then img2img at `hires_strength`.
+
+The enlargement is the upscaler's: "latent" resizes the latents bilinearly, "lanczos" decodes, resizes
+the pixels and encodes again. Model upscalers (the SD x4 upscaler) will plug in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from openldm.pipelines import images as im
+from openldm.pipelines.run import Run, Start
+
+if TYPE_CHECKING:
+    from openldm.pipelines.pipeline import Pipeline
+
+UPSCALERS = ("latent", "lanczos")
+
+
+def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tensor:
+    """The final latents of a hires-fix batch: base pass (or `image`), enlarged, then refined."""
+    params = run.params
+    if image is None:
+        base = pipe.sample(dataclasses.replace(run, latents=None))
+    else:
+        base = pipe.encode_image(im.resize_image(image, run.width, run.height))
+        base = base.expand(len(run.seeds), -1, -1, -1)
+    big_w, big_h = round8(run.width * params.upscale_by), round8(run.height * params.upscale_by)
+    start = enlarge(pipe, base, params.upscaler, big_w, big_h)
+    hires = dataclasses.replace(params, steps=params.hires_steps or params.steps)
+    big = dataclasses.replace(run, params=hires, width=big_w, height=big_h, latents=None)
+    return pipe.sample(big, Start(start, params.hires_strength))
+
+
+def enlarge(pipe: Pipeline, x: torch.Tensor, upscaler: str, width: int, height: int) -> torch.Tensor:
+    """Latents of the images `x` enlarged to width x height pixels by `upscaler`."""
+    if upscaler == "latent":
+        f = pipe.config.vae.downsample_factor
+        return F.interpolate(x, size=(height // f, width // f), mode="bilinear", align_corners=False)
+    if upscaler == "lanczos":
+        pictures = [p.resize((width, height), im.LANCZOS) for p in pipe.decode(x)]
+        return torch.cat([pipe.encode_image(p) for p in pictures])
+    raise ValueError(f"unknown upscaler {upscaler!r}; choose {' or '.join(UPSCALERS)}")
+
+
+def round8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
