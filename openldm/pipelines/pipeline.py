@@ -1,14 +1,15 @@
 """A loaded model that generates: txt2img, img2img, inpainting and hires-fix upscaling.
 
 Every mode is the same few steps: encode the prompts, make the starting latents, sample, decode.
-They differ only in where sampling starts (noise, or a noised image latent), which denoiser wraps
-the model (guidance, prompt editing, masks) and what happens to the pixels afterwards.
+They differ only in where sampling starts (noise, or a noised image latent: `inpaint`, `upscale`),
+which denoiser wraps the model (`guidance`: prompt editing, masks, extras) and what happens to the
+pixels afterwards. `run.Run` describes one batch; `loading.load` makes a Pipeline from files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,9 @@ from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.checkpoints.load import Components
 from openldm.config import ModelConfig
-from openldm.diffusion.denoisers import (
-    CFGDenoiser,
-    DiscreteDenoiser,
-    MaskedDenoiser,
-    ScheduledDenoiser,
-    StepTracker,
-)
+from openldm.diffusion.denoisers import DiscreteDenoiser
 from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_noise
 from openldm.diffusion.registry import SamplerSpec, resolve
-from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
 from openldm.models.tokenizer import CLIPTokenizer
@@ -43,13 +37,8 @@ from openldm.networks import (
     network_refs,
 )
 from openldm.pipelines import images as im
-from openldm.pipelines.conditioning import (
-    PromptEncoder,
-    TextEncoder,
-    schedule_prompts,
-    size_conditioning,
-    vector_conditioning,
-)
+from openldm.pipelines.conditioning import TextEncoder
+from openldm.pipelines.guidance import Extra, guided_denoiser
 from openldm.pipelines.inpaint import (
     Overlay,
     inpaint_start,
@@ -173,7 +162,7 @@ class Pipeline:
     def generate(
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         mode: str | None = None, hires: bool = False, callback: StepCallback | None = None,
-        latents: torch.Tensor | None = None, refiner: Pipeline | None = None,
+        latents: torch.Tensor | None = None, refiner: Pipeline | None = None, extras: Sequence[Extra] = (),
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size.
 
@@ -182,6 +171,7 @@ class Pipeline:
         (1-based, counted through a refiner's hand-off and the hires pass), the steps of that pass and
         the current clean estimate (latents, batch first) for previews. A callback that raises
         `Interrupted` stops the run before the next model call: the batches already finished are returned.
+        `extras` add conditioning to every model call of every mode (see `guidance.Extra`).
         """
         if refiner is not None:
             self._check_refiner(refiner)
@@ -194,7 +184,7 @@ class Pipeline:
         with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
             for batch in batch_params(params):
                 run = Run.of_batch(batch, width, height, mode, callback=callback, refiner=refiner,
-                                   latents=latents)
+                                   latents=latents, extras=tuple(extras))
                 try:
                     pictures, x = self._batch(run, image, mask)
                 except Interrupted:
@@ -295,7 +285,7 @@ class Pipeline:
         with torch.no_grad():
             for pipe, part_start, part, offset in parts:
                 if len(part) > 1:
-                    denoiser, tracker = pipe._denoiser(run, part_start, steps, offset)
+                    denoiser, tracker = guided_denoiser(pipe, run, part_start, steps, offset)
                     x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
         return x
 
@@ -318,65 +308,6 @@ class Pipeline:
             return self.config.name
         source = Path(source).parent if Path(source).name == MODEL_FILE else Path(source)
         return source.name if source.is_dir() else source.stem
-
-    def _denoiser(self, run: Run, start: Start, steps: int, offset: int) -> tuple[Denoiser, StepTracker]:
-        """Guidance per prompt-schedule segment, switched by step; masks applied around it.
-
-        `steps` counts the whole run; this sampler starts at step `offset` (a refiner's, at the switch).
-        """
-        params, batch = run.params, len(run.seeds)
-        positive = schedule_prompts([params.prompt] * batch, steps)
-        negative = schedule_prompts([params.negative] * batch, steps)
-        ends = sorted(set(positive.ends) | set(negative.ends))
-        encoder = PromptEncoder(self.text_encoders, params.clip_skip)
-        sizes = size_conditioning(params, run.width, run.height)
-        denoisers = []
-        for end in ends:
-            cond_texts = next(t for e, t in zip(positive.ends, positive.texts) if e >= end)
-            uncond_texts = next(t for e, t in zip(negative.ends, negative.texts) if e >= end)
-            count = max(encoder.chunk_count(t) for t in cond_texts + uncond_texts)
-            cond = self._cond(encoder(cond_texts, count), sizes, start, params.aesthetic_score)
-            uncond = self._cond(encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score)
-            denoisers.append(CFGDenoiser(self.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
-        tracker = StepTracker(self._step_callback(run.callback, steps, offset), offset)
-        denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
-        if start.keep is not None:
-            denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
-        return denoiser, tracker
-
-    def _cond(self, encoded, sizes: dict[str, tuple[int, ...]], start: Start, aesthetic: float) -> dict:
-        device = self.device
-        cond: dict[str, Any] = {"context": encoded.context.to(device)}
-        if self.config.vector_conds:
-            values = sizes | {"aesthetic_score": (aesthetic,)}
-            cond["y"] = vector_conditioning(self.config, encoded.pooled, values).to(device)
-        if start.concat is not None:
-            cond["concat"] = start.concat.expand(encoded.context.shape[0], -1, -1, -1)
-        return cond
-
-    def _step_callback(
-        self, callback: StepCallback | None, total: int, offset: int = 0
-    ) -> Callable[[Step], None] | None:
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=offset, desc="sampling", unit="step", leave=False)
-
-        def on_step(info: Step) -> None:
-            if bar is not None:
-                bar.update(1)
-                if offset + info.i + 1 >= total:
-                    bar.close()
-            if callback is not None:
-                try:
-                    callback(offset + info.i + 1, total, info.denoised)
-                except Interrupted:
-                    if bar is not None:
-                        bar.close()
-                    raise
-
-        return on_step if (callback or bar) else None
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from openldm.pipelines.guidance import Extra
     from openldm.pipelines.pipeline import Pipeline
 
 StepCallback = Callable[[int, int, "torch.Tensor"], None]  # (step, total, denoised latents)
@@ -68,6 +69,7 @@ class Run:
     callback: StepCallback | None = None
     refiner: Pipeline | None = None  # finishes sampling from `params.refiner_switch` on
     latents: torch.Tensor | None = None  # starting noise given instead of drawn from the seeds
+    extras: tuple[Extra, ...] = ()  # conditioning beyond the prompts (see `guidance`)
 
     @classmethod
     def of_batch(cls, params: GenerationParams, width: int, height: int, mode: str, **rest: object) -> Run:

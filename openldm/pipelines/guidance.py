@@ -1,0 +1,98 @@
+"""The denoiser one sampling pass runs: prompts per schedule segment, guidance, masks, and progress.
+
+Conditioning extras plug in here without touching the mode modules: each entry of `Run.extras`
+adds its keys to every cond and uncond dict (ControlNet's control images and weights will be one),
+and the model call (`Pipeline._unet`) is where they meet the UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from openldm.diffusion.denoisers import CFGDenoiser, MaskedDenoiser, ScheduledDenoiser, StepTracker
+from openldm.diffusion.samplers import Denoiser, Step
+from openldm.pipelines.conditioning import (
+    EncodedPrompts,
+    PromptEncoder,
+    schedule_prompts,
+    size_conditioning,
+    vector_conditioning,
+)
+from openldm.pipelines.run import Interrupted, Run, Start, StepCallback
+
+if TYPE_CHECKING:
+    from openldm.pipelines.pipeline import Pipeline
+
+
+class Extra(Protocol):
+    """Extra conditioning for a run (ControlNet, later): what it adds to each cond dict of a pass."""
+
+    def cond(self, pipe: Pipeline, run: Run, batch: int) -> dict[str, Any]: ...
+
+
+def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
+                    offset: int) -> tuple[Denoiser, StepTracker]:
+    """Guidance per prompt-schedule segment, switched by step; masks applied around it.
+
+    `steps` counts the whole run; this sampler starts at step `offset` (a refiner's, at the switch).
+    """
+    params, batch = run.params, len(run.seeds)
+    positive = schedule_prompts([params.prompt] * batch, steps)
+    negative = schedule_prompts([params.negative] * batch, steps)
+    ends = sorted(set(positive.ends) | set(negative.ends))
+    encoder = PromptEncoder(pipe.text_encoders, params.clip_skip)
+    sizes = size_conditioning(params, run.width, run.height)
+    denoisers = []
+    for end in ends:
+        cond_texts = next(t for e, t in zip(positive.ends, positive.texts) if e >= end)
+        uncond_texts = next(t for e, t in zip(negative.ends, negative.texts) if e >= end)
+        count = max(encoder.chunk_count(t) for t in cond_texts + uncond_texts)
+        cond = _cond(pipe, run, encoder(cond_texts, count), sizes, start, params.aesthetic_score)
+        uncond = _cond(pipe, run, encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score)
+        denoisers.append(CFGDenoiser(pipe.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
+    tracker = StepTracker(step_callback(run.callback, steps, offset, pipe.progress), offset)
+    denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
+    if start.keep is not None:
+        denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
+    return denoiser, tracker
+
+
+def _cond(pipe: Pipeline, run: Run, encoded: EncodedPrompts, sizes: dict[str, tuple[int, ...]], start: Start,
+          aesthetic: float) -> dict[str, Any]:
+    """The model's keyword inputs besides x and the timestep: text, SDXL's vector, masks, extras."""
+    device = pipe.device
+    cond: dict[str, Any] = {"context": encoded.context.to(device)}
+    if pipe.config.vector_conds:
+        values = sizes | {"aesthetic_score": (aesthetic,)}
+        cond["y"] = vector_conditioning(pipe.config, encoded.pooled, values).to(device)
+    if start.concat is not None:
+        cond["concat"] = start.concat.expand(encoded.context.shape[0], -1, -1, -1)
+    for extra in run.extras:
+        cond |= extra.cond(pipe, run, encoded.context.shape[0])
+    return cond
+
+
+def step_callback(callback: StepCallback | None, total: int, offset: int = 0,
+                  progress: bool = False) -> Callable[[Step], None] | None:
+    """The sampler's callback: a progress bar (if `progress`) and `callback(step, total, denoised)`."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=offset, desc="sampling", unit="step", leave=False)
+
+    def on_step(info: Step) -> None:
+        if bar is not None:
+            bar.update(1)
+            if offset + info.i + 1 >= total:
+                bar.close()
+        if callback is not None:
+            try:
+                callback(offset + info.i + 1, total, info.denoised)
+            except Interrupted:
+                if bar is not None:
+                    bar.close()
+                raise
+
+    return on_step if (callback or bar) else None
