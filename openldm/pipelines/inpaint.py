@@ -95,7 +95,7 @@ def inpaint_start(pipe: Pipeline, params: GenerationParams, overlay: Overlay,
     small = F.interpolate(binary, size=latent.shape[-2:], mode="nearest")
     start = masked_content(params, latent, small, seeds)
     if pipe.config.is_inpainting:
-        masked = im.to_tensor([overlay.image]).to(pipe.device, pipe.dtype) * (binary < 0.5)
+        masked = im.to_tensor([overlay.image]).to(pipe.device, pipe.vae_dtype) * (binary < 0.5)
         with torch.no_grad():
             masked_latent = pipe.config.latent_format.to_model(pipe.vae.encode(masked).mode())
         return Start(start, params.strength, concat=torch.cat([small, masked_latent.to(small)], dim=1))
@@ -122,7 +122,7 @@ def unmasked_concat(pipe: Pipeline, width: int, height: int) -> torch.Tensor:
 
     The mask is all ones and the masked image is the image times (1 - mask), all zeros (mid-grey).
     """
-    grey = torch.zeros(1, pipe.vae.cfg.in_channels, height, width, device=pipe.device, dtype=pipe.dtype)
+    grey = torch.zeros(1, pipe.vae.cfg.in_channels, height, width, device=pipe.device, dtype=pipe.vae_dtype)
     with torch.no_grad():
         masked_latent = pipe.config.latent_format.to_model(pipe.vae.encode(grey).mode())
     return torch.cat([torch.ones_like(masked_latent[:, :1]), masked_latent], dim=1).float()

@@ -38,6 +38,7 @@ from openldm.networks import (
 )
 from openldm.pipelines import images as im
 from openldm.pipelines.conditioning import TextEncoder
+from openldm.pipelines.decoding import decode_finite
 from openldm.pipelines.guidance import Extra, guided_denoiser
 from openldm.pipelines.inpaint import (
     Overlay,
@@ -86,6 +87,11 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """The UNet's, unless a half-precision VAE overflowed and now runs in float32."""
+        return next(self.vae.parameters()).dtype
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
               concat: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,13 +233,13 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """Pixels -> model-space latent (the posterior's mean: deterministic)."""
-        x = im.to_tensor([image]).to(self.device, self.dtype)
+        x = im.to_tensor([image]).to(self.device, self.vae_dtype)
         with torch.no_grad():
             return self.config.latent_format.to_model(self.vae.encode(x).mode())
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
-        with torch.no_grad():
-            return im.to_pil(self.vae.decode(self.config.latent_format.from_model(x).to(self.dtype)))
+        """Model-space latents -> pictures; NaN or inf is never a picture (see `decoding`)."""
+        return im.to_pil(decode_finite(self.vae, self.config.latent_format.from_model(x)))
 
     # --- sampling ------------------------------------------------------------------------------
 

@@ -1,0 +1,48 @@
+"""Latents to pixels, never NaN: a NaN or inf is never written as an image.
+
+A half-precision VAE can overflow (SDXL's original VAE does, in fp16, on many images): its decode is
+then retried in float32 and the VAE stays in float32 from then on, as A1111's "automatically revert
+VAE to 32-bit floats" does. Non-finite latents, or a float32 VAE that still gives NaN, are an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from openldm.models.vae import AutoencoderKL
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteError(ValueError):
+    """Latents or decoded pixels hold NaN or inf: writing them would save a black or broken image."""
+
+
+def decode_finite(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
+    """Decode unscaled latents `z`; a half VAE that overflows is moved to float32 and decodes again."""
+    if not torch.isfinite(z).all():
+        raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "
+                             "try float32 (--dtype fp32), another sampler or a lower CFG scale")
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        pixels = vae.decode(z.to(dtype))
+        if torch.isfinite(pixels).all():
+            return pixels
+        if dtype not in HALF:
+            raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) in {dtype}: "
+                                 "no image is written; the VAE's weights may be broken")
+        warnings.warn(f"the VAE overflowed in {dtype} ({_count(pixels)}): it runs in float32 from now on",
+                      stacklevel=3)
+        vae.float()
+        pixels = vae.decode(z.float())
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) even in float32: "
+                             "no image is written; the VAE's weights may be broken")
+    return pixels
+
+
+def _count(x: torch.Tensor) -> str:
+    bad = ~torch.isfinite(x)
+    return f"{int(bad.sum())} of {x.numel()} values NaN or inf"
