@@ -52,8 +52,8 @@ def run_mode(params: GenerationParams, image: Image.Image | None, mask: Image.Im
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
     if inferred == "outpaint" and mode in ("img2img", "inpaint"):
         return inferred
-    raise ValueError(f"{mode} does not fit the inputs given: an image {'and a mask ' if mask else ''}"
-                     f"{'is' if image is not None else 'is not'} given, which makes a {inferred} run")
+    given = " and ".join(n for n, v in (("an image", image), ("a mask", mask)) if v is not None) or "no image"
+    raise ValueError(f"{mode} does not fit the inputs: {given} make a {inferred} run")
 
 
 @dataclass(frozen=True)
