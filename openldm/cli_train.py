@@ -30,6 +30,7 @@ def _train(args: argparse.Namespace) -> int:
     from openldm.checkpoints.errors import CheckpointError
     from openldm.training.config import ConfigError, load_config
     from openldm.training.data import DataError
+    from openldm.training.determinism import prepare_environment, wanted
     from openldm.training.loop import TrainingError
     from openldm.training.run import train
 
@@ -39,6 +40,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides = {k: v for k, v in given if v is not None}
         if overrides:
             config = replace(config, run=replace(config.run, **overrides))
+        if wanted(config.run):
+            prepare_environment()  # before any kernel: MKL reads MKL_CBWR once, at its first call
         train(config, resume=args.resume)
     except (ConfigError, DataError, TrainingError, CheckpointError) as error:
         print(f"openldm train: error: {error}", file=sys.stderr)

@@ -72,6 +72,9 @@ class RunConfig:
     sample_steps: int = 20  # sampler steps of those samples
     gradient_checkpointing: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    # bit-identical reruns (MKL's reproducible mode, deterministic kernels, fixed threads; see
+    # `determinism.py`); None: on for the CPU, off on accelerators
+    deterministic: bool | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp) the model
 
 

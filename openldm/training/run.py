@@ -15,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from openldm.training.config import TrainConfig
+from openldm.training.determinism import deterministic
 from openldm.training.loop import Distributed, Task, Trainer, TrainingError, log_summary
 
 
@@ -52,15 +53,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> tuple[Trainer, list[P
     """Train to `run.steps` and export; with `resume`, continue from the newest checkpoint."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    dist = distributed_from_env()
-    trainers: list[Trainer] = []
-    try:
-        return _train(config, dist, resume, trainers)
-    finally:
-        if dist.world > 1 and torch_dist.is_initialized():
-            for trainer in trainers:  # before the group goes: see `Trainer.unwrap`
-                trainer.unwrap()
-            torch_dist.destroy_process_group()
+    with deterministic(config.run):  # first: MKL takes its mode at its first call
+        dist = distributed_from_env()
+        trainers: list[Trainer] = []
+        try:
+            return _train(config, dist, resume, trainers)
+        finally:
+            if dist.world > 1 and torch_dist.is_initialized():
+                for trainer in trainers:  # before the group goes: see `Trainer.unwrap`
+                    trainer.unwrap()
+                torch_dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, dist: Distributed, resume: bool, trainers: list[Trainer]
