@@ -13,11 +13,13 @@ EXIT_USAGE = 2
 def add_commands(sub) -> None:
     parser = sub.add_parser("train", help="train a VAE, a latent diffusion model, a LoRA or an embedding "
                                           "from a YAML/TOML config",
-                            description="Train from a config file (see configs/ for examples). Checkpoints "
+                            description="Train from a config file, or a shipped config by name (shapes-vae, "
+                                        "shapes-ldm). Its relative paths start from its folder, "
+                                        "run.output_dir from the working directory. Checkpoints "
                                         "go to run.output_dir/checkpoints; --resume continues the newest "
                                         "one.")
     parser.add_argument("kind", choices=KINDS, help="what to train")
-    parser.add_argument("config", help="YAML or TOML training config")
+    parser.add_argument("config", help="YAML or TOML training config, or a shipped config's name")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--steps", type=int, help="override run.steps")
     parser.add_argument("--output-dir", help="override run.output_dir")

@@ -84,8 +84,17 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, trainers: list[
     exported: list[Path] = []
     if dist.main:
         exported = (task if states is None else _unsharded(config, states)).export(output)
-        print(f"{config.kind}: {log_summary(trainer.history)}; wrote {', '.join(map(str, exported))}")
+        summary = log_summary(trainer.history, _loss_unit(config))
+        print(f"{config.kind}: {summary}; wrote {', '.join(map(str, exported))}")
     return trainer, exported
+
+
+def _loss_unit(config: TrainConfig) -> str:
+    if config.kind != "vae":
+        return ""  # the diffusion losses are per-element means already
+    from openldm.training.vae import loss_unit
+
+    return loss_unit(config)
 
 
 def _unsharded(config: TrainConfig, states: dict[str, dict[str, torch.Tensor]]) -> Task:
