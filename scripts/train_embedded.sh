@@ -8,7 +8,7 @@ resume_flag() { [ -d "$1/checkpoints" ] && echo "--resume" || true; }
 
 # 1. The autoencoder (writes runs/shapes-vae/vae.safetensors and latent_stats.json).
 if [ ! -f runs/shapes-vae/vae.safetensors ]; then
-  openldm train vae configs/shapes-vae.yaml $(resume_flag runs/shapes-vae)
+  openldm train vae shapes-vae $(resume_flag runs/shapes-vae)
 fi
 # The preset's latent scale factor (openldm/config.py, SHAPES) must be 1 / the std it reports.
 cat runs/shapes-vae/latent_stats.json
@@ -22,10 +22,10 @@ ldm_step() {  # the newest checkpoint's step, 0 before the first
   echo "${newest:-0}"
 }
 if [ "$(ldm_step)" -lt 3000 ]; then
-  openldm train ldm configs/shapes-ldm.yaml $(resume_flag runs/shapes-ldm)
+  openldm train ldm shapes-ldm $(resume_flag runs/shapes-ldm)
 fi
 if [ "$(ldm_step)" -lt 6000 ]; then
-  openldm train ldm configs/shapes-ldm.yaml --resume --steps 6000
+  openldm train ldm shapes-ldm --resume --steps 6000
 fi
 
 # 3. Ship it in half precision.

@@ -32,15 +32,15 @@ from openldm.diffusion.schedules import DiscreteSchedule
 from openldm.models.vae import AutoencoderKL
 from openldm.pipelines.pipeline import load as load_pipeline
 from openldm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from openldm.training.config import ConfigError, OptimConfig, load_config
+from openldm.training.config import SHIPPED, ConfigError, OptimConfig, load_config
 from openldm.training.data import BatchStream, FolderSource
 from openldm.training.discriminator import NLayerDiscriminator, adaptive_weight, hinge_d_loss
 from openldm.training.ldm import perturb
 from openldm.training.logs import image_grid
-from openldm.training.loop import MAIN, Distributed, Trainer
+from openldm.training.loop import MAIN, Distributed, History, Trainer, log_summary
 from openldm.training.optim import EMA, lr_factor
 from openldm.training.run import make_task, train
-from openldm.training.vae import VAE_FILE, load_vae_into
+from openldm.training.vae import VAE_FILE, load_vae_into, loss_unit
 from tests.training_helpers import (
     fixed_loss,
     make_config,
@@ -216,9 +216,54 @@ def test_metrics_log_every_logged_step(ldm_run):
     config, trainer, _, _, _ = ldm_run
     lines = (Path(config.run.output_dir) / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
-    assert [r["step"] for r in rows] == trainer.history.steps == [4, 8, 12, 16]
+    assert [r["step"] for r in rows] == trainer.history.steps == [1, 4, 8, 12, 16]
     assert [r["loss"] for r in rows] == trainer.history.losses
     assert all(r["samples_per_s"] > 0 and math.isfinite(r["grad_norm"]) for r in rows)
+
+
+def test_summary_runs_from_the_first_step_to_the_last(tmp_path, capsys):
+    """A run shorter than log_every still logs its first and last steps, and says what the loss counts."""
+    config = make_config(tmp_path, "vae", run={"steps": 3, "log_every": 25})
+    assert make_trainer(config).fit().steps == [1, 3]
+    summary = log_summary(History([1, 20], [9000.0, 4500.0]))
+    assert summary == "loss 9000 (step 1) -> 4500 (step 20), x2.00 lower"
+    assert log_summary(History([1], [7.0]), "u") == "loss 7 at step 1, the only step logged (u)"
+    assert "768 values" in loss_unit(config)  # 3 x 16 x 16
+    train(replace(config, run=replace(config.run, output_dir=str(tmp_path / "two"), steps=2)))
+    out, err = capsys.readouterr()
+    assert "loss" in out and "(step 1) -> " in out and "(step 2)" in out and "768 values" in out
+    assert "latent statistics" in err and "8/8" in err, "the statistics pass needs a progress bar"
+
+
+SHIPPED_NAMES = ("shapes-ldm", "shapes-vae")
+
+
+def test_shipped_configs_load_by_name_and_by_path(tmp_path, monkeypatch):
+    """Package data, so a plain `pip install` has them; by name they act as if in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.stem for p in SHIPPED.glob("*.yaml")) == list(SHIPPED_NAMES)
+    for name in SHIPPED_NAMES:
+        kind = name.split("-")[1]
+        by_name, by_path = load_config(name, kind), load_config(SHIPPED / f"{name}.yaml", kind)
+        assert by_name.run == by_path.run and by_name.run.output_dir == f"runs/{name}"
+    assert load_config("shapes-ldm", "ldm").ldm.vae == str(tmp_path / "runs/shapes-vae/vae.safetensors")
+    assert load_config(SHIPPED / "shapes-ldm.yaml", "ldm").ldm.tokenizer == "captions"
+    with pytest.raises(ConfigError, match="shipped configs: shapes-ldm, shapes-vae"):
+        load_config("shapes-vea", "vae")
+
+
+def test_relative_paths_start_from_the_config_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "configs"
+    folder.mkdir(parents=True)
+    (folder / "c.yaml").write_text(yaml.safe_dump({
+        "data": {"source": "folder", "path": "../images"}, "run": {"output_dir": "runs/x"},
+        "vae": {"init": "/abs/vae.safetensors", "lpips_weights": ["vgg.pth", "../lin.pth"]}}))
+    monkeypatch.chdir(tmp_path)
+    config = load_config("project/configs/c.yaml", "vae")
+    assert Path(config.data.path).resolve() == tmp_path / "project" / "images"
+    assert [Path(p).resolve() for p in config.vae.lpips_weights] == [folder / "vgg.pth",
+                                                                      tmp_path / "project" / "lin.pth"]
+    assert config.vae.init == "/abs/vae.safetensors" and config.run.output_dir == "runs/x"
 
 
 def test_tensorboard_scalars_when_installed(tmp_path):
@@ -296,7 +341,7 @@ def test_killed_command_line_run_resumes_bit_identically(tmp_path, keep_threads)
     """SIGKILL `openldm train vae` after its first checkpoint, `--resume` it, compare with a clean run."""
     settings = {"kind": "vae", "data": {"image_size": 16, "length": 8}, "optim": {"lr": 1e-3},
                 "run": {"steps": 8, "batch_size": 2, "checkpoint_every": 2, "threads": 1,
-                        "output_dir": str(tmp_path / "killed")},
+                        "output_dir": str(tmp_path / "killed"), "deterministic": False},  # as the run here
                 "vae": {"preset": "tiny-sd1"}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(settings))
@@ -361,7 +406,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code, err = _cli(capsys, "train", "vae", bad)
     assert code == 2 and "stepz" in err and err.count("\n") == 1
     good = tmp_path / "good.yaml"
-    run = {"output_dir": str(tmp_path / "run"), "steps": 1, "batch_size": 1}
+    run = {"output_dir": str(tmp_path / "run"), "steps": 1, "batch_size": 1, "deterministic": False}
     good.write_text(yaml.safe_dump({"data": {"image_size": 16, "length": 4}, "run": run}))
     save_checkpoint({"step": 1}, tmp_path / "run", 1, keep_last=1)
     code, err = _cli(capsys, "train", "vae", good)

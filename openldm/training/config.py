@@ -72,6 +72,9 @@ class RunConfig:
     sample_steps: int = 20  # sampler steps of those samples
     gradient_checkpointing: bool = False
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    # bit-identical reruns (MKL's reproducible mode, deterministic kernels, fixed threads; see
+    # `determinism.py`); None: on for the CPU, off on accelerators
+    deterministic: bool | None = None
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (ddp) or shard (fsdp) the model
 
 
@@ -272,11 +275,51 @@ def _validate_networks(lora: LoRAConfig, embedding: EmbeddingConfig, where: str)
                           "contain {token}")
 
 
-def load_config(path: str | Path, kind: str | None = None) -> TrainConfig:
-    """Read a `.yaml`/`.yml` or `.toml` training config."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+SHIPPED = Path(__file__).resolve().parents[1] / "configs"  # package data: `openldm train vae shapes-vae`
+_PATHS = {"data": ("path",), "vae": ("init", "lpips_weights"), "ldm": ("init", "vae", "tokenizer")}
+_NOT_PATHS = {"captions"}  # ldm.tokenizer: learn a vocabulary from the captions
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def find_config(name: str | Path) -> tuple[Path, Path]:
+    """(the config file, the folder its relative paths start from) for a path or a shipped config's name.
+
+    A file's paths start from its own folder. A shipped config is read as if it were in the working
+    directory: its folder is the installed package, which holds none of the user's files."""
+    path = Path(name)
+    if path.is_file():
+        return path, path.resolve().parent
+    shipped = SHIPPED / f"{path.name}.yaml"
+    if path.name == str(name) and not path.suffix and shipped.is_file():
+        return shipped, Path.cwd()
+    raise ConfigError(f"{path}: no such config file (shipped configs: {', '.join(shipped_configs())})")
+
+
+def _resolved(value: Any, folder: Path) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_resolved(v, folder) for v in value)
+    if value is None or value in _NOT_PATHS or Path(value).is_absolute():
+        return value
+    return str(folder / value)
+
+
+def resolve_paths(config: TrainConfig, folder: Path) -> TrainConfig:
+    """Relative input paths made relative to `folder`. `run.output_dir` is left to the working
+    directory: outputs go where the command runs, like `--output-dir`."""
+    sections = {}
+    for name, keys in _PATHS.items():
+        section = getattr(config, name)
+        sections[name] = dataclasses.replace(section, **{k: _resolved(getattr(section, k), folder)
+                                                         for k in keys})
+    return dataclasses.replace(config, **sections)
+
+
+def load_config(name: str | Path, kind: str | None = None) -> TrainConfig:
+    """Read a `.yaml`/`.yml` or `.toml` training config, by path or by a shipped config's name."""
+    path, folder = find_config(name)
     text = path.read_text(encoding="utf-8")
     import yaml  # here, not at the top: `openldm` declares its commands without it
 
@@ -287,4 +330,4 @@ def load_config(path: str | Path, kind: str | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: not valid {language}: {error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return parse_config(values, kind, where=str(path))
+    return resolve_paths(parse_config(values, kind, where=str(path)), folder)

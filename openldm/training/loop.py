@@ -348,7 +348,7 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.4g}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                             samples_s=f"{rate:.1f}")
             bar.update(1)
-            if self.step % run.log_every == 0 or self.step == run.steps:
+            if self.step % run.log_every == 0 or self.step in (1, run.steps):  # 1: where the summary starts
                 self._log(log, window, logs, rate)
             if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                 self.save()
@@ -377,9 +377,14 @@ class Trainer:
             self.ema.copy_to(_parameters(self.modules))
 
 
-def log_summary(history: History) -> str:
+def log_summary(history: History, unit: str = "") -> str:
+    """The first logged loss against the last (the first step is always logged, so a short run has both)."""
     if not history.losses:
         return "no steps logged"
+    unit = f" ({unit})" if unit else ""
     start, end = history.losses[0], history.losses[-1]
+    if len(history.losses) == 1:
+        return f"loss {start:.4g} at step {history.steps[0]}, the only step logged{unit}"
     ratio = start / end if end > 0 and math.isfinite(end) else float("inf")
-    return f"loss {start:.4g} (step {history.steps[0]}) -> {end:.4g} (step {history.steps[-1]}), x{ratio:.2f}"
+    return (f"loss {start:.4g} (step {history.steps[0]}) -> {end:.4g} (step {history.steps[-1]}), "
+            f"x{ratio:.2f} lower{unit}")

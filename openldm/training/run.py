@@ -15,6 +15,7 @@ import torch
 import torch.distributed as torch_dist
 
 from openldm.training.config import TrainConfig
+from openldm.training.determinism import deterministic
 from openldm.training.loop import Distributed, Task, Trainer, TrainingError, log_summary
 
 
@@ -52,15 +53,16 @@ def train(config: TrainConfig, *, resume: bool = False) -> tuple[Trainer, list[P
     """Train to `run.steps` and export; with `resume`, continue from the newest checkpoint."""
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
-    dist = distributed_from_env()
-    trainers: list[Trainer] = []
-    try:
-        return _train(config, dist, resume, trainers)
-    finally:
-        if dist.world > 1 and torch_dist.is_initialized():
-            for trainer in trainers:  # before the group goes: see `Trainer.unwrap`
-                trainer.unwrap()
-            torch_dist.destroy_process_group()
+    with deterministic(config.run):  # first: MKL takes its mode at its first call
+        dist = distributed_from_env()
+        trainers: list[Trainer] = []
+        try:
+            return _train(config, dist, resume, trainers)
+        finally:
+            if dist.world > 1 and torch_dist.is_initialized():
+                for trainer in trainers:  # before the group goes: see `Trainer.unwrap`
+                    trainer.unwrap()
+                torch_dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, dist: Distributed, resume: bool, trainers: list[Trainer]
@@ -82,8 +84,17 @@ def _train(config: TrainConfig, dist: Distributed, resume: bool, trainers: list[
     exported: list[Path] = []
     if dist.main:
         exported = (task if states is None else _unsharded(config, states)).export(output)
-        print(f"{config.kind}: {log_summary(trainer.history)}; wrote {', '.join(map(str, exported))}")
+        summary = log_summary(trainer.history, _loss_unit(config))
+        print(f"{config.kind}: {summary}; wrote {', '.join(map(str, exported))}")
     return trainer, exported
+
+
+def _loss_unit(config: TrainConfig) -> str:
+    if config.kind != "vae":
+        return ""  # the diffusion losses are per-element means already
+    from openldm.training.vae import loss_unit
+
+    return loss_unit(config)
 
 
 def _unsharded(config: TrainConfig, states: dict[str, dict[str, torch.Tensor]]) -> Task:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from openldm.atomic import write_bytes_atomic
 from openldm.checkpoints.io import CheckpointError, read_state_dict, write_safetensors_atomic
@@ -52,6 +54,14 @@ def load_vae_into(vae: AutoencoderKL, path: str | Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{path}: VAE weights do not fit the preset's VAE "
                               f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+
+
+def loss_unit(config: TrainConfig) -> str:
+    """What the logged loss counts: ldm's per-image sum, not the per-value mean docs usually quote."""
+    side = config.data.crop_size or config.data.image_size
+    values = get_preset(config.vae.preset).vae.out_ch * side * side
+    return (f"per image: the reconstruction error summed over its {values:,} values, ldm's convention, plus "
+            "the weighted terms; rec_per_pixel in metrics.jsonl is the mean per value")
 
 
 class VAETask:
@@ -137,25 +147,37 @@ class VAETask:
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
         metadata = {"openldm.kind": "vae"}
         written = [write_safetensors_atomic(Path(output_dir) / VAE_FILE, state, metadata=metadata)]
-        images = self._full_images(STATS_IMAGES)
-        mean, std = latent_statistics(self.model, images)
-        stats = {"images": len(images), "mean": mean, "std": std, "scale_factor": 1 / std}
+        count = min(STATS_IMAGES, len(self.stream.source))
+        with tqdm(total=count, desc="latent statistics", unit="image", dynamic_ncols=True) as bar:
+            images, mean, std = latent_statistics(self.model, self._full_images(count), bar.update)
+        stats = {"images": images, "mean": mean, "std": std, "scale_factor": 1 / std}
         stats_json = json.dumps(stats, indent=2).encode()
         written.append(write_bytes_atomic(Path(output_dir) / STATS_FILE, stats_json))
-        print(f"latents of {len(images)} images: mean {mean:.4f}, std {std:.4f} -> "
+        print(f"latents of {images} images: mean {mean:.4f}, std {std:.4f} -> "
               f"scale_factor {1 / std:.5f}")
         return written
 
-    def _full_images(self, count: int) -> torch.Tensor:
-        """The first `count` training images, whole (center, no crop or flip), as the LDM will see them."""
+    def _full_images(self, count: int, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        """Batches of the first `count` training images, whole (center, no crop or flip), as the LDM will
+        see them; made as they are encoded, so a progress bar over the encoding covers both."""
         data = replace(self.config.data, crop_size=None, random_crop=False, flip=False)
         source = self.stream.source
-        examples = (source[i] for i in range(min(count, len(source))))
-        return torch.stack([transform(e.image, data, random.Random(0)) for e in examples if e is not None])
+        for start in range(0, count, batch_size):
+            examples = (source[i] for i in range(start, min(start + batch_size, count)))
+            batch = [transform(e.image, data, random.Random(0)) for e in examples if e is not None]
+            if batch:
+                yield torch.stack(batch).to(self.config.run.device)
 
 
 @torch.no_grad()
-def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> tuple[float, float]:
-    """(mean, std) of the posterior means over `images`: SD's scale factor is 1 / std."""
-    means = torch.cat([vae.encode(chunk).mode().float() for chunk in images.split(batch_size)])
-    return means.mean().item(), means.std().item()
+def latent_statistics(vae: AutoencoderKL, batches: Iterable[torch.Tensor],
+                      progress: Callable[[int], object] = lambda n: None) -> tuple[int, float, float]:
+    """(images, mean, std) of the posterior means over `batches`: SD's scale factor is 1 / std.
+
+    `progress(n)` is called after each batch of n images."""
+    means = []
+    for batch in batches:
+        means.append(vae.encode(batch).mode().float())
+        progress(len(batch))
+    means = torch.cat(means)
+    return len(means), means.mean().item(), means.std().item()
