@@ -7,12 +7,13 @@ Two levels, as in A1111:
   fragments, in one list per part between `BREAK`s: `parse_attention`.
 `when` is a fraction of the steps if it contains a '.', else a step number (A1111 >= 1.6 rule), and
 a hires fix's second pass continues the first pass's count (`prompt_schedule(first_pass_steps=)`).
-Neither parser raises: like A1111, any text is a prompt.
+Like A1111, any text is a prompt: the parsers raise only for weights that are not finite numbers.
 Extra networks (`<lora:name:weight>`) are taken out before either: `extract_networks`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class NetworkRef:
 
 
 def extract_networks(prompt: str) -> tuple[str, list[NetworkRef]]:
-    """Remove `<kind:name[:weight]>` tags from a prompt and return them."""
+    """Remove `<kind:name[:weight]>` tags from a prompt and return them; ValueError for a bad weight."""
     refs: list[NetworkRef] = []
 
     def take(match: re.Match) -> str:
@@ -41,7 +42,9 @@ def extract_networks(prompt: str) -> tuple[str, list[NetworkRef]]:
         try:
             value = float(weight.split(":")[0]) if weight else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {weight!r} in {match.group(0)!r}") from None
+            value = math.nan
+        if not math.isfinite(value):  # float() also reads "nan" and "1e999"
+            raise ValueError(f"bad weight {weight!r} in {match.group(0)!r}")
         refs.append(NetworkRef(match.group(1), match.group(2), value))
         return ""
 
@@ -218,7 +221,7 @@ def prompt_schedule(prompt: str, steps: int, *, first_pass_steps: int = 0) -> li
     when = partial(_switch_step, steps=steps, first_pass_steps=first_pass_steps)
     try:
         nodes = _ScheduleParser(prompt, when).parse()
-    except _Unparsable:
+    except (_Unparsable, RecursionError):  # brackets nested hundreds deep are taken as plain text
         return [(steps, prompt)]
     ends = sorted(_boundaries(nodes, steps) | {steps})
     return [(end, _text_at(nodes, end)) for end in ends if end <= steps]
@@ -237,6 +240,8 @@ _BREAK = re.compile(rf"\s*\b{BREAK}\b\s*", re.S)
 
 def parse_attention(text: str) -> list[list[tuple[str, float]]]:
     """Weighted fragments of `text`, one list per part between BREAKs (each part starts a chunk).
+
+    Any text parses; the one error, a ValueError, is a weight that overflows to infinity.
 
     A1111 marks a BREAK with a fragment ("BREAK", -1) that brackets scale like any other, so
     `(a BREAK b)` encodes the word "BREAK"; here a BREAK is structure, breaks wherever it is, and no
@@ -274,6 +279,9 @@ def parse_attention(text: str) -> list[list[tuple[str, float]]]:
         scale(start, EMPHASIS)
     for start in square_open:
         scale(start, 1 / EMPHASIS)
+    for fragment, weight in fragments:
+        if not math.isfinite(weight):  # `(x:1e200)` inside `(...:1e200)`: no image can follow
+            raise ValueError(f"the weight of {fragment!r} in the prompt is {weight}, not a finite number")
     bounds = [0, *breaks, len(fragments)]
     return [_merge(fragments[a:b]) for a, b in zip(bounds, bounds[1:])]
 

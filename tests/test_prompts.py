@@ -1,6 +1,10 @@
 """Table-driven tests of the A1111 prompt language: its published doctest examples, then cases by hand."""
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from openldm.prompts import NetworkRef, extract_networks, parse_attention, prompt_schedule
 
@@ -236,3 +240,86 @@ def test_extract_networks(text, rest, refs):
 def test_bad_network_weight_is_an_error_naming_it():
     with pytest.raises(ValueError, match="lora:a:much"):
         extract_networks("<lora:a:much>")
+
+
+# --- properties over arbitrary text (hypothesis) ------------------------------------------------
+
+FUZZ = settings(max_examples=250, deadline=None)  # about a second each; no deadline: CI machines are busy
+_PIECES = ["[", "]", "(", ")", ":", "|", "\\", "\n", " ", "a", "b", "BREAK", "3", ".5", "-", "e", "1e999",
+           "9" * 400, "<lora:", "<lora:x:", ">", "nan", "[a:b:2]", "[a|b]", "(a:1.5)", "(a:-1)"]
+PROMPTS = st.one_of(
+    st.text(max_size=40),
+    st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=20).map("".join),
+)
+
+
+@FUZZ
+@given(PROMPTS, st.integers(1, 40), st.integers(0, 40))
+def test_any_text_has_a_schedule_covering_every_step(text, steps, first):
+    schedule = prompt_schedule(text, steps, first_pass_steps=first)
+    ends = [end for end, _ in schedule]
+    assert ends == sorted(set(ends)) and ends[0] >= 1 and ends[-1] == steps, ends
+    assert all(isinstance(t, str) for _, t in schedule)
+    if not any(c in text for c in "[]"):  # nothing to edit or alternate: the text itself
+        assert schedule == [(steps, text)]
+
+
+@FUZZ
+@given(st.integers(0, 60), st.integers(1, 30), st.integers(1, 30), st.integers(0, 15))
+def test_hires_switch_points_continue_the_first_pass(when, first, steps, eighths):
+    """An integer counts on from the first pass; a fraction 1 + x of the hires pass is x of a plain pass."""
+    hires = prompt_schedule(f"[a:b:{when}]", steps, first_pass_steps=first)
+    assert hires == prompt_schedule(f"[a:b:{max(when - first, 0)}]", steps)
+    fraction = eighths / 8  # exact in binary, so both sides round alike
+    hires = prompt_schedule(f"[a:b:{1 + fraction!r}]", steps, first_pass_steps=first)
+    assert hires == prompt_schedule(f"[a:b:{fraction!r}]", steps)
+
+
+@FUZZ
+@given(PROMPTS)
+def test_any_text_has_finite_weights_or_a_value_error(text):
+    try:
+        parts = parse_attention(text)
+    except ValueError as e:
+        assert "not a finite number" in str(e)
+        return
+    assert all(part and all(math.isfinite(w) for _, w in part) for part in parts)
+    if not any(c in text for c in "\\()[]") and "BREAK" not in text:  # no syntax: the text itself
+        assert parts == [[(text, 1.0)]]
+
+
+@FUZZ
+@given(PROMPTS)
+def test_network_tags_are_taken_out_or_a_value_error_names_the_tag(text):
+    try:
+        rest, refs = extract_networks(text)
+    except ValueError as e:
+        assert str(e).startswith("bad weight") and "<" in str(e)
+        return
+    assert len(rest) <= len(text) and all(math.isfinite(ref.weight) for ref in refs)
+
+
+def test_a_switch_step_too_large_for_int_is_the_last_step():
+    """Found by the fuzzer: int(float("9" * 400)) raised OverflowError."""
+    assert prompt_schedule(f"[a:b:{'9' * 400}]", 10) == [(10, "a")]
+    assert prompt_schedule(f"[a:b:{'9' * 400}.0]", 10, first_pass_steps=10) == [(10, "a")]
+
+
+def test_weights_that_overflow_are_a_value_error():
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_attention("(a:" + "9" * 400 + ")")
+    with pytest.raises(ValueError, match="not a finite number"):
+        parse_attention(f"((a:{'9' * 300}):{'9' * 300})")  # 1e300 squared
+
+
+@pytest.mark.parametrize("tag", ["<lora:a:nan>", "<lora:a:inf>", "<lora:a:1e999>"])
+def test_network_weights_that_are_not_finite_are_an_error(tag):
+    with pytest.raises(ValueError, match="bad weight"):
+        extract_networks(f"x {tag}")
+
+
+def test_brackets_nested_too_deep_to_recurse_are_text():
+    assert prompt_schedule("[" * 5000, 10) == [(10, "[" * 5000)]
+    assert prompt_schedule("[a|" * 3000 + " [b:3]", 10) == [(10, "[a|" * 3000 + " [b:3]")]
+    nested = "[" * 100 + "x" + "]" * 100  # but a hundred levels are fine
+    assert prompt_schedule(nested + "[b:3]", 10) == [(3, nested), (10, nested + "b")]
