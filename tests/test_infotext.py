@@ -121,7 +121,8 @@ _UNIT = st.floats(0, 1)
 _SIZE = st.tuples(st.integers(1, 8192), st.integers(1, 8192))
 # a prompt line that starts with "Negative prompt:" is where the negative prompt starts: A1111's format
 PROMPT = TEXT.filter(lambda t: not any(line.startswith("Negative prompt:") for line in t.split("\n")))
-LORA_NAME = st.text(st.characters(codec="utf-8", exclude_characters=",:"), min_size=1, max_size=8).filter(
+# "Lora weights: a: 0.8, b: 1.0" cannot hold a name with a comma (or edge spaces); see the test below
+LORA_NAME = st.text(st.characters(codec="utf-8", exclude_characters=","), min_size=1, max_size=8).filter(
     lambda t: t == t.strip()
 )
 PARAMS = st.builds(
