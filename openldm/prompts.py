@@ -3,16 +3,21 @@
 Two levels, as in A1111:
 - scheduling: `[from:to:when]`, `[to:when]`, `[from::when]` (prompt editing) and `[a|b|c]`
   (alternation) turn one prompt into a list of (last step, text) pairs: `prompt_schedule`;
-- attention: `(x)` x1.1, `[x]` /1.1, `(x:1.3)`, escapes `\\(`, and `BREAK` turn one text into
-  weighted fragments: `parse_attention`.
-`when` is a fraction of the steps if it contains a '.', else a step number (A1111 >= 1.6 rule).
+- attention: `(x)` x1.1, `[x]` /1.1, `(x:1.3)` and escapes `\\(` turn one text into weighted
+  fragments, in one list per part between `BREAK`s: `parse_attention`.
+`when` is a fraction of the steps if it contains a '.', else a step number (A1111 >= 1.6 rule), and
+a hires fix's second pass continues the first pass's count (`prompt_schedule(first_pass_steps=)`).
+Like A1111, any text is a prompt: the parsers raise only for weights that are not finite numbers.
 Extra networks (`<lora:name:weight>`) are taken out before either: `extract_networks`.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 # --- extra networks ------------------------------------------------------------------------
 
@@ -29,7 +34,7 @@ class NetworkRef:
 
 
 def extract_networks(prompt: str) -> tuple[str, list[NetworkRef]]:
-    """Remove `<kind:name[:weight]>` tags from a prompt and return them."""
+    """Remove `<kind:name[:weight]>` tags from a prompt and return them; ValueError for a bad weight."""
     refs: list[NetworkRef] = []
 
     def take(match: re.Match) -> str:
@@ -37,7 +42,9 @@ def extract_networks(prompt: str) -> tuple[str, list[NetworkRef]]:
         try:
             value = float(weight.split(":")[0]) if weight else 1.0
         except ValueError:
-            raise ValueError(f"bad weight {weight!r} in {match.group(0)!r}") from None
+            value = math.nan
+        if not math.isfinite(value):  # float() also reads "nan" and "1e999"
+            raise ValueError(f"bad weight {weight!r} in {match.group(0)!r}")
         refs.append(NetworkRef(match.group(1), match.group(2), value))
         return ""
 
@@ -51,7 +58,7 @@ def extract_networks(prompt: str) -> tuple[str, list[NetworkRef]]:
 class Scheduled:
     before: list
     after: list
-    when: float  # already converted to a step number
+    when: int  # the last step of this pass that uses `before` (<= 0: none)
 
 
 @dataclass(frozen=True)
@@ -60,77 +67,117 @@ class Alternate:
 
 
 class _Unparsable(ValueError):
-    pass
+    """A1111 uses such a prompt as it is: a `|` outside `[...]`, or a backslash at a line's end."""
 
 
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*$")
+class _NoElement(ValueError):
+    """An opening bracket that starts no element; at the top level it is literal text."""
+
+
+# A1111's (lark's) SIGNED_NUMBER, with the spaces its grammar allows around it
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+_SYNTAX = "\\[]():|"
 
 
 class _ScheduleParser:
-    """Recursive descent over the scheduling grammar; emphasis brackets are kept as text."""
+    """Recursive descent over A1111's scheduling grammar; emphasis brackets are kept as text.
 
-    def __init__(self, text: str, steps: int):
-        self.text, self.steps, self.pos = text, steps, 0
+    At the top level a bracket or colon that opens no element is literal text, and parsing goes on
+    after it (so `((a][:b:c [d:3]` still edits `[d:3]`); inside brackets it fails the enclosing element.
+    """
+
+    def __init__(self, text: str, when: Callable[[str], int]):
+        self.text, self.when, self.pos = text, when, 0
 
     def parse(self) -> list:
-        nodes = self.sequence(stop="")
-        if self.pos != len(self.text):
-            raise _Unparsable(self.text)
-        return nodes
-
-    def sequence(self, stop: str) -> list:
-        """Nodes up to (not including) an unescaped character of `stop` at this nesting level."""
         nodes: list = []
         while self.pos < len(self.text):
-            c = self.text[self.pos]
-            if c in stop:
-                break
-            if c == "\\" and self.pos + 1 < len(self.text):
-                nodes.append(self.text[self.pos : self.pos + 2])
-                self.pos += 2
-            elif c == "[":
-                nodes.append(self.bracket())
-            elif c == "(":
-                self.pos += 1
-                nodes += ["(", *self.sequence(stop=")"), self.expect(")")]
-            elif c in "])|" and stop:
-                raise _Unparsable(self.text)
-            else:
-                nodes.append(c)
+            start = self.pos
+            try:
+                nodes.append(self.element())
+            except _NoElement:
+                self.pos = start
+                if self.text[start] not in "[]():":
+                    raise _Unparsable(self.text) from None
+                nodes.append(self.text[start])
                 self.pos += 1
         return nodes
 
-    def expect(self, char: str) -> str:
-        if self.pos >= len(self.text) or self.text[self.pos] != char:
-            raise _Unparsable(self.text)
-        self.pos += 1
-        return char
+    def element(self):
+        """Plain text (with `\\x` escapes kept for the attention parser), or a bracketed element."""
+        text, start = self.text, self.pos
+        if text[start] == "(":
+            return self.round()
+        if text[start] == "[":
+            return self.square()
+        while self.pos < len(text) and (text[self.pos] not in _SYNTAX or self.escape()):
+            self.pos += 2 if text[self.pos] == "\\" else 1
+        if self.pos == start:
+            raise _NoElement(text)
+        return text[start : self.pos]
 
-    def bracket(self):
-        """`[...]`: emphasis, prompt editing or alternation, told apart by the separators inside."""
+    def escape(self) -> bool:
+        """A backslash and the character after it are text; one before a line's end escapes nothing."""
+        rest = self.text[self.pos : self.pos + 2]
+        return rest[0] == "\\" and len(rest) == 2 and rest[1] != "\n"
+
+    def sequence(self) -> list:
+        """Elements up to the next `]`, `)`, `:` or `|` of this nesting level (or the end)."""
+        nodes: list = []
+        while self.pos < len(self.text) and self.text[self.pos] not in "]):|":
+            nodes.append(self.element())
+        return nodes
+
+    def take(self, chars: str) -> str:
+        if self.pos >= len(self.text) or self.text[self.pos] not in chars:
+            raise _NoElement(self.text)
         self.pos += 1
-        parts, seps = [self.sequence(stop=":|]")], []
-        while self.pos < len(self.text) and self.text[self.pos] in ":|":
-            seps.append(self.text[self.pos])
-            self.pos += 1
-            parts.append(self.sequence(stop=":|]"))
-        self.expect("]")
+        return self.text[self.pos - 1]
+
+    def round(self) -> list:
+        """`(x)` or `(x:weight)`: emphasis, which this level keeps as text."""
+        self.take("(")
+        nodes = ["(", *self.sequence()]
+        if self.take(":)") == ":":
+            nodes += [":", *self.sequence(), self.take(")")]
+        else:
+            nodes.append(")")
+        return nodes
+
+    def square(self):
+        """`[x]`, `[from:to:when]`, `[to:when]` or `[a|b|...]`, told apart by the separators inside."""
+        self.take("[")
+        parts, spans, seps = [], [], []
+        while True:
+            start = self.pos
+            parts.append(self.sequence())
+            spans.append(self.text[start : self.pos])
+            sep = self.take(":|]")
+            if sep == "]":
+                break
+            seps.append(sep)
         if not seps:
             return ["[", *parts[0], "]"]
         if set(seps) == {"|"}:
             return Alternate(parts)
-        if seps in ([":"], [":", ":"]):
-            return self.scheduled(parts)
-        raise _Unparsable(self.text)
+        number = _NUMBER.fullmatch(spans[-1])
+        if seps not in ([":"], [":", ":"]) or number is None:
+            raise _NoElement(self.text)
+        return Scheduled(parts[0] if len(parts) == 3 else [], parts[-2], self.when(number.group(1)))
 
-    def scheduled(self, parts: list[list]) -> Scheduled:
-        number = "".join(x for x in parts[-1] if isinstance(x, str))
-        if not all(isinstance(x, str) for x in parts[-1]) or not _NUMBER.match(number):
-            raise _Unparsable(self.text)
-        value = float(number)
-        when = value * self.steps if "." in number else value
-        before = parts[0] if len(parts) == 3 else []
-        return Scheduled(before, parts[-2], min(self.steps, int(when)))
+
+def _switch_step(number: str, steps: int, first_pass_steps: int) -> int:
+    """The last step of this pass before a `[from:to:number]` edit (A1111 >= 1.6 rules).
+
+    A number with a '.' is a fraction, else a step number. In a hires fix's second pass, step numbers
+    count on from the first pass and fractions span both: [0, 1] the first pass, [1, 2] the second.
+    """
+    value = float(number)
+    if "." in number:
+        value = (value - (1.0 if first_pass_steps else 0.0)) * steps
+    else:
+        value -= first_pass_steps
+    return int(max(0.0, min(float(steps), value)))  # clamped first: `1e999` is a number too
 
 
 def _boundaries(nodes: list, steps: int) -> set[int]:
@@ -138,7 +185,7 @@ def _boundaries(nodes: list, steps: int) -> set[int]:
     for node in nodes:
         if isinstance(node, Scheduled):
             if node.when >= 1:
-                found.add(int(node.when))
+                found.add(node.when)
             found |= _boundaries(node.before, steps) | _boundaries(node.after, steps)
         elif isinstance(node, Alternate):
             found |= set(range(1, steps + 1))
@@ -163,14 +210,18 @@ def _text_at(nodes: list, step: int) -> str:
     return "".join(out)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
-    """[(last step, text)] covering steps 1..`steps`; an unparsable prompt is used as it is.
+def prompt_schedule(prompt: str, steps: int, *, first_pass_steps: int = 0) -> list[tuple[int, str]]:
+    """[(last step, text)] covering steps 1..`steps` of one sampling pass; never raises.
 
-    As in A1111, sampling step i (0-based) uses the first entry whose last step is >= i.
+    As in A1111, sampling step i (0-based) uses the first entry whose last step is >= i. With
+    `first_pass_steps` > 0 this is the second pass of a hires fix that followed a first pass of that many
+    steps: `[b:15]` after 10 steps switches at step 5 of this pass, `[b:1.5]` halfway through it, and
+    `[b:0.5]` is already done. A prompt A1111 cannot parse is used as it is.
     """
+    when = partial(_switch_step, steps=steps, first_pass_steps=first_pass_steps)
     try:
-        nodes = _ScheduleParser(prompt, steps).parse()
-    except _Unparsable:
+        nodes = _ScheduleParser(prompt, when).parse()
+    except (_Unparsable, RecursionError):  # brackets nested hundreds deep are taken as plain text
         return [(steps, prompt)]
     ends = sorted(_boundaries(nodes, steps) | {steps})
     return [(end, _text_at(nodes, end)) for end in ends if end <= steps]
@@ -180,31 +231,35 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
 
 EMPHASIS = 1.1
 BREAK = "BREAK"
+_WEIGHT = r"[+-]?(?:\d+\.?\d*|\.\d+)"  # A1111 takes any run of digits and dots, and fails on `(a:1.2.3)`
 _ATTENTION = re.compile(
-    r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:"
+    rf"\\[()\[\]\\]|\\|\(|\[|:\s*({_WEIGHT})\s*\)|\)|\]|[^\\()\[\]:]+|:"
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(rf"\s*\b{BREAK}\b\s*", re.S)
 
 
-def parse_attention(text: str) -> list[tuple[str, float]]:
-    """Weighted fragments of `text`; a `("BREAK", -1.0)` entry marks a forced chunk boundary.
+def parse_attention(text: str) -> list[list[tuple[str, float]]]:
+    """Weighted fragments of `text`, one list per part between BREAKs (each part starts a chunk).
 
-    One deliberate difference from A1111: a BREAK inside brackets still breaks the chunk (A1111
-    scales its marker weight too, and then encodes the literal word "BREAK").
+    Any text parses; the one error, a ValueError, is a weight that overflows to infinity.
+
+    A1111 marks a BREAK with a fragment ("BREAK", -1) that brackets scale like any other, so
+    `(a BREAK b)` encodes the word "BREAK"; here a BREAK is structure, breaks wherever it is, and no
+    weight (`(x:-1)` included) can be mistaken for one.
     """
     fragments: list[list] = []
+    breaks: list[int] = []  # where each part after the first starts in `fragments`
     round_open: list[int] = []
     square_open: list[int] = []
 
     def scale(start: int, factor: float) -> None:
         for fragment in fragments[start:]:
-            if fragment[1] != -1.0:  # BREAK markers keep their meaning inside brackets
-                fragment[1] *= factor
+            fragment[1] *= factor
 
     for match in _ATTENTION.finditer(text):
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            fragments.append([token[1:] or "\\", 1.0])
+            fragments.append([token[1:], 1.0])  # a lone backslash escapes nothing and is dropped
         elif token == "(":
             round_open.append(len(fragments))
         elif token == "[":
@@ -218,13 +273,17 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         else:
             for i, part in enumerate(_BREAK.split(token)):
                 if i:
-                    fragments.append([BREAK, -1.0])
+                    breaks.append(len(fragments))
                 fragments.append([part, 1.0])
     for start in round_open:
         scale(start, EMPHASIS)
     for start in square_open:
         scale(start, 1 / EMPHASIS)
-    return _merge(fragments)
+    for fragment, weight in fragments:
+        if not math.isfinite(weight):  # `(x:1e200)` inside `(...:1e200)`: no image can follow
+            raise ValueError(f"the weight of {fragment!r} in the prompt is {weight}, not a finite number")
+    bounds = [0, *breaks, len(fragments)]
+    return [_merge(fragments[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def _merge(fragments: list[list]) -> list[tuple[str, float]]:

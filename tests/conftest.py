@@ -1,5 +1,12 @@
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests: a few seconds in CI, no deadline (a busy machine is not a slow parser).
+# `pytest --hypothesis-profile=deep` searches harder before a release or after a parser change.
+settings.register_profile("default", max_examples=200, deadline=None)
+settings.register_profile("deep", max_examples=5000, deadline=None)
+settings.load_profile("default")
 
 
 def pytest_addoption(parser):

@@ -64,6 +64,17 @@ def test_weights_scale_hidden_states_then_the_mean_is_restored():
     assert err <= TOL, f"max abs err {err:.2e}"
 
 
+def test_the_word_break_weighted_minus_one_is_text_not_a_break():
+    """`BRE()AK` joins into the text "BREAK"; at weight -1 it once looked like the BREAK marker."""
+    encoder = _encoder(TINY_SD1.text_encoders[0])
+    z = _plain(encoder, "a BREAK circle")
+    w = torch.ones(1, z.shape[1], 1)
+    w[0, 2 : 2 + len(encoder.tokenizer.encode("BREAK"))] = -1.0
+    expected = z * w * (z.mean() / (z * w).mean())
+    err = _err(PromptEncoder([encoder])(["a (BRE()AK:-1) circle"]).context, expected)  # one chunk, not two
+    assert err <= TOL, f"max abs err {err:.2e}"
+
+
 def test_long_prompts_and_break_make_77_token_chunks():
     encoder = _encoder(TINY_SD1.text_encoders[0])
     prompts = PromptEncoder([encoder])

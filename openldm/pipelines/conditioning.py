@@ -21,7 +21,7 @@ from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.nn.embeddings import timestep_embedding
 from openldm.pipelines.params import GenerationParams
-from openldm.prompts import BREAK, extract_networks, parse_attention, prompt_schedule
+from openldm.prompts import extract_networks, parse_attention, prompt_schedule
 
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
 
@@ -67,35 +67,35 @@ def chunk_prompt(text: str, encoder: TextEncoder) -> list[Chunk]:
         chunks.append(chunk)
         chunk, last_comma = Chunk(), -1
 
-    for fragment, weight in parse_attention(text):
-        if fragment == BREAK and weight == -1.0:
+    for part_index, part in enumerate(parse_attention(text)):
+        if part_index:  # a BREAK
             close()
-            continue
-        tokens, i = encoder.tokenizer.encode(fragment), 0
-        while i < len(tokens):
-            if tokens[i] == comma:
-                last_comma = len(chunk.tokens)
-            elif len(chunk.tokens) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
-                cut = last_comma + 1
-                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
-                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
-                close()
-                chunk = moved
-            if len(chunk.tokens) == size:
-                close()
-            name_tokens = _embedding_at(tokens, i, names)
-            if name_tokens is None:
-                chunk.tokens.append(tokens[i])
-                chunk.weights.append(weight)
-                i += 1
-                continue
-            vectors = encoder.embeddings[names[name_tokens]]
-            if len(chunk.tokens) + len(vectors) > size:
-                close()
-            chunk.fixes.append((len(chunk.tokens), vectors))
-            chunk.tokens += [0] * len(vectors)
-            chunk.weights += [weight] * len(vectors)
-            i += len(name_tokens)
+        for fragment, weight in part:
+            tokens, i = encoder.tokenizer.encode(fragment), 0
+            while i < len(tokens):
+                if tokens[i] == comma:
+                    last_comma = len(chunk.tokens)
+                elif len(chunk.tokens) == size and last_comma != -1 and size - last_comma <= COMMA_BACKTRACK:
+                    cut = last_comma + 1
+                    moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
+                    chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                    close()
+                    chunk = moved
+                if len(chunk.tokens) == size:
+                    close()
+                name_tokens = _embedding_at(tokens, i, names)
+                if name_tokens is None:
+                    chunk.tokens.append(tokens[i])
+                    chunk.weights.append(weight)
+                    i += 1
+                    continue
+                vectors = encoder.embeddings[names[name_tokens]]
+                if len(chunk.tokens) + len(vectors) > size:
+                    close()
+                chunk.fixes.append((len(chunk.tokens), vectors))
+                chunk.tokens += [0] * len(vectors)
+                chunk.weights += [weight] * len(vectors)
+                i += len(name_tokens)
     if chunk.tokens or not chunks:
         close()
     return chunks

@@ -31,10 +31,19 @@ _PAIR = re.compile(r'\s*([\w ()/+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def _quote(value: str) -> str:
-    """Quote a value that would break the comma-separated line, as A1111 does."""
-    if "," not in value and "\n" not in value and ":" not in value and '"' not in value:
+    """Quote a value that would break the comma-separated line, as A1111 does (and one that the reader
+    would strip: spaces at either end)."""
+    if not any(c in value for c in ',\n:"') and value == value.strip():
         return value
     return json.dumps(value)
+
+
+def _unquote(value: str) -> str:
+    """A quoted value's text; one that is not valid JSON is kept as written, as A1111 does."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def format_infotext(prompt: str, negative: str, settings: dict[str, Any]) -> str:
@@ -48,22 +57,20 @@ def format_infotext(prompt: str, negative: str, settings: dict[str, Any]) -> str
 
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """Inverse of `format_infotext`: (prompt, negative prompt, settings as strings)."""
-    *head, last = text.strip("\n").split("\n")
+    """Inverse of `format_infotext`: (prompt, negative prompt, settings as strings); never raises.
+
+    The first line that starts with "Negative prompt:" starts the negative prompt; later ones are part of it.
+    """
+    *head, last = text.rstrip("\n").split("\n")
     settings: dict[str, str] = {}
     if _PAIR.match(last) and len(_PAIR.findall(last)) >= 2:
         for key, value in _PAIR.findall(last):
-            settings[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+            settings[key.strip()] = _unquote(value) if value.startswith('"') else value.strip()
     else:
         head.append(last)
-    prompt_lines, negative_lines = [], []
-    target = prompt_lines
-    for line in head:
-        if line.startswith(_NEGATIVE):
-            target = negative_lines
-            line = line[len(_NEGATIVE):].lstrip()
-        target.append(line)
-    return "\n".join(prompt_lines), "\n".join(negative_lines), settings
+    split = next((i for i, line in enumerate(head) if line.startswith(_NEGATIVE)), len(head))
+    negative = "\n".join(head[split:])[len(_NEGATIVE):]
+    return "\n".join(head[:split]), negative.removeprefix(" "), settings
 
 
 def png_bytes(image: Image.Image, infotext: str, exact: dict[str, Any]) -> bytes:

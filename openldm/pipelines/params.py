@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from functools import partial
@@ -158,19 +159,27 @@ def read_ints(text: str, count: int, sep: str = ",") -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+def read_float(text: str) -> float:
+    """A finite number: float() also reads "nan" and "inf", which no setting means."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
 # A1111 infotext key -> (our field, how to read its value); the inverse of `infotext_settings`.
 _FROM_INFOTEXT = {
     "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule", str),
-    "CFG scale": ("cfg", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
-    "Clip skip": ("clip_skip", int), "CFG Rescale phi": ("guidance_rescale", float),
-    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
-    "Hires upscale": ("upscale_by", float), "Hires steps": ("hires_steps", int),
+    "CFG scale": ("cfg", read_float), "Seed": ("seed", int), "Denoising strength": ("strength", read_float),
+    "Clip skip": ("clip_skip", int), "CFG Rescale phi": ("guidance_rescale", read_float),
+    "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", read_float),
+    "Hires upscale": ("upscale_by", read_float), "Hires steps": ("hires_steps", int),
     "Hires upscaler": ("upscaler", str.lower),
     "Original size": ("original_size", partial(read_ints, count=2, sep="x")),
     "Target size": ("target_size", partial(read_ints, count=2, sep="x")),
     "Crop coords": ("crop_coords", partial(read_ints, count=2)),
     "Outpaint": ("outpaint", partial(read_ints, count=4)),
-    "Refiner": ("refiner_model", str), "Refiner switch at": ("refiner_switch", float),
+    "Refiner": ("refiner_model", str), "Refiner switch at": ("refiner_switch", read_float),
 }
 
 
@@ -185,7 +194,7 @@ def params_from_infotext(prompt: str, negative: str, settings: dict[str, str]) -
             values["width"], values["height"] = read_ints(settings["Size"], 2, "x")
         if "Lora weights" in settings:
             pairs = (item.rsplit(":", 1) for item in settings["Lora weights"].split(","))
-            values["loras"] = tuple((name.strip(), float(w)) for name, w in pairs)
+            values["loras"] = tuple((name.strip(), read_float(w)) for name, w in pairs)
     except ValueError as e:
         raise ValueError(f"unreadable infotext value ({e})") from None
     if "Hires upscale" in settings and "strength" in values:  # A1111: the hires pass's strength
