@@ -33,6 +33,8 @@ RUNTIME_CPU = 280 * MiB
 # What a stage holds beside its activations and the largest conv weight's blocked copy, which oneDNN
 # makes on every call (118 MiB for SD's 2560 -> 1280 UNet conv): kernel scratch, allocator slack.
 SCRATCH = 16 * MiB
+# The VAE tile (latent pixels; 512 image pixels for SD) that `--vae-tiling on` uses unless told.
+DEFAULT_VAE_TILE = 64
 MATH_ATTENTION_COPIES = 2.3  # scores, softmax: measured 591 MiB for a 256 MiB matrix
 
 
@@ -259,7 +261,7 @@ def check_fits(
                                  config.vae.downsample_factor * 8)
     if side:
         ways.append(f"{side}x{side} at this batch")
-    if vae_tile is None and estimate((width, height), batch, 64).total <= budget:
+    if vae_tile is None and estimate((width, height), batch, DEFAULT_VAE_TILE).total <= budget:
         ways.append("--vae-tiling on")
     fewer = next((n for n in range(batch - 1, 0, -1) if estimate((width, height), n).total <= budget), None)
     if fewer:

@@ -87,12 +87,18 @@ def measure(case: Case) -> dict:
 def estimate(case: Case) -> tuple[float, float]:
     """(estimated peak of the process, estimated peak of the stage above the resident weights) in MiB."""
     from openldm.config import get_preset
-    from openldm.memory import RUNTIME_CPU, estimate_peak, parameter_counts, vae_decode_bytes
+    from openldm.memory import (
+        DEFAULT_VAE_TILE,
+        RUNTIME_CPU,
+        estimate_peak,
+        parameter_counts,
+        vae_decode_bytes,
+    )
 
     config = get_preset(case.preset)
     if case.stage == "decode":
         f = config.vae.downsample_factor
-        tile = 64 if case.tiling == "on" else None
+        tile = DEFAULT_VAE_TILE if case.tiling == "on" else None
         work = vae_decode_bytes(config.vae, case.batch, case.size // f, case.size // f, 4, tile=tile)
         return (RUNTIME_CPU + parameter_counts(config)["vae"] * 4 + work) / MiB, work / MiB
     found = estimate_peak(config, width=case.size, height=case.size, batch=case.batch)

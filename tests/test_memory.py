@@ -114,4 +114,9 @@ def test_estimate_matches_measured_peak_tiny():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_estimate_matches_measured_peak_full_size():
     table = _table_module()
-    _check_rows(table.table(table.TINY_CASES + table.FULL_CASES))
+    rows = table.table(table.TINY_CASES + table.FULL_CASES)
+    _check_rows(rows)
+    decodes = {row["case"]: row["work_measured_mib"] for row in rows if "1024px b1 decode" in row["case"]}
+    whole, tiled = decodes["sd15 1024px b1 decode"], decodes["sd15 1024px b1 decode, tiled"]
+    assert tiled < whole / 2, f"1024 px SD1.5 decode: {tiled:.0f} MiB tiled vs {whole:.0f} MiB whole"
+

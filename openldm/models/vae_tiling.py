@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from openldm.memory import memory_available, vae_decode_bytes, vae_encode_bytes
+from openldm.memory import DEFAULT_VAE_TILE, memory_available, vae_decode_bytes, vae_encode_bytes
 from openldm.models.vae import AutoencoderKL, DiagonalGaussian
 
 TilingMode = Literal["auto", "on", "off"]
@@ -25,8 +25,8 @@ class VAETiling:
     `sliced` runs a batch one image at a time (identical results, a batch's worth less memory)."""
 
     mode: TilingMode = "auto"
-    tile_size: int = 64
-    overlap: int = 16
+    tile_size: int = DEFAULT_VAE_TILE
+    overlap: int = DEFAULT_VAE_TILE // 4
     sliced: bool = False
 
     def __post_init__(self) -> None:
