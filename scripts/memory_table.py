@@ -7,6 +7,19 @@ Each case runs in its own process: build the model with random weights, then eit
 one-step generation (text encoder, one CFG UNet step, VAE decode, PNG-ready image) or a VAE decode
 alone, whole or tiled. The peak is VmHWM, reset (/proc/self/clear_refs) once the weights are built,
 so it is the run's peak with the weights resident, which is what the estimate describes.
+"run" columns: the stage's own bytes (estimate's largest stage; measured peak minus RSS before it).
+
+Measured with torch 2.13 CPU, float32, random weights, on a 2-core host under load 16
+(`python scripts/memory_table.py --full`, 41 min):
+
+    case                                estimate  measured   error    run est. run meas.
+    tiny-sd1 64px b1 generate               318M      326M   -2.5%         23M       34M
+    tiny-sd1 256px b2 generate              537M      594M   -9.6%        242M      301M
+    tiny-sdxl 128px b2 generate             358M      392M   -8.9%         49M       62M
+    sd15 256px b1 generate                 4630M     4751M   -2.6%        282M      403M
+    sd15 512px b1 generate                 5402M     5557M   -2.8%       1055M     1210M
+    sd15 1024px b1 decode                  4744M     4429M   +7.1%       4145M     3880M
+    sd15 1024px b1 decode, tiled           1674M     1599M   +4.7%       1075M     1051M
 """
 
 from __future__ import annotations
