@@ -29,6 +29,10 @@ def attention(
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     if backend == "sdpa":
+        # The CPU's fused (flash) kernel needs a unit stride in the last dim; given transposed
+        # inputs (the VAE's 1x1-conv q, k, v) SDPA silently falls back to the math path, which
+        # holds about 2.3 tokens^2 floats per head: 2.3 GiB for a 1024 px SD decode.
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     elif backend == "math":
         weights = (q @ k.transpose(-2, -1)) * d**-0.5
