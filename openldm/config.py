@@ -236,13 +236,19 @@ class ControlNetConfig:
 
     `unet` is the base model's UNet config (in_channels: the plain latent's, as the copy never sees an
     inpainting model's extra channels); `hint_channels` are the control image's; `hint_widths` are the
-    widths of the hint encoder's three stride-2 stages (the originals' 16, 32, 96, 256).
+    widths of the hint encoder's stages, each after the first halving the size (the originals' 16, 32,
+    96, 256: from pixels to the latent's 1/8).
     """
 
     family: Literal["sd1", "sd2", "sdxl"]
     unet: UNetConfig
     hint_channels: int = 3
     hint_widths: tuple[int, ...] = (16, 32, 96, 256)
+
+    @property
+    def hint_factor(self) -> int:
+        """How much smaller the latent is than the control image: the VAE's factor, in the originals 8."""
+        return 2 ** (len(self.hint_widths) - 1)
 
     @property
     def outputs(self) -> int:
@@ -254,7 +260,9 @@ def controlnet_config(model: ModelConfig) -> ControlNetConfig:
     """The ControlNet that fits a base model: its UNet's encoder half, on plain latents."""
     if model.family not in ("sd1", "sd2", "sdxl"):
         raise ValueError(f"no ControlNet family for {model.name} ({model.family}): SD1, SD2 and SDXL have")
-    return ControlNetConfig(model.family, replace(model.unet, in_channels=model.latent_format.channels))
+    stages = model.vae.downsample_factor.bit_length()  # 8 -> 4 widths, the originals'; tiny VAEs' 2 -> 2
+    return ControlNetConfig(model.family, replace(model.unet, in_channels=model.latent_format.channels),
+                            hint_widths=(16, 32, 96, 256)[:stages])
 
 
 # --- the embedded model: a small SD1-structured model trained by openldm on the shapes dataset ---

@@ -42,14 +42,18 @@ def controlnet_pair(cfg: ControlNetConfig, seed: int = 0) -> tuple[ControlNet, C
         "conditioning_embedding_out_channels": cfg.hint_widths,
     }
     theirs = ControlNetModel(**config)
-    theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg.unet), strict=True)
+    theirs.load_state_dict(to_diffusers(ours.state_dict(), cfg), strict=True)
     return ours.eval(), theirs.eval()
 
 
 def control_inputs(cfg: ControlNetConfig, batch: int = 2, size: int = 8) -> dict:
     a = inputs(cfg.unet, batch=batch, size=size, timesteps=[3.0, 741.5][:batch])
     a["hint"] = torch.rand(
-        batch, cfg.hint_channels, 8 * size, 8 * size, generator=torch.Generator().manual_seed(5)
+        batch,
+        cfg.hint_channels,
+        cfg.hint_factor * size,
+        cfg.hint_factor * size,
+        generator=torch.Generator().manual_seed(5),
     )
     a["y"] = sdxl_vector(a["text_embeds"], a["time_ids"]) if "time_ids" in a else None
     return a
@@ -139,7 +143,7 @@ def _save_layouts(tmp_path, cfg: ControlNetConfig, model: ControlNet) -> dict:
     }
     save_file({PREFIX + k: v for k, v in state.items()}, paths["prefixed"])
     torch.save(state, paths["bare"])
-    diffusers_state = {k: v.contiguous() for k, v in to_diffusers(state, cfg.unet).items()}
+    diffusers_state = {k: v.contiguous() for k, v in to_diffusers(state, cfg).items()}
     save_file(diffusers_state, paths["diffusers_file"])
     paths["diffusers_folder"].mkdir()
     save_file(diffusers_state, paths["diffusers_folder"] / "diffusion_pytorch_model.safetensors")

@@ -25,25 +25,25 @@ from openldm.models.controlnet import ControlNet
 
 PREFIX = "control_model."
 Shapes = Mapping[str, tuple[int, ...]]
-_HINT_CONVS = 8  # input_hint_block.{0,2,...,14}; diffusers: conv_in, blocks.0-5, conv_out
 
 
 # --- the diffusers table ---------------------------------------------------------------------
 
 
-def _hint_rows() -> Table:
-    inner = [f"controlnet_cond_embedding.blocks.{i}" for i in range(_HINT_CONVS - 2)]
+def _hint_rows(stages: int) -> Table:
+    """input_hint_block.{0, 2, ..., 4 stages - 2}; diffusers: conv_in, blocks.0 to 2 stages - 3, conv_out."""
+    inner = [f"controlnet_cond_embedding.blocks.{i}" for i in range(2 * stages - 2)]
     theirs = ["controlnet_cond_embedding.conv_in", *inner, "controlnet_cond_embedding.conv_out"]
     return {f"input_hint_block.{2 * i}": (name, _SAME) for i, name in enumerate(theirs)}
 
 
-def controlnet_table(cfg: UNetConfig) -> Table:
+def controlnet_table(cfg: UNetConfig, stages: int) -> Table:
     """Ours -> diffusers: the UNet's encoder rows, the hint encoder, and the zero convs."""
     rows = {k: v for k, v in _unet_table(cfg).items() if not k.startswith(("output_blocks.", "out."))}
     blocks = len(cfg.channel_mult) * (cfg.num_res_blocks + 1)
     rows |= {f"zero_convs.{i}.0": (f"controlnet_down_blocks.{i}", _SAME) for i in range(blocks)}
     rows["middle_block_out.0"] = ("controlnet_mid_block", _SAME)
-    return rows | _hint_rows()
+    return rows | _hint_rows(stages)
 
 
 def _diffusers_structure(keys: list[str]) -> UNetConfig:
@@ -60,12 +60,15 @@ def _diffusers_structure(keys: list[str]) -> UNetConfig:
 def from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers `ControlNetModel` state dict in the original names."""
     state = {k: v for k, v in state.items() if not k.startswith("add_time_proj")}  # weightless
-    return _convert(state, invert(controlnet_table(_diffusers_structure(list(state)))), to_linear=False)
+    blocks = [k for k in state if re.fullmatch(r"controlnet_cond_embedding\.blocks\.\d+\.weight", k)]
+    stages = 1 + len(blocks) // 2
+    table = controlnet_table(_diffusers_structure(list(state)), stages)
+    return _convert(state, invert(table), to_linear=False)
 
 
-def to_diffusers(state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
+def to_diffusers(state: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
     """The original names -> a diffusers `ControlNetModel` state dict (tests compare against diffusers)."""
-    return _convert(state, controlnet_table(cfg), to_linear=True)
+    return _convert(state, controlnet_table(cfg.unet, len(cfg.hint_widths)), to_linear=True)
 
 
 # --- the config from shapes ------------------------------------------------------------------
@@ -125,12 +128,10 @@ def infer_config(shapes: Shapes, base: ControlNetConfig | None = None) -> Contro
         adm_in_channels=adm,
         use_linear_in_transformer=facts["use_linear_in_transformer"],
     )
-    widths = tuple(
-        shapes[f"input_hint_block.{i}.weight"][0]
-        for i in (0, 4, 8, 12)
-        if f"input_hint_block.{i}.weight" in shapes
-    )
-    return ControlNetConfig(family.family, unet, shapes["input_hint_block.0.weight"][1], widths)
+    widths = []  # each stage's first conv sits at 4 * stage (conv, SiLU, conv, SiLU)
+    while f"input_hint_block.{4 * len(widths)}.weight" in shapes:
+        widths.append(shapes[f"input_hint_block.{4 * len(widths)}.weight"][0])
+    return ControlNetConfig(family.family, unet, shapes["input_hint_block.0.weight"][1], tuple(widths))
 
 
 def _family_preset(facts: dict) -> ControlNetConfig:

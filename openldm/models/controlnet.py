@@ -4,9 +4,9 @@ Models"), in the original `cldm.py` parameter names with the `control_model.` pr
 It is the base UNet's encoder half built by the UNet's own code (`time_embed`, `label_emb` for SDXL,
 `input_blocks`, `middle_block`), plus what steers it:
 
-- `input_hint_block`: the control image (pixel resolution) down to latent resolution in three
-  stride-2 stages; its indices are the original `nn.Sequential`'s, SiLUs included (convs at 0, 2,
-  ..., 14), and its last conv starts at zero.
+- `input_hint_block`: the control image (pixel resolution) down to latent resolution in stride-2
+  stages (three in the originals, one per halving of the VAE); its indices are the original
+  `nn.Sequential`'s, SiLUs included (convs at 0, 2, ..., 14), and its last conv starts at zero.
 - `zero_convs.N.0`: a zero-initialised 1x1 conv on every input block's output (`.0`: each sits in
   a one-layer `TimestepEmbedSequential` in the original).
 - `middle_block_out.0`: the same on the middle block's output.
@@ -78,7 +78,8 @@ class ControlNet(nn.Module):
         context: torch.Tensor,
         y: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """x: (b, 4, h, w) latent; hint: (b, hint_channels, 8h, 8w) in [0, 1]; the rest as the UNet's.
+        """x: (b, 4, h, w) latent; hint: (b, hint_channels, f h, f w) in [0, 1] with f = cfg.hint_factor;
+        the rest as the UNet's.
 
         Returns `cfg.outputs` residuals: the input blocks' in order, then the middle block's.
         """
