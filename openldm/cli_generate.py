@@ -156,6 +156,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="batches run one after another (default 1)")
     g.add_argument("--clip-skip", type=int, metavar="N",
                    help="use the text encoder's n-th layer from the end")
+    _add_control(p)
     xl = p.add_argument_group("SDXL settings")
     xl.add_argument("--original-size", type=_size_spec, metavar="WxH",
                     help="size conditioning: the picture's size before cropping (default: the output size)")
@@ -168,6 +169,52 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     xl.add_argument("--refiner-switch", type=float, metavar="F", help="fraction of the noise range the base "
                     "model samples before the refiner takes over (default 0.8, as diffusers' denoising_end)")
     p.set_defaults(outpaint=(0, 0, 0, 0))  # only `outpaint` extends, even with --from-png of an outpainting
+
+
+def _control_spec(text: str) -> tuple[Path, Path, float, float, float]:
+    """FILE:IMAGE[:WEIGHT[:START:END]] -> (ControlNet file, control image, weight, start, end)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3, 5):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FILE:IMAGE[:WEIGHT[:START:END]]")
+    try:
+        weight, start, end = (float(v) for v in (parts[2:] + ["1", "0", "1"][len(parts) - 2:])[:3])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: WEIGHT, START and END must be numbers") from None
+    return Path(parts[0]), Path(parts[1]), weight, start, end
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    from openldm.pipelines.control import CONTROL_MODES
+    from openldm.pipelines.preprocessors import PREPROCESSORS
+
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--control", type=_control_spec, action="append", default=[],
+                   metavar="FILE:IMAGE[:WEIGHT[:START:END]]", help="a ControlNet file or diffusers folder, "
+                   "its control image, weight (default 1) and the fractions of the schedule it acts in; "
+                   "repeatable")
+    g.add_argument("--control-preprocess", choices=PREPROCESSORS, default="none",
+                   help="make every control image with this preprocessor first (default none: ready-made)")
+    g.add_argument("--canny-low", type=int, default=100, help="canny's low threshold (default 100)")
+    g.add_argument("--canny-high", type=int, default=200, help="canny's high threshold (default 200)")
+    g.add_argument("--control-mode", choices=CONTROL_MODES, default="balanced", help="A1111's control modes: "
+                   "balanced, prompt (my prompt is more important), control (ControlNet is more important)")
+    g.add_argument("--control-resize", choices=RESIZE_MODES, default="resize",
+                   help="how control images meet the size (as --resize-mode)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode: no prompt needed")
+
+
+def control_units(args: argparse.Namespace) -> list:
+    """The `--control` options as `ControlUnit`s, their images read and preprocessed."""
+    from openldm.pipelines.control import ControlUnit
+    from openldm.pipelines.images import open_image
+    from openldm.pipelines.preprocessors import Thresholds, preprocess
+
+    thresholds = Thresholds(args.canny_low, args.canny_high)
+    made = [preprocess(args.control_preprocess, open_image(image, "control image"), thresholds)
+            for _, image, *_ in args.control]
+    return [ControlUnit(model, image, weight, start, end, args.control_resize, args.control_mode,
+                        args.guess_mode, args.control_preprocess)
+            for (model, _, weight, start, end), image in zip(args.control, made)]
 
 
 def _add_txt2img(sub) -> None:
@@ -322,8 +369,10 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
 
     inputs = {name: open_image(getattr(args, name), name) for name in MODE_INPUTS[args.command]}
     check_inputs(args.command, jobs[0], **inputs)
+    controls = control_units(args)
     renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
-    return functools.partial(renderer.render, args.command, **inputs), lambda: renderer.model_hash
+    render = functools.partial(renderer.render, args.command, controls=controls, **inputs)
+    return render, lambda: renderer.model_hash
 
 
 _SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
@@ -334,6 +383,8 @@ _SERVER_SIDE = {  # options that choose or change the model: a server's own, giv
 
 def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], str]]:
     """The server renders; the inputs travel as their files' bytes."""
+    if args.control:
+        raise ValueError("--control runs here only: the server does not take ControlNet units yet")
     given = [flag for flag, name in _SERVER_SIDE.items() if getattr(args, name, None) not in (None, [])]
     if given:
         raise ValueError(f"{', '.join(given)}: the server's model settings; give them to `openldm serve`, "

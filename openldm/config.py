@@ -228,6 +228,43 @@ TINY_SDXL_REFINER = ModelConfig(
     vector_conds=SDXL_REFINER_CONDS,
 )
 
+# --- ControlNet: a trainable copy of a UNet's encoder half, steered by a control image ----------
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """ldm's `ControlNet` (cldm.py): the base UNet's input and middle blocks plus the hint encoder.
+
+    `unet` is the base model's UNet config (in_channels: the plain latent's, as the copy never sees an
+    inpainting model's extra channels); `hint_channels` are the control image's; `hint_widths` are the
+    widths of the hint encoder's stages, each after the first halving the size (the originals' 16, 32,
+    96, 256: from pixels to the latent's 1/8).
+    """
+
+    family: Literal["sd1", "sd2", "sdxl"]
+    unet: UNetConfig
+    hint_channels: int = 3
+    hint_widths: tuple[int, ...] = (16, 32, 96, 256)
+
+    @property
+    def hint_factor(self) -> int:
+        """How much smaller the latent is than the control image: the VAE's factor, in the originals 8."""
+        return 2 ** (len(self.hint_widths) - 1)
+
+    @property
+    def outputs(self) -> int:
+        """Residuals it returns: one per UNet input block, then the middle block's."""
+        return 1 + len(self.unet.channel_mult) * (self.unet.num_res_blocks + 1)
+
+
+def controlnet_config(model: ModelConfig) -> ControlNetConfig:
+    """The ControlNet that fits a base model: its UNet's encoder half, on plain latents."""
+    if model.family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"no ControlNet family for {model.name} ({model.family}): SD1, SD2 and SDXL have")
+    stages = model.vae.downsample_factor.bit_length()  # 8 -> 4 widths, the originals'; tiny VAEs' 2 -> 2
+    return ControlNetConfig(model.family, replace(model.unet, in_channels=model.latent_format.channels),
+                            hint_widths=(16, 32, 96, 256)[:stages])
+
+
 # --- the embedded model: a small SD1-structured model trained by openldm on the shapes dataset ---
 
 SHAPES_VOCAB_SIZE = 596  # 512 byte symbols + 82 merges learned from the captions + start + end
@@ -266,3 +303,8 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+# ControlNets by the base preset they fit (SD2's 768-v and base share one UNet shape).
+CONTROLNET_PRESETS: dict[str, ControlNetConfig] = {
+    p.name: controlnet_config(p) for p in (SD15, SD2_BASE, SDXL_BASE, TINY_SD1, TINY_SD2, TINY_SDXL)
+}

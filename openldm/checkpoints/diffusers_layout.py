@@ -134,6 +134,11 @@ def _tables(component: str, config: ModelConfig) -> tuple[Table, Table]:
         forward = _vae_table(config.vae)
     else:
         raise ValueError(f"no diffusers renaming for component {component!r} (expected 'unet' or 'vae')")
+    return forward, invert(forward)
+
+
+def invert(forward: Table) -> Table:
+    """The same rows read from the diffusers side (ControlNet's table reuses this)."""
     backward: Table = {}
     for ours, (theirs, leaves) in forward.items():
         inverse = _Leaves(
@@ -141,7 +146,7 @@ def _tables(component: str, config: ModelConfig) -> tuple[Table, Table]:
             frozenset(leaves.names.get(n, n) for n in leaves.conv_as_linear),
         )
         backward[theirs] = (ours, inverse)
-    return forward, backward
+    return backward
 
 
 # --- renaming --------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ so loading an original file is a prefix strip and a strict load. Its layout:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -98,10 +100,15 @@ class UNetModel(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (b, in_channels, h, w) latent; timesteps: (b,) floats in [0, 1000); context: (b, tokens,
-        context_dim); y: (b, adm_in_channels) for SDXL. Conditioning is cast to x's dtype."""
+        context_dim); y: (b, adm_in_channels) for SDXL. Conditioning is cast to x's dtype.
+
+        `control` (ControlNet's residuals, `models.controlnet`): one per input block, added to its kept
+        output before the decoder takes it, then one added to the middle block's output, as cldm's
+        `ControlledUnetModel` does."""
         self._check_inputs(x, y)
         t_emb = timestep_embedding(timesteps.expand(x.shape[0]), self.cfg.model_channels)
         emb = self.time_embed(t_emb.to(x.dtype))
@@ -114,6 +121,11 @@ class UNetModel(nn.Module):
             h = block(h, emb, context)
             kept.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(kept) + 1:
+                raise ValueError(f"{len(control)} control residuals for a UNet that takes {len(kept) + 1}")
+            h = h + control[-1]
+            kept = [k + c.to(k.dtype) for k, c in zip(kept, control)]
         for block in self.output_blocks:
             h = block(torch.cat([h, kept.pop()], dim=1), emb, context)
         return self.out(h)

@@ -26,9 +26,14 @@ if TYPE_CHECKING:
 
 
 class Extra(Protocol):
-    """Extra conditioning for a run (ControlNet, later): what it adds to each cond dict of a pass."""
+    """Extra conditioning for a run (ControlNet: `control.Control`): what it adds to each cond dict of a pass.
 
-    def cond(self, pipe: Pipeline, run: Run, batch: int) -> dict[str, Any]: ...
+    `rows` is the dict's batch; `uncond` says which side of CFG it is; `tracker.step` is the step being
+    taken while the model runs, of `steps` in the whole run.
+    """
+
+    def cond(self, pipe: Pipeline, run: Run, rows: int, *, uncond: bool, tracker: StepTracker,
+             steps: int) -> dict[str, Any]: ...
 
 
 def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
@@ -43,15 +48,18 @@ def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
     ends = sorted(set(positive.ends) | set(negative.ends))
     encoder = PromptEncoder(pipe.text_encoders, params.clip_skip)
     sizes = size_conditioning(params, run.width, run.height)
+    tracker = StepTracker(step_callback(run.callback, steps, offset, pipe.progress), offset)
+    clock = {"tracker": tracker, "steps": steps}
     denoisers = []
     for end in ends:
         cond_texts = next(t for e, t in zip(positive.ends, positive.texts) if e >= end)
         uncond_texts = next(t for e, t in zip(negative.ends, negative.texts) if e >= end)
         count = max(encoder.chunk_count(t) for t in cond_texts + uncond_texts)
-        cond = _cond(pipe, run, encoder(cond_texts, count), sizes, start, params.aesthetic_score)
-        uncond = _cond(pipe, run, encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score)
+        cond = _cond(pipe, run, encoder(cond_texts, count), sizes, start, params.aesthetic_score,
+                     dict(clock, uncond=False))
+        uncond = _cond(pipe, run, encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score,
+                       dict(clock, uncond=True))
         denoisers.append(CFGDenoiser(pipe.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
-    tracker = StepTracker(step_callback(run.callback, steps, offset, pipe.progress), offset)
     denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
     if start.keep is not None:
         denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
@@ -59,7 +67,7 @@ def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
 
 
 def _cond(pipe: Pipeline, run: Run, encoded: EncodedPrompts, sizes: dict[str, tuple[int, ...]], start: Start,
-          aesthetic: float) -> dict[str, Any]:
+          aesthetic: float, clock: dict[str, Any]) -> dict[str, Any]:
     """The model's keyword inputs besides x and the timestep: text, SDXL's vector, masks, extras."""
     device = pipe.device
     cond: dict[str, Any] = {"context": encoded.context.to(device)}
@@ -69,7 +77,7 @@ def _cond(pipe: Pipeline, run: Run, encoded: EncodedPrompts, sizes: dict[str, tu
     if start.concat is not None:
         cond["concat"] = start.concat.expand(encoded.context.shape[0], -1, -1, -1)
     for extra in run.extras:
-        cond |= extra.cond(pipe, run, encoded.context.shape[0])
+        cond |= extra.cond(pipe, run, encoded.context.shape[0], **clock)
     return cond
 
 

@@ -42,6 +42,7 @@ def result_infotext(result, model: str | None = None, model_hash: str | None = N
     p = result.params
     settings = infotext_settings(p, p.width or result.image.width, p.height or result.image.height,
                                  model, model_hash, result.mode)
+    settings |= getattr(result, "control", None) or {}  # "ControlNet 0: ..." as the A1111 extension writes
     return format_infotext(p.prompt, p.negative, settings)
 
 

@@ -26,6 +26,7 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_nois
 from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
+from openldm.models.controlnet import ControlNet
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -38,6 +39,7 @@ from openldm.networks import (
 )
 from openldm.pipelines import images as im
 from openldm.pipelines.conditioning import TextEncoder
+from openldm.pipelines.control import ControlUnit, control_infotext, make_control
 from openldm.pipelines.decoding import decode_finite
 from openldm.pipelines.guidance import Extra, guided_denoiser
 from openldm.pipelines.inpaint import (
@@ -61,6 +63,7 @@ class Result:
     mode: str
     latent: torch.Tensor
     networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
+    control: dict[str, str] = field(default_factory=dict)  # infotext entries of its ControlNet units
 
 
 class Pipeline:
@@ -79,6 +82,7 @@ class Pipeline:
         self.denoiser = DiscreteDenoiser(self._unet, self.schedule, cfg.prediction)
         self.progress = False
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
+        self.controlnets: dict[str, ControlNet] = {}  # loaded ControlNets by resolved path
 
     @property
     def device(self) -> torch.device:
@@ -94,11 +98,16 @@ class Pipeline:
         return next(self.vae.parameters()).dtype
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-              concat: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet as the denoiser sees it; inpainting models also get the mask and masked image."""
+              concat: torch.Tensor | None = None, control: Any = None,
+              control_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet as the denoiser sees it; inpainting models also get the mask and masked image.
+
+        `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent."""
+        t, context, y = t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype)
+        residuals = None if control is None else control.residuals(x, t, context, y, control_gate)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)
-        return self.unet(x, t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype))
+        return self.unet(x, t, context, y, control=residuals)
 
     # --- extra networks and embeddings -----------------------------------------------------------
 
@@ -169,6 +178,7 @@ class Pipeline:
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         mode: str | None = None, hires: bool = False, callback: StepCallback | None = None,
         latents: torch.Tensor | None = None, refiner: Pipeline | None = None, extras: Sequence[Extra] = (),
+        controls: Sequence[ControlUnit] = (),
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size.
 
@@ -177,8 +187,11 @@ class Pipeline:
         (1-based, counted through a refiner's hand-off and the hires pass), the steps of that pass and
         the current clean estimate (latents, batch first) for previews. A callback that raises
         `Interrupted` stops the run before the next model call: the batches already finished are returned.
-        `extras` add conditioning to every model call of every mode (see `guidance.Extra`).
+        `extras` add conditioning to every model call of every mode (see `guidance.Extra`); `controls`
+        are ControlNet units (`control.ControlUnit`), loaded once per file and added as one extra.
         """
+        if controls:
+            extras = (*extras, make_control(self, controls, self.controlnets))
         if refiner is not None:
             self._check_refiner(refiner)
         params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
@@ -195,8 +208,8 @@ class Pipeline:
                     pictures, x = self._batch(run, image, mask)
                 except Interrupted:
                     break
-                results += [Result(picture, run.image_params(i), mode, x[i : i + 1], applied.reports)
-                            for i, picture in enumerate(pictures)]
+                results += [Result(picture, run.image_params(i), mode, x[i : i + 1], applied.reports,
+                                   control_infotext(controls)) for i, picture in enumerate(pictures)]
         return results
 
     def _batch(self, run: Run, image: Image.Image | None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
+from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import MODE_INPUTS, GenerationParams
@@ -66,11 +67,12 @@ class Renderer:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-               mask: Image.Image | None = None) -> list[Rendered]:
+               mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
+        """`controls`: ControlNet units (the server's jobs would build them with `control.ControlUnit`)."""
         check_inputs(mode, params, image, mask)
         results = self.pipe.generate(
             dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
-            image=image, mask=mask.convert("L") if mask is not None else None,
+            image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
         )
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
                          "\n".join(report.summary() for report in r.networks)) for r in results]
