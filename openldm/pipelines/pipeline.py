@@ -28,6 +28,7 @@ from openldm.diffusion.registry import resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
+from openldm.models.domain import Domain, DomainWarning, read_domain
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -104,6 +105,7 @@ class Pipeline:
         self.denoiser = DiscreteDenoiser(self._unet, self.schedule, cfg.prediction)
         self.progress = False
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
+        self.domain: Domain | None = None  # a narrow model's words (domain.json): prompts outside them warn
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +196,8 @@ class Pipeline:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size."""
         if refiner is not None:
             self._check_refiner(refiner)
+        if self.domain is not None and (outside := self.domain.warning([params.prompt])):
+            warnings.warn(outside, DomainWarning, stacklevel=3)  # once per place and words (Python's filter)
         params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
                                      cfg=self.config.guidance if params.cfg is None else params.cfg)
         image, mask = _outpaint(params, image, mask)
@@ -520,7 +524,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
                                  config_file=config_file, dtype=dtype, device=device)
     pipe = Pipeline(components, default_tokenizers(components, folder))
-    pipe.networks = networks
+    pipe.networks, pipe.domain = networks, read_domain(folder) if folder else None
     for skipped in pipe.add_embeddings(embeddings):
         warnings.warn(skipped, stacklevel=2)
     return pipe

@@ -18,6 +18,7 @@ from PIL import Image
 from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
+from openldm.models.domain import Domain
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import MODE_INPUTS, GenerationParams
@@ -63,6 +64,7 @@ class Renderer:
     model_hash: str
     refiner: Pipeline | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
+    domain: Domain | None = None  # a narrow model's words: its results carry the warning for others
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None) -> list[Rendered]:
@@ -71,8 +73,9 @@ class Renderer:
             dataclasses.replace(params, loras=self.loras), hires=mode == "upscale", refiner=self.refiner,
             image=image, mask=mask.convert("L") if mask is not None else None,
         )
+        warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
-                         "\n".join(report.summary() for report in r.networks)) for r in results]
+                         "\n".join(report.summary() for report in r.networks), warning) for r in results]
 
 
 def load_renderer(
@@ -94,6 +97,7 @@ def load_renderer(
     torch_dtype = DTYPES[dtype] if dtype else torch.float16 if device.startswith("cuda") else torch.float32
     pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
     pipe.progress, pipe.networks = True, networks
+    domain, pipe.domain = pipe.domain, None  # the Renderer reports it in each result, not as a warning
     for skipped in pipe.add_embeddings(embeddings):
         log(f"warning: {skipped}")
     if merged:
@@ -104,4 +108,4 @@ def load_renderer(
         second.progress = True
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
-                    tuple((network.name, weight) for network, weight in merged))
+                    tuple((network.name, weight) for network, weight in merged), domain)
