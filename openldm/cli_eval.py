@@ -89,6 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"openldm eval: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     print(f"loaded {model} in {time.perf_counter() - started:.1f} s")
+    pipe.domain = None  # prompt sets may use words a model was never taught, on purpose: scored, not warned
 
     def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return [pipe.txt2img(p, seed=s, steps=args.steps, cfg=args.cfg, sampler=args.sampler)[0]

@@ -22,9 +22,10 @@ from openldm.training.run import train
 # model scores 100%, 93% and 100% on 200 prompts, docs/embedded.md); 20 prompts here keep CI quick.
 BARS = {"colour": 0.90, "shape": 0.85, "position": 0.80}
 # Free phrasing (issue 17): the bar is 90% on every stated attribute after retraining on the phrasing
-# grammar (configs/shapes-ldm-phrasing.yaml). The shipped model was trained on the template only; these
-# are floors just under what it reaches on these 16 prompts, so that CI notices if it gets worse.
-FREE_FLOORS = {"shape": 0.5, "position": 0.5}
+# grammar (configs/shapes-ldm-phrasing.yaml). The shipped model was trained on the template only; on
+# these 16 prompts it reaches background 50%, colour 31%, shape 50%, size 73%, position 40% (all 6%):
+# the floors sit one image below, so that CI notices if it gets worse. Raise them after retraining.
+FREE_FLOORS = {"background": 0.4, "colour": 0.25, "shape": 0.4, "size": 0.6, "position": 0.33}
 MAX_BYTES = 30 * 2**20
 REPO = Path(__file__).resolve().parents[1]
 
