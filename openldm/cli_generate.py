@@ -414,14 +414,15 @@ def _generate(args: argparse.Namespace) -> int:
     if jobs[0].refiner_model and args.refiner is None and not args.server:
         print(f"note: {args.from_png} used the refiner {jobs[0].refiner_model}; pass it with --refiner PATH "
               "to reproduce it", file=sys.stderr)
-    reported = {""}  # what the prompts' LoRA tags matched, printed once per distinct set of networks
+    reported = {""}  # what the prompts' LoRA tags matched and domain warnings: each printed once
     done = 0
     for params in jobs:
         for batch in batch_params(params):
             for image in render(batch):
-                if image.networks not in reported:
-                    reported.add(image.networks)
-                    print(image.networks, file=sys.stderr)
+                for note in (image.networks, image.warning and f"warning: {image.warning}"):
+                    if note not in reported:
+                        reported.add(note)
+                        print(note, file=sys.stderr)
                 written = write_bytes_atomic(next(paths), image.png)
                 done += 1
                 counter = f"[{done}/{total}] " if total > 1 else ""

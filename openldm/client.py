@@ -50,8 +50,8 @@ class RemoteRenderer:
                 request[name] = base64.b64encode(data).decode("ascii")
         reply = self._call("POST", "/v1/generate", request)
         try:
-            return [Rendered(base64.b64decode(item["png"]), int(item["seed"]), item.get("networks", ""))
-                    for item in reply["images"]]
+            return [Rendered(base64.b64decode(item["png"]), int(item["seed"]), item.get("networks", ""),
+                             item.get("warning", "")) for item in reply["images"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ServerError(f"{self.url} sent an answer that is not an openldm reply ({e!r})") from None
 

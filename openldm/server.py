@@ -3,7 +3,8 @@
     GET  /v1/model     -> {"name", "hash", "preset", "family", "prediction", "width", "height", "guidance"}
     POST /v1/generate  {"mode": "txt2img", "params": {GenerationParams fields, "prompt" required},
                         "image": base64 file bytes, "mask": base64 file bytes}   (images as the mode needs)
-                       -> {"images": [{"png": base64, "seed": 1, "networks": ""}], "model", "model_hash"}
+                       -> {"images": [{"png": base64, "seed": 1, "networks": "", "warning": ""}], "model",
+                           "model_hash"}   (warning: prompt words outside a narrow model's domain)
 
 Each PNG carries its settings exactly as a local run's file does. Errors are JSON as well,
 `{"error": "one line"}`: 400 for settings or inputs that cannot make an image, 404 / 405 / 411 / 413
@@ -121,8 +122,8 @@ class _Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}")
         renderer = self.server.renderer
-        images = [{"png": base64.b64encode(r.png).decode("ascii"), "seed": r.seed, "networks": r.networks}
-                  for r in done]
+        images = [{"png": base64.b64encode(r.png).decode("ascii"), "seed": r.seed, "networks": r.networks,
+                   "warning": r.warning} for r in done]
         self._send(HTTPStatus.OK, {
             "images": images,
             "model": renderer.model_name, "model_hash": renderer.model_hash,

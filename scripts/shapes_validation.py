@@ -22,7 +22,7 @@ VALIDATION_GENERATION_SEED = 9_000_000
 
 def main(model: str, n: int, settings: list[str]) -> None:
     pipe = load(model)
-    scenes = ShapesDataset(n, PROMPT_SETS["in_distribution"], seed=VALIDATION_DATASET_SEED)
+    scenes = ShapesDataset(n, PROMPT_SETS["in_distribution"][0], seed=VALIDATION_DATASET_SEED)
     for setting in settings:  # SAMPLER:CFG:STEPS
         sampler, cfg, steps = setting.split(":")
         started, correct = time.perf_counter(), Counter()

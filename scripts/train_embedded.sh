@@ -31,4 +31,13 @@ fi
 # 3. Ship it in half precision.
 openldm convert runs/shapes-ldm/model.safetensors openldm/weights/shapes/model.safetensors --to single-file --dtype fp16
 rm -rf openldm/weights/shapes/tokenizer && cp -r runs/shapes-ldm/tokenizer openldm/weights/shapes/tokenizer
+cp runs/shapes-ldm/domain.json openldm/weights/shapes/domain.json
+openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json
+
+# 4. Free phrasing (issue 17): fine-tune the shipped model on the phrasing grammar, then ship that.
+if [ ! -f runs/shapes-ldm-phrasing/model.safetensors ]; then
+  openldm train ldm shapes-ldm-phrasing $(resume_flag runs/shapes-ldm-phrasing)
+fi
+openldm convert runs/shapes-ldm-phrasing/model.safetensors openldm/weights/shapes/model.safetensors --to single-file --dtype fp16
+cp runs/shapes-ldm-phrasing/domain.json openldm/weights/shapes/domain.json  # the grammar's words: no warning for "big"
 openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json

@@ -1,21 +1,33 @@
 """The embedded model that ships inside the package: it loads like any checkpoint and draws what
 the prompt says, checked by the shapes evaluator on held-out prompts (a quick version of
-`openldm eval shapes`, whose full 200-prompt run is reported in docs/embedded.md)."""
+`openldm eval shapes`, whose full 200-prompt run is reported in docs/embedded.md), and the
+fine-tuning config for free phrasing trains from it."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from openldm.cli import main
 from openldm.cli_eval import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
-from openldm.data.shapes_eval import eval_scenes, evaluate
+from openldm.data.shapes_eval import eval_prompts, evaluate
+from openldm.models.domain import read_domain
 from openldm.models.embedded import default_model_path
+from openldm.training.config import load_config
+from openldm.training.run import train
 
 # Issue 6's bars on in-distribution prompts: colour >= 90%, shape >= 85%, position >= 80% (the shipped
 # model scores 100%, 93% and 100% on 200 prompts, docs/embedded.md); 20 prompts here keep CI quick.
 BARS = {"colour": 0.90, "shape": 0.85, "position": 0.80}
+# Free phrasing (issue 17): the bar is 90% on every stated attribute after retraining on the phrasing
+# grammar (configs/shapes-ldm-phrasing.yaml). The shipped model was trained on the template only; on
+# these 16 prompts it reaches background 50%, colour 31%, shape 50%, size 73%, position 40% (all 6%):
+# the floors sit one image below, so that CI notices if it gets worse. Raise them after retraining.
+FREE_FLOORS = {"background": 0.4, "colour": 0.25, "shape": 0.4, "size": 0.6, "position": 0.33}
 MAX_BYTES = 30 * 2**20
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +57,45 @@ def test_info_describes_it(capsys):
     assert "shapes" in json.dumps(described)
 
 
-def test_generates_what_held_out_prompts_ask_for(pipe):
+def _generator(pipe):
     def generate(prompts, seeds):
         return [pipe.txt2img(p, seed=s, steps=EVAL_STEPS, cfg=EVAL_CFG, sampler=EVAL_SAMPLER)[0]
                 for p, s in zip(prompts, seeds)]
 
-    scores = evaluate(generate, eval_scenes("in_distribution", 20)).accuracy()
+    return generate
+
+
+def test_generates_what_held_out_prompts_ask_for(pipe):
+    scores = evaluate(_generator(pipe), eval_prompts("in_distribution", 20)).accuracy()
     for attribute, bar in BARS.items():
         assert scores[attribute] >= bar, scores
     assert scores["background"] >= 0.9 and scores["size"] >= 0.9, scores
+
+
+def test_free_phrasing_stays_above_what_the_shipped_model_reaches(pipe):
+    """Held-out free phrasing on 16 prompts; the 90% bar waits for the retrained model (docs/embedded.md)."""
+    scores = evaluate(_generator(pipe), eval_prompts("free", 16)).accuracy()
+    for attribute, floor in FREE_FLOORS.items():
+        assert scores[attribute] >= floor, scores
+
+
+def test_the_phrasing_config_fine_tunes_the_shipped_model(tmp_path, one_thread):
+    """Two tiny steps of configs/shapes-ldm-phrasing.yaml: it starts from the shipped weights and exports
+    a model folder that declares the grammar's words."""
+    config = load_config(REPO / "configs/shapes-ldm-phrasing.yaml", "ldm")
+    ldm = replace(config.ldm, init=str(default_model_path() / "model.safetensors"),
+                  tokenizer=str(default_model_path() / "tokenizer"))
+    run = replace(config.run, steps=2, batch_size=2, output_dir=str(tmp_path), checkpoint_every=2,
+                  log_every=1)
+    config = replace(config, ldm=ldm, data=replace(config.data, length=8), run=run)
+    assert config.data.captions == "varied" and config.ldm.domain
+    trainer, exported = train(config)
+    assert next(trainer.task.unet.parameters()).dtype == torch.float32  # fp16 file, fp32 master weights
+    from openldm.pipelines.pipeline import load
+
+    tuned, shipped = load(tmp_path), load(default_model_path())
+    key = "input_blocks.0.0.weight"
+    delta = (tuned.unet.state_dict()[key] - shipped.unet.state_dict()[key]).abs().max().item()
+    assert 0 < delta < 0.05, delta  # it moved, a little: fine-tuned, not re-initialised
+    domain = read_domain(tmp_path)
+    assert domain is not None and {"big", "middle", "next", "circle"} <= domain.words

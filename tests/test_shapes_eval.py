@@ -6,8 +6,16 @@ from dataclasses import replace
 import pytest
 
 from openldm.cli import main
-from openldm.data.shapes import HELD_OUT_PAIRS, PALETTE, ShapesConfig, render
-from openldm.data.shapes_eval import EVAL_GENERATION_SEED, eval_scenes, evaluate, format_table
+from openldm.data.shapes import HELD_OUT_PAIRS, PALETTE, Scene, Shape, ShapesConfig, render
+from openldm.data.shapes_eval import (
+    EVAL_GENERATION_SEED,
+    EvalPrompt,
+    eval_prompts,
+    eval_scenes,
+    evaluate,
+    format_table,
+    score_stated,
+)
 
 
 def test_prompt_sets_are_fixed_and_respect_the_splits():
@@ -22,8 +30,10 @@ def test_prompt_sets_are_fixed_and_respect_the_splits():
 
 
 def test_a_perfect_generator_scores_100_and_a_colour_blind_one_fails_colour():
-    scenes = eval_scenes("in_distribution", 24)
-    by_caption = {s.caption: s for s in scenes}
+    prompts = eval_prompts("in_distribution", 24)
+    assert [p.text for p in prompts] == [p.scene.caption for p in prompts]
+    scenes = prompts
+    by_caption = {p.text: p.scene for p in prompts}
     seen_seeds = []
 
     def perfect(prompts, seeds):
@@ -57,7 +67,8 @@ def test_eval_command_writes_scores(tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data["scores"]) == {"in_distribution", "two_shapes"}
-    assert all(0.0 <= v <= 1.0 for s in data["scores"].values() for k, v in s.items() if k != "n")
+    rates = [v for s in data["scores"].values() for k, v in s.items() if k not in ("n", "came_out")]
+    assert rates and all(0.0 <= v <= 1.0 for v in rates)
     assert grid.stat().st_size > 0
     assert "| prompt set |" in capsys.readouterr().out
 
@@ -67,3 +78,41 @@ def test_eval_command_rejects_bad_input(tmp_path, capsys):
     assert "unknown prompt set" in capsys.readouterr().err
     assert main(["eval", "shapes", "--model", str(tmp_path / "missing.safetensors")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt_set", ["varied", "free", "free_two_shapes"])
+def test_a_perfect_generator_scores_100_on_every_attribute_the_prompts_state(prompt_set):
+    prompts = eval_prompts(prompt_set, 40)
+    assert prompts == eval_prompts(prompt_set, 40)
+    assert len({p.text for p in prompts}) > 30  # phrased many ways, not one template
+    by_text = {p.text: p.scene for p in prompts}
+    scores = evaluate(lambda texts, seeds: [render(by_text[t], ShapesConfig()) for t in texts], prompts)
+    assert min(scores.accuracy().values()) == 1.0, scores.accuracy()
+    assert scores.stated["shape"] == 40  # every prompt names its shapes
+
+
+def test_omitted_attributes_are_not_scored_but_counted():
+    scene = Scene((Shape("circle", "red", "large", "on the left"),), "blue")
+    drawn = render(Scene((Shape("circle", "green", "small", "on the left"),), "white"), ShapesConfig())
+    score, came_out = score_stated(drawn, EvalPrompt("red circle on the left", scene))
+    assert score == {"colour": False, "shape": True, "position": True}
+    assert came_out == {"background": ["white"], "size": ["small"]}
+    table = format_table({"free": evaluate(lambda t, s: [drawn], [EvalPrompt("circle, left", scene)])})
+    assert "| free | 1 | - | - | 100.0% | - | 100.0% | 100.0% |" in table
+    assert "| free | colour | 1 | green 100% |" in table
+
+
+def test_two_shape_prompts_are_scored_in_either_clause_order():
+    left = Shape("circle", "red", "small", "on the left")
+    right = Shape("square", "blue", "small", "on the right")
+    scene = Scene((left, right), "black")
+    image = render(scene, ShapesConfig())
+    for text in ("a small red circle on the left and a small blue square on the right",
+                 "a blue square on the right next to a red circle on the left, black background"):
+        score, _ = score_stated(image, EvalPrompt(text, scene))
+        assert all(score.values()), (text, score)
+    swapped = render(Scene((replace(right, position="on the left"), replace(left, position="on the right")),
+                           "black"), ShapesConfig())
+    score, _ = score_stated(swapped, EvalPrompt("a blue square on the right next to a red circle on the left",
+                                                scene))
+    assert not score["shape"] and not score["colour"]

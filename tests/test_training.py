@@ -72,6 +72,30 @@ BAD_CONFIGS = {  # what is wrong -> (YAML, TOML, words the error must contain)
 }
 
 
+def test_varied_shapes_captions_change_with_the_stream_position_and_stay_reproducible(tmp_path):
+    from openldm.data.phrasing import read_prompt
+    from openldm.training.data import make_source
+
+    config = make_config(tmp_path, "ldm", data={"length": 4, "captions": "varied"})
+    stream = BatchStream(make_source(config.data), config.data, seed=1, batch_size=4, load_images=False)
+    epochs = [stream(step).captions for step in range(30)]  # the same 4 images, phrased anew each epoch
+    assert epochs == [stream(step).captions for step in range(30)]
+    by_image = {}
+    for step in range(30):
+        batch = stream(step)
+        for index, text in zip(batch.indices, batch.captions):
+            by_image.setdefault(index, set()).add(text)
+            scene = stream.source.dataset.scene(index)[0]
+            assert read_prompt(text).shapes[0].kind == scene.shapes[0].kind  # a caption of that image
+    assert min(len(texts) for texts in by_image.values()) > 10
+    template = make_config(tmp_path, "ldm", data={"length": 4})
+    fixed = BatchStream(make_source(template.data), template.data, seed=1, batch_size=4, load_images=False)
+    first = fixed(0)
+    assert all(t == fixed.source.dataset.scene(i)[0].caption for i, t in zip(first.indices, first.captions))
+    with pytest.raises(ConfigError, match="data.captions 'varied' needs source: shapes"):
+        make_config(tmp_path, "ldm", data={"source": "folder", "path": str(tmp_path), "captions": "varied"})
+
+
 @pytest.mark.parametrize("suffix", [".yaml", ".toml"])
 @pytest.mark.parametrize("problem", sorted(BAD_CONFIGS))
 def test_config_errors_name_the_problem(tmp_path, suffix, problem):

@@ -10,6 +10,7 @@ import torch
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
+from openldm.models.domain import read_domain
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import NetworkLibrary, read_embeddings
 from openldm.pipelines.pipeline import Pipeline
@@ -53,7 +54,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
                                  config_file=config_file, dtype=dtype, device=device)
     pipe = Pipeline(components, default_tokenizers(components, folder))
-    pipe.networks = networks
+    pipe.networks, pipe.domain = networks, read_domain(folder) if folder else None
     for skipped in pipe.add_embeddings(embeddings):
         warnings.warn(skipped, stacklevel=2)
     return pipe

@@ -35,6 +35,7 @@ class Rendered:
     png: bytes
     seed: int
     networks: str = ""  # what the prompt's LoRA tags merged, as a printable report ("" for none)
+    warning: str = ""  # words of the prompt outside a narrow model's training (models/domain.py)
 
 
 def result_infotext(result, model: str | None = None, model_hash: str | None = None) -> str:

@@ -27,6 +27,7 @@ from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
 from openldm.models.controlnet import ControlNet
+from openldm.models.domain import Domain, warn_outside
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -83,6 +84,7 @@ class Pipeline:
         self.progress = False
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
         self.controlnets: dict[str, ControlNet] = {}  # loaded ControlNets by resolved path
+        self.domain: Domain | None = None  # a narrow model's words (domain.json): prompts outside them warn
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +196,7 @@ class Pipeline:
             extras = (*extras, make_control(self, controls, self.controlnets))
         if refiner is not None:
             self._check_refiner(refiner)
+        warn_outside(self.domain, [params.prompt])  # once per caller's line and words (Python's filter)
         params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
                                      cfg=self.config.guidance if params.cfg is None else params.cfg)
         image, mask = outpaint_canvas(params, image, mask)

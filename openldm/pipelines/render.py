@@ -18,6 +18,7 @@ from PIL import Image
 from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
+from openldm.models.domain import Domain
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
@@ -65,6 +66,7 @@ class Renderer:
     model_hash: str
     refiner: Pipeline | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
+    domain: Domain | None = None  # a narrow model's words: its results carry the warning for others
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
@@ -74,8 +76,9 @@ class Renderer:
             dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
             image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
         )
+        warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
-                         "\n".join(report.summary() for report in r.networks)) for r in results]
+                         "\n".join(report.summary() for report in r.networks), warning) for r in results]
 
 
 def load_renderer(
@@ -97,6 +100,7 @@ def load_renderer(
     torch_dtype = DTYPES[dtype] if dtype else torch.float16 if device.startswith("cuda") else torch.float32
     pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
     pipe.progress, pipe.networks = True, networks
+    domain, pipe.domain = pipe.domain, None  # the Renderer reports it in each result, not as a warning
     for skipped in pipe.add_embeddings(embeddings):
         log(f"warning: {skipped}")
     if merged:
@@ -107,4 +111,4 @@ def load_renderer(
         second.progress = True
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
-                    tuple((network.name, weight) for network, weight in merged))
+                    tuple((network.name, weight) for network, weight in merged), domain)

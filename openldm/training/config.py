@@ -36,6 +36,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flip (never for captions that say left or right)
     two_shape_fraction: float = 0.0
     caption_dropout: float = 0.0  # replace the caption by "" this often, for classifier-free guidance
+    captions: Literal["template", "varied"] = "template"  # shapes: one fixed form, or the phrasing grammar
     buckets: bool = False  # aspect-ratio bucketing (folder source): one size per batch, near its images'
     bucket_step: int = 64  # bucket sides are multiples of this (64 for SD; 8 at least)
     cache_latents: bool = False  # ldm: encode once with the VAE, reuse every epoch
@@ -103,6 +104,7 @@ class LDMConfig:
     init: str | None = None  # fine-tune from this checkpoint (any layout openldm loads)
     vae: str | None = None  # replace the VAE by this trained VAE file
     tokenizer: str | None = None  # a tokenizer folder (vocab.json, merges.txt); else standard CLIP
+    domain: str | None = None  # "the ... model knows only ...": export domain.json (its captions' words) too
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # defaults to optim.lr
     min_snr_gamma: float | None = None
@@ -226,6 +228,8 @@ def _validate(config: TrainConfig, where: str) -> None:
                           "bucket_step that is a multiple of 8")
     if data.source == "folder" and not data.path:
         raise ConfigError(f"{where}: data.source is 'folder' but data.path is not set")
+    if data.captions != "template" and data.source != "shapes":
+        raise ConfigError(f"{where}: data.captions {data.captions!r} needs source: shapes")
     if not 0 <= data.caption_dropout < 1:
         raise ConfigError(f"{where}: data.caption_dropout must be in [0, 1)")
     if optim.ema_decay is not None and not 0 < optim.ema_decay < 1:

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from openldm.data.phrasing import caption, vocabulary
 from openldm.data.shapes import ShapesConfig, ShapesDataset
+from openldm.models.domain import prompt_words
 from openldm.training.buckets import BucketPlan, Size, bucket_sizes, fit_to_bucket
 from openldm.training.config import DataConfig
 
@@ -42,6 +44,15 @@ class ShapesSource:
     def __init__(self, config: DataConfig):
         shapes = ShapesConfig(image_size=config.image_size, two_shape_fraction=config.two_shape_fraction)
         self.dataset = ShapesDataset(config.length, shapes, seed=config.seed)
+        self.style = config.captions
+
+    def caption(self, index: int, rng: random.Random) -> str:
+        """Image `index` captioned in the configured style (`rng` picks the varied grammar's forms)."""
+        return caption(self.dataset.scene(index)[0], rng, self.style)
+
+    def words(self) -> frozenset[str]:
+        """Every word the captions can contain."""
+        return vocabulary(self.style)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -87,6 +98,10 @@ class FolderSource:
         self.captions = [self._caption(p, jsonl) for p in self.files]
         self.folder = folder
         self.skipped: set[int] = set()
+
+    def words(self) -> frozenset[str]:
+        """Every word the captions contain."""
+        return prompt_words(self.captions)
 
     @staticmethod
     def _caption(image: Path, jsonl: dict[Path, str]) -> str:
@@ -235,7 +250,7 @@ class BatchStream:
                 if tries > 100:
                     raise DataError(f"{self.source.describe()}: 100 unreadable images in a row")
             rng = sample_rng(self.seed, position, "sample")
-            caption = example.caption if example is not None else self.source_caption(index)
+            caption = self.source_caption(index, position)
             if self.load_images:
                 images.append(transform(example.image, self.config, rng))
             if rng.random() < self.config.caption_dropout:
@@ -266,7 +281,8 @@ class BatchStream:
             indices.append(index)
         return Batch(torch.stack(images), captions, indices, positions)
 
-    def source_caption(self, index: int) -> str:
+    def source_caption(self, index: int, position: int = 0) -> str:
+        """The caption of image `index` where the stream meets it at `position` (shapes phrase it anew)."""
         if isinstance(self.source, ShapesSource):
-            return self.source.dataset.scene(index)[0].caption
+            return self.source.caption(index, sample_rng(self.seed, position, "caption"))
         return self.source.captions[index]

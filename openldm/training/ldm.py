@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from openldm.atomic import write_bytes_atomic
 from openldm.checkpoints.io import read_state_dict, write_safetensors_atomic
 from openldm.checkpoints.load import Components, build_component, load_components
 from openldm.checkpoints.save import save_diffusers, save_single_file
@@ -27,6 +28,7 @@ from openldm.config import ModelConfig, get_preset
 from openldm.diffusion.denoisers import DiscreteDenoiser, PredictionType, min_snr_weights
 from openldm.diffusion.samplers import append_dims
 from openldm.diffusion.schedules import DiscreteSchedule
+from openldm.models.domain import DOMAIN_FILE, Domain
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.pipelines.pipeline import Pipeline
 from openldm.training.config import TrainConfig
@@ -48,7 +50,7 @@ def _fresh_components(config: ModelConfig, device: str) -> Components:
 
 def _captions(source) -> list[str]:
     if hasattr(source, "dataset"):  # shapes: captions come from the scene, without drawing it
-        return [source.dataset.scene(i)[0].caption for i in range(len(source))]
+        return [source.caption(i, sample_rng(0, i, "vocabulary")) for i in range(len(source))]
     return list(source.captions)
 
 
@@ -85,7 +87,8 @@ class LDMTask:
         self.config, self.options = config, config.ldm
         device = config.run.device
         if self.options.init:
-            self.components = load_components(self.options.init, device=device)
+            # fp32 master weights whatever the file stores (run.precision sets the compute dtype)
+            self.components = load_components(self.options.init, device=device, dtype=torch.float32)
         else:
             self.components = _fresh_components(get_preset(self.options.preset), device)
         if self.options.vae:
@@ -248,6 +251,9 @@ class LDMTask:
         written = [save_single_file(components, output_dir / MODEL_FILE)]
         if self.own_vocab:
             written.append(self.tokenizer.save(output_dir / TOKENIZER_DIR))
+        if self.options.domain:
+            domain = Domain(self.options.domain, self.source.words())
+            written.append(write_bytes_atomic(output_dir / DOMAIN_FILE, domain.to_json().encode()))
         if self.options.export_diffusers:
             written.append(save_diffusers(components, output_dir / "diffusers"))
         return written
