@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from openldm import cli, cli_generate
+from openldm import cli
+from openldm.cli import generate as cli_generate
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import output_paths
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from openldm.cli import main
-from openldm.cli_eval import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
+from openldm.cli.eval import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
 from openldm.data.shapes_eval import eval_scenes, evaluate
 from openldm.models.embedded import default_model_path
 

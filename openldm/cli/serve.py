@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from openldm import cli_generate
 from openldm.checkpoints.errors import CheckpointError
+from openldm.cli import generate as cli_generate
 from openldm.client import DEFAULT_PORT, SERVER_ENV
 
 EXIT_ERROR = 2

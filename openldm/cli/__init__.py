@@ -14,8 +14,11 @@ import importlib
 import sys
 from pathlib import Path
 
-from openldm import cli_eval, cli_generate, cli_serve, cli_train
 from openldm.checkpoints.errors import CheckpointError
+from openldm.cli import eval as cli_eval
+from openldm.cli import generate as cli_generate
+from openldm.cli import serve as cli_serve
+from openldm.cli import train as cli_train
 from openldm.config import PRESETS, WEIGHT_DTYPES
 
 EXIT_USAGE = 2
@@ -30,7 +33,7 @@ def _deferred(module: str, function: str):
     return run
 
 
-# --- checkpoint subcommands (openldm.cli_checkpoints runs them) -----------------------------
+# --- checkpoint subcommands (openldm.cli.checkpoints runs them) -----------------------------
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="say what a checkpoint is: family, prediction, sizes, dtypes",
@@ -40,7 +43,7 @@ def _add_info(sub) -> None:
     p.add_argument("path", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_prediction_options(p)
-    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "info"))
+    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "info"))
 
 
 def _add_prediction_options(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,7 @@ def _add_convert(sub) -> None:
     p.add_argument("--prune-ema", action="store_true",
                    help="drop the EMA copy of the UNet (`model_ema.*` keys) that training checkpoints carry")
     _add_prediction_options(p)
-    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "convert"))
+    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "convert"))
 
 
 def _add_init(sub) -> None:
@@ -76,7 +79,7 @@ def _add_init(sub) -> None:
     p.add_argument("out", type=Path, help="the .safetensors file to write")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weight dtype (default fp32)")
-    p.set_defaults(run=_deferred("openldm.cli_checkpoints", "init"))
+    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "init"))
 
 
 # --- entry point ---------------------------------------------------------------------------
