@@ -180,7 +180,7 @@ def test_bad_input_is_one_clear_line(case, model, picture, tmp_path, capsys):
     out = tmp_path / "out.png"
     extra = [] if argv[0] == "png-info" else [*FAST, *([] if "-o" in argv else ["-o", out])]
     extra += [] if argv[0] == "png-info" or "--model" in argv else ["--model", model]
-    assert run(*argv, *extra) == cli_generate.EXIT_ERROR
+    assert run(*argv, *extra) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -190,7 +190,7 @@ def test_bad_input_is_one_clear_line(case, model, picture, tmp_path, capsys):
 
 def test_missing_embedded_model_says_to_pass_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli_generate, "default_model_path", lambda: tmp_path / "weights" / "shapes")
-    assert run("txt2img", "x", "-o", tmp_path / "out.png") == cli_generate.EXIT_ERROR
+    assert run("txt2img", "x", "-o", tmp_path / "out.png") == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --model PATH" in err and "shapes" in err
 
@@ -200,7 +200,7 @@ def test_an_interrupted_write_leaves_no_file(model, tmp_path, monkeypatch, capsy
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    assert run("txt2img", "x", "--model", model, *FAST, "-o", tmp_path / "out.png") == cli_generate.EXIT_ERROR
+    assert run("txt2img", "x", "--model", model, *FAST, "-o", tmp_path / "out.png") == cli.EXIT_ERROR
     assert "No space left on device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -1,114 +1,77 @@
-"""The `openldm` command: every subcommand plugs in here.
+"""The `openldm` command: the parser, and the one place that turns expected failures into one line.
 
-Each subcommand has a function that declares its arguments (`_add_<name>(subparsers)`, or a
-module's `add_commands`) and one that runs it. Declaring imports no torch: the modules that run
-models are imported when a command needs them, so `--help`, `png-info` and clients of `openldm
-serve` start at once. Expected failures (a bad file, a missing path) print one line to stderr and
-exit with status 2; a traceback means a bug.
+Each command group is a module here (`checkpoints`, `generate`, `train`, `eval`, `serve`) whose
+`add_commands` declares its subcommands and points each at the function that runs it. Declaring
+imports no torch: the run functions import what they need, so `--help`, `png-info` and clients of
+`openldm serve` start at once. Expected failures (a bad file, a bad setting, an unreachable server,
+memory running out) print `openldm COMMAND: error: ...` on one line and exit with status 2; a
+traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from pathlib import Path
 
-from openldm.checkpoints.errors import CheckpointError
-from openldm.cli import eval as cli_eval
-from openldm.cli import generate as cli_generate
-from openldm.cli import serve as cli_serve
-from openldm.cli import train as cli_train
-from openldm.config import PRESETS, WEIGHT_DTYPES
+from openldm.cli import checkpoints, generate, serve, train
+from openldm.cli import eval as eval_command
+from openldm.client import ServerError
 
-EXIT_USAGE = 2
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+COMMAND_GROUPS = (checkpoints, generate, train, eval_command, serve)
 
+# What a command may fail with and still be the user's problem, not a bug: bad settings, files and
+# configs (CheckpointError, ConfigError, DataError and SettingsError are ValueErrors), paths, the server.
+_EXPECTED = (ValueError, OSError, ServerError, MemoryError)
+# Error types of modules that import torch: named here, checked only once their module is loaded.
+_LOADED_EXPECTED = (("openldm.training.loop", "TrainingError"), ("torch", "OutOfMemoryError"))
+_CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator: a RuntimeError
 
-def _deferred(module: str, function: str):
-    """A command's run function, imported when the command runs: parsing and `--help` load no torch."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module), function)(args)
-
-    return run
-
-
-# --- checkpoint subcommands (openldm.cli.checkpoints runs them) -----------------------------
-
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="say what a checkpoint is: family, prediction, sizes, dtypes",
-                       description="Inspect a single-file checkpoint or a diffusers folder without "
-                       "loading its weights: which preset it matches, its parameterization, "
-                       "parameter counts per component, dtypes, EMA weights and header metadata.")
-    p.add_argument("path", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    _add_prediction_options(p)
-    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "info"))
-
-
-def _add_prediction_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prediction", choices=("eps", "v"),
-                   help="what the network predicts, when the file cannot tell (SD2 768-v models: v)")
-    p.add_argument("--config", metavar="YAML",
-                   help="the model's original ldm YAML; its `parameterization` sets the prediction")
-
-
-def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="rewrite a checkpoint as a single file or a diffusers folder",
-                       description="Convert between the original single-file layout (.safetensors or "
-                       ".ckpt in, .safetensors out) and the diffusers folder layout, optionally casting "
-                       "the weights. The output is re-read afterwards and checked tensor by tensor.")
-    p.add_argument("src", type=Path, help="a .safetensors/.ckpt file or a diffusers folder")
-    p.add_argument("dst", type=Path, help="the .safetensors file or the folder to write")
-    p.add_argument("--to", required=True, choices=("single-file", "diffusers"), help="the layout to write")
-    p.add_argument("--dtype", choices=WEIGHT_DTYPES,
-                   help="cast floating-point weights (fp16 halves the size); default: keep as stored")
-    p.add_argument("--prune-ema", action="store_true",
-                   help="drop the EMA copy of the UNet (`model_ema.*` keys) that training checkpoints carry")
-    _add_prediction_options(p)
-    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "convert"))
-
-
-def _add_init(sub) -> None:
-    p = sub.add_parser("init", help="write a checkpoint of any preset with random weights",
-                       description="Write a random-weight checkpoint in the original single-file layout, "
-                       "e.g. to try the tools before downloading real weights. The same seed gives the "
-                       "same file. Full-size presets need memory for one copy of the weights.")
-    p.add_argument("preset", metavar="PRESET", choices=tuple(PRESETS),
-                   help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("out", type=Path, help="the .safetensors file to write")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weight dtype (default fp32)")
-    p.set_defaults(run=_deferred("openldm.cli.checkpoints", "init"))
-
-
-# --- entry point ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; each subcommand adds itself."""
+    """The argument parser; each command group adds its subcommands."""
     parser = argparse.ArgumentParser(
         prog="openldm", description="Stable Diffusion checkpoints and models, made readable.",
         epilog="Run `openldm COMMAND --help` for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_info, _add_convert, _add_init):
-        add(sub)
-    cli_generate.add_commands(sub)
-    cli_train.add_commands(sub)
-    cli_eval.add_commands(sub)
-    cli_serve.add_commands(sub)
+    for group in COMMAND_GROUPS:
+        group.add_commands(sub)
     return parser
 
 
+def expected_error(error: BaseException) -> bool:
+    """Whether `error` is a failure to report in one line (else it is a bug, and gets its traceback)."""
+    if isinstance(error, _EXPECTED):
+        return True
+    if isinstance(error, RuntimeError) and _CPU_OUT_OF_MEMORY in str(error):
+        return True
+    for module, name in _LOADED_EXPECTED:  # an error of a module not imported cannot have been raised
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(error, kind):
+            return True
+    return False
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (torch's out-of-memory messages run over several)."""
+    text = " ".join(str(error).split())
+    if _CPU_OUT_OF_MEMORY in text or type(error).__name__ == "OutOfMemoryError":
+        return f"out of memory: {text}"
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; expected failures print one line and return 2."""
+    """Run one subcommand; expected failures print one line and return 2, Ctrl-C returns 130."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CheckpointError, OSError) as e:
-        print(f"openldm {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    except KeyboardInterrupt:  # files already written are whole; the one being written is not there
+        print(f"openldm {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if not expected_error(error):
+            raise
+        print(f"openldm {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
