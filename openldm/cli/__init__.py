@@ -11,6 +11,7 @@ traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from openldm.cli import checkpoints, generate, serve, train
@@ -27,6 +28,7 @@ _EXPECTED = (ValueError, OSError, ServerError, MemoryError)
 # Error types of modules that import torch: named here, checked only once their module is loaded.
 _LOADED_EXPECTED = (("openldm.training.loop", "TrainingError"), ("torch", "OutOfMemoryError"))
 _CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator: a RuntimeError
+_NEGATIVE_VALUE = re.compile(r"-(\d[\d.,x]*|inf|nan)", re.IGNORECASE)  # "-8,0,0,0", "-inf": not flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     for group in COMMAND_GROUPS:
         group.add_commands(sub)
     return parser
+
+
+def signed_values(argv: list[str]) -> list[str]:
+    """`--extend -8,0,0,0` as `--extend=-8,0,0,0` (argparse takes it for a flag): no openldm flag looks so."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_VALUE.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def expected_error(error: BaseException) -> bool:
@@ -64,7 +77,7 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; expected failures print one line and return 2, Ctrl-C returns 130."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(signed_values(sys.argv[1:] if argv is None else list(map(str, argv))))
     try:
         return args.run(args)
     except KeyboardInterrupt:  # files already written are whole; the one being written is not there

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openldm.atomic import write_bytes_atomic
+from openldm.atomic import check_writable, write_bytes_atomic
 from openldm.client import SERVER_ENV, RemoteRenderer
 from openldm.config import WEIGHT_DTYPES
 from openldm.models.embedded import default_model_path
@@ -101,7 +101,8 @@ def add_model_options(group) -> dict[str, str]:
             help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
             "write a file's name without its extension in a prompt to use it (repeatable)"),
         add("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"),
-        add("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere"),
+        add("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere (fp16 and bf16 are "
+            "refused on the CPU: they fail there mid-run)"),
         add("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each image: "
             "it takes over the latents at --refiner-switch"),
     ]
@@ -307,7 +308,8 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
     from openldm.pipelines.render import check_inputs
 
     inputs = {name: open_image(getattr(args, name), name) for name in MODE_INPUTS[args.command]}
-    check_inputs(args.command, jobs[0], **inputs)
+    for params in jobs:
+        check_inputs(args.command, params, **inputs)
     renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
     return functools.partial(renderer.render, args.command, **inputs), lambda: renderer.model_hash
 
@@ -342,7 +344,7 @@ def _batches(params: GenerationParams):
 def _generate(args: argparse.Namespace) -> int:
     jobs, png_hash = _settings(args)
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
-    paths = iter(output_paths(args.out, total, args.command))
+    paths = iter(check_writable(output_paths(args.out, total, args.command)))
     render, current_hash = _render_on_server(args) if args.server else _render_here(args, jobs)
     if png_hash and png_hash != (hash_ := current_hash()):
         print(f"note: {args.from_png} was made with another model ({png_hash}; this one is {hash_})",
