@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from openldm import cli
 from openldm.pipelines.infotext import read_png
-from openldm.pipelines.params import GenerationParams, Limits, SettingsError
+from openldm.pipelines.params import GenerationParams, Limits, SettingsError, params_from_infotext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EARLY_S = 10.0  # a refusal before any model load; generous for a loaded CI machine
@@ -90,6 +90,7 @@ SETTINGS = [
     (["--refiner-switch", "2"], "refiner_switch"),
     (["--device", "nonsense"], "device"),
     (["--device", "cuda:7"], "device"),
+    (["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"], "device"),
     (["--dtype", "fp16", "--device", "cpu"], "fp16"),
     (["--dtype", "bf16", "--device", "cpu"], "bf16"),
     (["--original-size", "0x0"], "original_size"),
@@ -271,6 +272,11 @@ def test_two_runs_with_the_same_seed_write_identical_files(tmp_path):
         assert cli.main(["txt2img", "a red circle", *RUN, "--seed", "7", "-o", str(out)]) == 0
     assert a.read_bytes() == b.read_bytes()
     assert read_png(a)[1]["params"]["subseed"] == -1  # no variation seed recorded when none is in use
+
+
+def test_an_a1111_hires_steps_of_0_means_as_many_as_steps():
+    settings_ = {"Hires upscale": "2", "Hires steps": "0", "Steps": "20"}
+    assert params_from_infotext("x", "", settings_).hires_steps is None
 
 
 def test_a_variation_seed_is_drawn_and_recorded_when_in_use():
