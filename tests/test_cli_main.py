@@ -94,3 +94,16 @@ def test_negative_values_after_a_flag_are_values():
         "outpaint", "a.png", "x", "--extend=-8,0,0,0", "--cfg=-inf"]
     assert cli.signed_values(["txt2img", "-o", "-8,0", "--negative", "-x"]) == [
         "txt2img", "-o", "-8,0", "--negative", "-x"]
+
+
+@pytest.mark.parametrize("extra", [["--width", "100000", "--height", "64"], ["--cfg", "nan"],
+                                   ["--batch-size", "64", "--n-iter", "100"], ["-o", "/proc/o.png"]])
+def test_bad_settings_are_refused_before_torch_starts(extra):
+    """Refusing takes no model load and not even torch's start-up (seconds on a busy machine)."""
+    code = ("import sys; from openldm import cli; "
+            f"code = cli.main(['txt2img', 'x', *{extra!r}]); "
+            "print(code, 'TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "2 NO TORCH", done.stdout + done.stderr
+    assert done.stderr.startswith("openldm txt2img: error: ") and done.stderr.count("\n") == 1, done.stderr

@@ -304,6 +304,8 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
     """This process loads the model; the inputs are read and checked first, so a typo costs no load time."""
+    for params in jobs:  # the limits first: before starting torch takes seconds
+        params.validate()
     from openldm.pipelines.images import open_image
     from openldm.pipelines.render import check_inputs
 
