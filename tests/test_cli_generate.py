@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from openldm import cli, cli_generate
+from openldm import cli
+from openldm.cli import generate as cli_generate
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import output_paths
 
@@ -179,7 +180,7 @@ def test_bad_input_is_one_clear_line(case, model, picture, tmp_path, capsys):
     out = tmp_path / "out.png"
     extra = [] if argv[0] == "png-info" else [*FAST, *([] if "-o" in argv else ["-o", out])]
     extra += [] if argv[0] == "png-info" or "--model" in argv else ["--model", model]
-    assert run(*argv, *extra) == cli_generate.EXIT_ERROR
+    assert run(*argv, *extra) == cli.EXIT_ERROR
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
@@ -189,7 +190,7 @@ def test_bad_input_is_one_clear_line(case, model, picture, tmp_path, capsys):
 
 def test_missing_embedded_model_says_to_pass_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli_generate, "default_model_path", lambda: tmp_path / "weights" / "shapes")
-    assert run("txt2img", "x", "-o", tmp_path / "out.png") == cli_generate.EXIT_ERROR
+    assert run("txt2img", "x", "-o", tmp_path / "out.png") == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pass --model PATH" in err and "shapes" in err
 
@@ -199,7 +200,7 @@ def test_an_interrupted_write_leaves_no_file(model, tmp_path, monkeypatch, capsy
         raise OSError("No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", disk_full)
-    assert run("txt2img", "x", "--model", model, *FAST, "-o", tmp_path / "out.png") == cli_generate.EXIT_ERROR
+    assert run("txt2img", "x", "--model", model, *FAST, "-o", tmp_path / "out.png") == cli.EXIT_ERROR
     assert "No space left on device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

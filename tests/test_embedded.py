@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from openldm.cli import main
-from openldm.cli_eval import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
+from openldm.cli.eval import EVAL_CFG, EVAL_SAMPLER, EVAL_STEPS
 from openldm.data.shapes_eval import eval_prompts, evaluate
 from openldm.models.domain import read_domain
 from openldm.models.embedded import default_model_path

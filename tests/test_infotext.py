@@ -128,7 +128,7 @@ LORA_NAME = st.text(st.characters(codec="utf-8", exclude_characters=","), min_si
 PARAMS = st.builds(
     GenerationParams, prompt=PROMPT, negative=TEXT, steps=st.integers(1, 150),
     sampler=st.sampled_from(list(SAMPLERS)), schedule=st.none() | st.sampled_from(list(SCHEDULE_DISPLAY)),
-    cfg=st.none() | _REAL, guidance_rescale=_UNIT, seed=st.integers(0, 2**64 - 1),
+    cfg=st.none() | st.floats(0, 30), guidance_rescale=_UNIT, seed=st.integers(0, 2**32 - 1),
     subseed=st.integers(0, 2**32 - 1), subseed_strength=_UNIT, clip_skip=st.none() | st.integers(1, 12),
     strength=_UNIT, upscale_by=st.floats(1, 8), upscaler=st.sampled_from(["latent", "lanczos"]),
     hires_steps=st.none() | st.integers(1, 150), hires_strength=_UNIT, original_size=st.none() | _SIZE,

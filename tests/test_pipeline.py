@@ -72,7 +72,7 @@ from PIL import Image, ImageDraw
 import openldm
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.save import parts_from_single_file, save_diffusers
-from openldm.cli_generate import read_prompt_file
+from openldm.cli.generate import read_prompt_file
 from openldm.config import get_preset
 from openldm.diffusion.noise import initial_noise
 from openldm.diffusion.registry import resolve

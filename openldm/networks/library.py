@@ -70,7 +70,9 @@ class NetworkLibrary:
                                   f"prompts can name {' and '.join(f'<{k}:...>' for k in NETWORK_KINDS)}")
         if not self.dirs:
             raise CheckpointError(f"the prompt names <{ref.kind}:{ref.name}>, but no LoRA folders are given: "
-                                  "pass --lora-dir DIR (Python: openldm.load(..., lora_dirs=[DIR]))")
+                                  "pass --lora-dir DIR to the command that loads the model (with --server, "
+                                  "to `openldm serve`: a server looks only in its own --lora-dir folders; "
+                                  "Python: openldm.load(..., lora_dirs=[DIR]))")
         if ref.name not in self.files:  # perhaps a file added since the folders were read
             self.files = find_files(self.dirs, NETWORK_SUFFIXES, "LoRA")
         if ref.name not in self.files:

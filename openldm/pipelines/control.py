@@ -36,13 +36,13 @@ from openldm.diffusion.denoisers import StepTracker
 from openldm.models.controlnet import ControlNet
 from openldm.pipelines import images as im
 from openldm.pipelines.images import ResizeMode
+from openldm.pipelines.params import CONTROL_MODES
 
 if TYPE_CHECKING:
     from openldm.pipelines.pipeline import Pipeline
     from openldm.pipelines.run import Run
 
 ControlMode = Literal["balanced", "prompt", "control"]
-CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "control")
 SOFT_DECAY = 0.825  # sd-webui-controlnet's soft-injection decay per block, from the middle outward
 _MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
                "control": "ControlNet is more important"}

@@ -23,7 +23,7 @@ def open_image(path: str | Path, what: str = "image", mode: str = "RGB") -> Imag
             return image.convert(mode)
     except FileNotFoundError:
         raise ValueError(f"{what} not found: {path}") from None
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # a bomb: more pixels than PIL allows
         raise ValueError(f"{what} {path} is not a readable image ({e})") from None
 
 

@@ -11,10 +11,65 @@ from typing import Any
 
 RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # what an inpainted area starts from
+CONTROL_MODES = ("balanced", "prompt", "control")  # ControlNet: balanced, prompt or net more important
 MODE_INPUTS = {  # the images each kind of run starts from
     "txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "outpaint": ("image",),
     "upscale": ("image",),
 }
+UPSCALERS = ("latent", "lanczos")
+SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as A1111 draws them; -1 means "draw one"
+
+
+class SettingsError(ValueError):
+    """A generation setting that cannot make an image (or is over a `Limits` bound); the message names it."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one run may ask, so that a typo or a hostile request cannot hold a machine for hours.
+
+    The defaults are far above what SD models are used at (1024x1024 SDXL, 20-50 steps, a few images)
+    and below what makes a run take hours on a GPU; `openldm serve` may set its own.
+    """
+
+    max_prompt_chars: int = 20_000  # prompt and negative prompt, each: CLIP reads 75 tokens a chunk
+    max_steps: int = 1000  # sampling steps, and hires steps
+    max_batch_size: int = 64  # images sampled together
+    max_images: int = 1000  # batch size x batch count
+    max_side: int = 16384  # pixels, width or height
+    max_pixels: int = 4096 * 4096  # width x height of what is sampled or decoded (after upscaling)
+    max_upscale: float = 8.0  # upscale factor
+
+    def check(self, params: GenerationParams) -> None:
+        """Raise `SettingsError` naming the first setting over a bound."""
+        for name in ("prompt", "negative"):
+            if len(getattr(params, name)) > self.max_prompt_chars:
+                raise SettingsError(f"{name} of {len(getattr(params, name)):,} characters is over the limit "
+                                    f"of {self.max_prompt_chars:,}")
+        bounds = (("width", self.max_side), ("height", self.max_side), ("steps", self.max_steps),
+                  ("hires_steps", self.max_steps), ("upscale_by", self.max_upscale))
+        for name, bound in bounds:
+            _at_most(name, getattr(params, name), bound)
+        _at_most("batch_size", params.batch_size, self.max_batch_size, "images sampled together")
+        images = params.batch_size * params.batch_count
+        _at_most("batch_size x batch_count", images, self.max_images, "images")
+        if params.width and params.height:
+            self.check_size(params.width, params.height)
+
+    def check_size(self, width: int, height: int, what: str = "size") -> None:
+        """Raise `SettingsError` if a `width` x `height` image is over the side or pixel bound."""
+        if max(width, height) > self.max_side or width * height > self.max_pixels:
+            raise SettingsError(f"{what} {_short(width)}x{_short(height)} is over the limit of "
+                                f"{self.max_side} pixels a side and {self.max_pixels:,} pixels in all")
+
+
+def _at_most(name: str, value: float | None, bound: float, unit: str = "") -> None:
+    if value is not None and value > bound:
+        limit = f"{bound} {unit}".strip()
+        raise SettingsError(f"{name} {_short(value)} is over the limit of {limit}")
+
+
+LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -61,27 +116,100 @@ class GenerationParams:
     refiner_model: str | None = None  # recorded by `Pipeline.generate`: the refiner used, if any
     loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        """Settings that can never make an image fail here, whoever builds them (CLI, API, JSON, PNG)."""
+        check_settings(self)
+
+    def validate(self, limits: Limits = LIMITS) -> GenerationParams:
+        """These settings, if they are within `limits` (what a CLI run or a server request may ask)."""
+        limits.check(self)
+        return self
+
     def with_seed(self) -> GenerationParams:
-        """A copy whose seed (and subseed) is a concrete number, drawn at random if it was -1."""
+        """A copy whose seed is a concrete number, drawn at random if it was -1; the subseed too if in use.
+
+        The subseed stays -1 while subseed_strength is 0, so equal settings write equal files.
+        """
         rng = random.SystemRandom()
-        seed = self.seed if self.seed >= 0 else rng.randrange(2**32)
-        subseed = self.subseed if self.subseed >= 0 else rng.randrange(2**32)
+        seed = self.seed if self.seed >= 0 else rng.randrange(SEED_RANGE)
+        in_use = self.subseed < 0 and self.subseed_strength > 0
+        subseed = rng.randrange(SEED_RANGE) if in_use else self.subseed
         return dataclasses.replace(self, seed=seed, subseed=subseed)
 
     def to_json(self) -> dict[str, Any]:
         return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GenerationParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_json(cls, data: Any, limits: Limits = LIMITS) -> GenerationParams:
+        """Settings from JSON (a server request, a PNG chunk); anything wrong raises `SettingsError`."""
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+            raise SettingsError("generation settings must be a JSON object with a \"prompt\" string")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        values = {k: _tuples(v) for k, v in data.items()}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, value in values.items():
-            _check_type(name, types[name], value)
-        return cls(**values)
+            raise SettingsError(f"unknown generation settings: {', '.join(sorted(map(str, unknown)))}")
+        return cls(**{k: _tuples(v) for k, v in data.items()}).validate(limits)
+
+
+# Inclusive ranges of the numeric settings (None: no upper bound here; `Limits` bounds the costly ones).
+_RANGES: dict[str, tuple[float, float | None]] = {
+    "steps": (1, None), "hires_steps": (1, None), "batch_size": (1, None), "batch_count": (1, None),
+    "width": (8, None), "height": (8, None), "clip_skip": (0, None), "only_masked_padding": (0, None),
+    "cfg": (0, 100), "guidance_rescale": (0, 1), "subseed_strength": (0, 1), "strength": (0, 1),
+    "hires_strength": (0, 1), "refiner_switch": (0, 1), "mask_blur": (0, 1024), "eta": (0, 100),
+    "s_noise": (0, 100), "aesthetic_score": (-1000, 1000), "negative_aesthetic_score": (-1000, 1000),
+}
+_CHOICES = {"resize_mode": RESIZE_MODES, "masked_content": MASKED_CONTENT, "upscaler": UPSCALERS}
+_INT_TUPLES = {"outpaint": (4, 0), "crop_coords": (2, 0), "original_size": (2, 1), "target_size": (2, 1)}
+
+
+def check_settings(params: GenerationParams) -> None:
+    """Raise `SettingsError` naming the first setting of the wrong type or outside its range."""
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        _check_type(f.name, f.type, value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SettingsError(f"{f.name} {value} is not a finite number")
+    for name, (low, high) in _RANGES.items():
+        value = getattr(params, name)
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise SettingsError(f"{name} {_short(value)} is out of range: it must be {bound}")
+    for name in ("seed", "subseed"):
+        if not -1 <= getattr(params, name) < SEED_RANGE:
+            raise SettingsError(f"{name} {_short(getattr(params, name))} is out of range: -1 (random) or "
+                                f"0 to {SEED_RANGE - 1}")
+    if not params.upscale_by > 0:
+        raise SettingsError(f"upscale_by {params.upscale_by} must be more than 0 (2 doubles the size)")
+    for name, choices in _CHOICES.items():
+        if getattr(params, name) not in choices:
+            raise SettingsError(f"unknown {name} {_short(getattr(params, name))}; one of "
+                                f"{', '.join(choices)}")
+    for name, (length, low) in _INT_TUPLES.items():
+        _check_ints(name, getattr(params, name), length, low)
+    for pair in params.loras:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+                and _is_number(pair[1]) and abs(pair[1]) <= 100):  # abs(nan) <= 100 is False too
+            raise SettingsError(f"loras: {_short(pair)} is not a (name, weight) pair with a weight of "
+                                "-100 to 100")
+
+
+def _check_ints(name: str, value: tuple | None, length: int, low: int) -> None:
+    if value is None:
+        return
+    if len(value) != length or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise SettingsError(f"{name} must be {length} integers, not {_short(value)}")
+    if min(value) < low:
+        raise SettingsError(f"{name} {_short(value)} is out of range: each must be at least {low}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as it goes into a one-line message: its repr, cut short (a prompt may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 _KINDS = {"int": int, "float": (int, float), "str": str, "bool": bool, "tuple": tuple}
@@ -97,7 +225,7 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
     else:
         ok = any(isinstance(value, _KINDS[kind]) for kind in kinds if kind != "None")
     if not ok:
-        raise ValueError(f"setting {name!r} must be {' or '.join(kinds)}, not {value!r}")
+        raise SettingsError(f"setting {name!r} must be {' or '.join(kinds)}, not {_short(value)}")
 
 
 def _lists(value: Any) -> Any:
@@ -147,8 +275,13 @@ def infotext_settings(
 
 
 def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
-    """Image i of a run uses seed + i, so any image can be regenerated alone."""
-    return [(seed + offset + i) % 2**64 for i in range(count)]
+    """Image i of a run uses seed + i (past 2**32 - 1 it wraps to 0), so any image can be regenerated alone.
+
+    A subseed of -1 (variation seeds not in use) stays -1 for every image.
+    """
+    if seed < 0:
+        return [seed] * count
+    return [(seed + offset + i) % SEED_RANGE for i in range(count)]
 
 
 def read_ints(text: str, count: int, sep: str = ",") -> tuple[int, ...]:
@@ -173,7 +306,8 @@ _FROM_INFOTEXT = {
     "CFG scale": ("cfg", read_float), "Seed": ("seed", int), "Denoising strength": ("strength", read_float),
     "Clip skip": ("clip_skip", int), "CFG Rescale phi": ("guidance_rescale", read_float),
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", read_float),
-    "Hires upscale": ("upscale_by", read_float), "Hires steps": ("hires_steps", int),
+    "Hires upscale": ("upscale_by", read_float),
+    "Hires steps": ("hires_steps", lambda v: int(v) or None),  # A1111's 0: as many as `steps`
     "Hires upscaler": ("upscaler", str.lower),
     "Original size": ("original_size", partial(read_ints, count=2, sep="x")),
     "Target size": ("target_size", partial(read_ints, count=2, sep="x")),

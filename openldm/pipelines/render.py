@@ -23,7 +23,7 @@ from openldm.networks import NetworkLibrary, load_network, network_refs, read_em
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
-from openldm.pipelines.params import MODE_INPUTS, GenerationParams
+from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
 from openldm.pipelines.pipeline import Pipeline
 
 Log = Callable[[str], None]
@@ -34,8 +34,9 @@ def _stderr(message: str) -> None:
 
 
 def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None = None,
-                 mask: Image.Image | None = None) -> None:
+                 mask: Image.Image | None = None, limits: Limits = LIMITS) -> None:
     """Fail on settings or inputs that cannot make an image, before a model is loaded or a step is run."""
+    params.validate(limits)
     if mode not in MODE_INPUTS:
         raise ValueError(f"unknown mode {mode!r}; one of {', '.join(MODE_INPUTS)}")
     given = {"image": image, "mask": mask}
@@ -55,6 +56,11 @@ def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None 
     if bad:
         raise ValueError(f"{' and '.join(bad)}: sizes must be positive multiples of 8 "
                          "(--width/--height resize an input image)")
+    if width and height:
+        limits.check_size(width, height)
+        if mode == "upscale":
+            big = (round(width * params.upscale_by), round(height * params.upscale_by))
+            limits.check_size(*big, "upscaled size")
 
 
 @dataclass
@@ -67,11 +73,12 @@ class Renderer:
     refiner: Pipeline | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
     domain: Domain | None = None  # a narrow model's words: its results carry the warning for others
+    limits: Limits = LIMITS  # what one render may ask for
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
         """`controls`: ControlNet units (the server's jobs would build them with `control.ControlUnit`)."""
-        check_inputs(mode, params, image, mask)
+        check_inputs(mode, params, image, mask, self.limits)
         results = self.pipe.generate(
             dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
             image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
@@ -79,6 +86,30 @@ class Renderer:
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
+
+
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
+    """The device and weight dtype to run on, refused at once if this machine or torch cannot run them.
+
+    Defaults: CUDA when there is one, fp16 there and fp32 elsewhere. fp16 and bf16 on the CPU are
+    refused rather than silently run in fp32: there the UNet mixes them with fp32 and fails mid-run.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise SettingsError(f"unknown device {device!r}; cpu, cuda, cuda:N or mps") from None
+    kind = chosen.type
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if kind == "cuda" and available["cuda"]:
+        available["cuda"] = (chosen.index or 0) < torch.cuda.device_count()
+    if not available.get(kind, False):
+        cpu_only = kind == "cuda" and not torch.version.cuda
+        build = f"torch {torch.__version__}{', a CPU-only build' if cpu_only else ''}"
+        raise SettingsError(f"device {device!r} is not available on this machine ({build}); use --device cpu")
+    if kind == "cpu" and dtype in ("fp16", "bf16"):
+        raise SettingsError(f"--dtype {dtype} does not run on the CPU; use fp32 (the default there)")
+    return device, DTYPES[dtype] if dtype else torch.float16 if kind == "cuda" else torch.float32
 
 
 def load_renderer(
@@ -96,8 +127,7 @@ def load_renderer(
     for ref in network_refs(*prompts):
         networks.path(ref)
     merged = [(load_network(file), weight) for file, weight in loras]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = DTYPES[dtype] if dtype else torch.float16 if device.startswith("cuda") else torch.float32
+    device, torch_dtype = device_and_dtype(device, dtype)
     pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
     pipe.progress, pipe.networks = True, networks
     domain, pipe.domain = pipe.domain, None  # the Renderer reports it in each result, not as a warning

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from openldm.training.config import KINDS
-
-EXIT_USAGE = 2
 
 
 def add_commands(sub) -> None:
@@ -29,23 +26,16 @@ def add_commands(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from openldm.checkpoints.errors import CheckpointError
-    from openldm.training.config import ConfigError, load_config
-    from openldm.training.data import DataError
+    from openldm.training.config import load_config
     from openldm.training.determinism import prepare_environment, wanted
-    from openldm.training.loop import TrainingError
     from openldm.training.run import train
 
-    try:
-        config = load_config(args.config, kind=args.kind)
-        given = (("steps", args.steps), ("output_dir", args.output_dir))
-        overrides = {k: v for k, v in given if v is not None}
-        if overrides:
-            config = replace(config, run=replace(config.run, **overrides))
-        if wanted(config.run):
-            prepare_environment()  # before any kernel: MKL reads MKL_CBWR once, at its first call
-        train(config, resume=args.resume)
-    except (ConfigError, DataError, TrainingError, CheckpointError) as error:
-        print(f"openldm train: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    config = load_config(args.config, kind=args.kind)
+    given = (("steps", args.steps), ("output_dir", args.output_dir))
+    overrides = {k: v for k, v in given if v is not None}
+    if overrides:
+        config = replace(config, run=replace(config.run, **overrides))
+    if wanted(config.run):
+        prepare_environment()  # before any kernel: MKL reads MKL_CBWR once, at its first call
+    train(config, resume=args.resume)
     return 0

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openldm.atomic import write_bytes_atomic
-from openldm.checkpoints.errors import CheckpointError
 
 if TYPE_CHECKING:
     from PIL import Image
-
-EXIT_ERROR = 2
 EVAL_STEPS = 20
 EVAL_CFG = None  # the model's own guidance scale (`ModelConfig.guidance`)
 EVAL_SAMPLER = "dpmpp_2m"
@@ -78,16 +74,10 @@ def _eval(args: argparse.Namespace) -> int:
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in PROMPT_SETS]
     if unknown or args.n <= 0:
-        problem = f"unknown prompt set(s) {', '.join(unknown)}" if unknown else "--n must be positive"
-        print(f"openldm eval: error: {problem}", file=sys.stderr)
-        return EXIT_ERROR
+        raise ValueError(f"unknown prompt set(s) {', '.join(unknown)}" if unknown else "--n must be positive")
     model = Path(args.model) if args.model else default_model_path()
-    try:
-        started = time.perf_counter()
-        pipe = load(model)
-    except (CheckpointError, OSError, ValueError) as error:
-        print(f"openldm eval: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    started = time.perf_counter()
+    pipe = load(model)
     print(f"loaded {model} in {time.perf_counter() - started:.1f} s")
     pipe.domain = None  # prompt sets may use words a model was never taught, on purpose: scored, not warned
 

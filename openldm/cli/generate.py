@@ -9,8 +9,6 @@ written atomically and carry their settings, so `--from-png` regenerates them.
 With `--server URL` (or $OPENLDM_SERVER) a running `openldm serve` makes the images with the model
 it keeps loaded. torch and the models are imported only by the functions that run a model here,
 so such a run, `png-info` and `--help` start in a fraction of a second.
-
-Expected failures print one line, `openldm COMMAND: error: ...`, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openldm.atomic import write_bytes_atomic
-from openldm.client import SERVER_ENV, RemoteRenderer, ServerError
+from openldm.atomic import check_writable, write_bytes_atomic
+from openldm.client import SERVER_ENV, RemoteRenderer
 from openldm.config import WEIGHT_DTYPES
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.infotext import read_png
@@ -43,8 +41,6 @@ if TYPE_CHECKING:
     from openldm.pipelines.render import Renderer
 
 Render = Callable[[GenerationParams], list[Rendered]]  # one batch's settings -> its finished PNGs
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationParams)} - {"prompt", "loras"}
 
@@ -54,23 +50,6 @@ def add_commands(sub) -> None:
     for add in (_add_txt2img, _add_img2img, _add_inpaint, _add_outpaint, _add_upscale, _add_png_info,
                 _add_samplers):
         add(sub)
-
-
-def _clean_errors(run):
-    """Bad input (a missing file, an invalid setting) is one line on stderr and status 2; Ctrl-C, 130."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except (ValueError, OSError, ServerError) as e:
-            print(f"openldm {args.command}: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        except KeyboardInterrupt:  # files already written are whole; the one being written is not there
-            print(f"openldm {args.command}: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
-
-    return wrapper
 
 
 # --- arguments ---------------------------------------------------------------------------
@@ -101,23 +80,33 @@ _crop_spec = functools.partial(_ints, count=2, sep=",", form="TOP,LEFT")
 _extend_spec = functools.partial(_ints, count=4, sep=",", form="LEFT,RIGHT,TOP,BOTTOM")
 
 
-def add_model_options(group) -> None:
-    """Which model to load and how: shared by the generating commands and `openldm serve`."""
-    group.add_argument("--model", type=Path, metavar="PATH", help="a .safetensors/.ckpt checkpoint, a "
-                       "diffusers folder or a model folder (default: the embedded model, "
-                       f"{default_model_path()})")
-    group.add_argument("--prediction", choices=("eps", "v"), help="for SD2 768-v files that cannot tell")
-    group.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
-                       help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)")
-    group.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
-                       help="folder of LoRA/LyCORIS files (.safetensors/.pt/.ckpt, subfolders too) that "
-                       "prompts name as <lora:NAME:WEIGHT> or <lyco:NAME:WEIGHT>, NAME being the file name "
-                       "without its extension; merged only for the images that name them (repeatable)")
-    group.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
-                       help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
-                       "write a file's name without its extension in a prompt to use it (repeatable)")
-    group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
-    group.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere")
+def add_model_options(group) -> dict[str, str]:
+    """Which model to load and how: shared by the generating commands and `openldm serve`.
+
+    Returns what it declared, flag -> attribute: on a `--server` client these are the server's.
+    """
+    add = group.add_argument
+    actions = [
+        add("--model", type=Path, metavar="PATH", help="a .safetensors/.ckpt checkpoint, a "
+            "diffusers folder or a model folder (default: the embedded model, "
+            f"{default_model_path()})"),
+        add("--prediction", choices=("eps", "v"), help="for SD2 768-v files that cannot tell"),
+        add("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
+            help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)"),
+        add("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+            help="folder of LoRA/LyCORIS files (.safetensors/.pt/.ckpt, subfolders too) that "
+            "prompts name as <lora:NAME:WEIGHT> or <lyco:NAME:WEIGHT>, NAME being the file name "
+            "without its extension; merged only for the images that name them (repeatable)"),
+        add("--embeddings", type=Path, action="append", default=[], metavar="DIR",
+            help="folder of textual-inversion embeddings (.safetensors/.pt/.bin, subfolders too); "
+            "write a file's name without its extension in a prompt to use it (repeatable)"),
+        add("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"),
+        add("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere (fp16 and bf16 are "
+            "refused on the CPU: they fail there mid-run)"),
+        add("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each image: "
+            "it takes over the latents at --refiner-switch"),
+    ]
+    return {action.option_strings[-1]: action.dest for action in actions}
 
 
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
@@ -164,8 +153,6 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                     help="size conditioning: where the crop began (default 0,0; larger values look cut off)")
     xl.add_argument("--target-size", type=_size_spec, metavar="WxH",
                     help="size conditioning: the size asked for (default: the output size)")
-    xl.add_argument("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each "
-                    "image: it takes over the latents at --refiner-switch")
     xl.add_argument("--refiner-switch", type=float, metavar="F", help="fraction of the noise range the base "
                     "model samples before the refiner takes over (default 0.8, as diffusers' denoising_end)")
     p.set_defaults(outpaint=(0, 0, 0, 0))  # only `outpaint` extends, even with --from-png of an outpainting
@@ -184,7 +171,7 @@ def _control_spec(text: str) -> tuple[Path, Path, float, float, float]:
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
-    from openldm.pipelines.control import CONTROL_MODES
+    from openldm.pipelines.params import CONTROL_MODES
     from openldm.pipelines.preprocessors import PREPROCESSORS
 
     g = p.add_argument_group("ControlNet")
@@ -364,21 +351,21 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
     """This process loads the model; the inputs are read and checked first, so a typo costs no load time."""
+    for params in jobs:  # the limits first: before starting torch takes seconds
+        params.validate()
     from openldm.pipelines.images import open_image
     from openldm.pipelines.render import check_inputs
 
     inputs = {name: open_image(getattr(args, name), name) for name in MODE_INPUTS[args.command]}
-    check_inputs(args.command, jobs[0], **inputs)
+    for params in jobs:
+        check_inputs(args.command, params, **inputs)
     controls = control_units(args)
     renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
     render = functools.partial(renderer.render, args.command, controls=controls, **inputs)
     return render, lambda: renderer.model_hash
 
 
-_SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
-    "--model": "model", "--prediction": "prediction", "--lora": "lora", "--lora-dir": "lora_dir",
-    "--embeddings": "embeddings", "--device": "device", "--dtype": "dtype", "--refiner": "refiner",
-}
+_SERVER_SIDE = add_model_options(argparse.ArgumentParser(add_help=False))  # flag -> attribute
 
 
 def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], str]]:
@@ -399,11 +386,10 @@ def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], st
     return functools.partial(client.render, args.command, **inputs), lambda: client.model()["hash"]
 
 
-@_clean_errors
 def _generate(args: argparse.Namespace) -> int:
     jobs, png_hash = _settings(args)
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
-    paths = iter(output_paths(args.out, total, args.command))
+    paths = iter(check_writable(output_paths(args.out, total, args.command)))
     render, current_hash = _render_on_server(args) if args.server else _render_here(args, jobs)
     if png_hash and png_hash != (hash_ := current_hash()):
         print(f"note: {args.from_png} was made with another model ({png_hash}; this one is {hash_})",
@@ -430,7 +416,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@_clean_errors
 def _png_info(args: argparse.Namespace) -> int:
     text, _ = read_png(args.png)
     if text is None:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from openldm import cli_generate
-from openldm.checkpoints.errors import CheckpointError
+from openldm.cli import generate as cli_generate
 from openldm.client import DEFAULT_PORT, SERVER_ENV
-
-EXIT_ERROR = 2
 
 
 def add_commands(sub) -> None:
@@ -29,7 +25,6 @@ def add_commands(sub) -> None:
     )
     g = p.add_argument_group("model")
     cli_generate.add_model_options(g)
-    g.add_argument("--refiner", type=Path, metavar="PATH", help="an SDXL refiner that finishes every image")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: only "
                    "this machine)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT,
@@ -41,12 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
     from openldm.server import RenderServer
 
     started = time.perf_counter()
-    try:
-        renderer = cli_generate.load_here(args)
-        server = RenderServer(renderer, args.host, args.port)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"openldm serve: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    renderer = cli_generate.load_here(args)
+    server = RenderServer(renderer, args.host, args.port)
     print(f"serving {renderer.model_name} ({renderer.pipe.config.name}) at {server.url}, loaded in "
           f"{time.perf_counter() - started:.1f} s; Ctrl-C stops", flush=True)
     try:
