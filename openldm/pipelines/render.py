@@ -20,8 +20,8 @@ from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.outputs import Rendered, result_png
-from openldm.pipelines.params import MODE_INPUTS, GenerationParams
-from openldm.pipelines.pipeline import Pipeline, load
+from openldm.pipelines.params import MODE_INPUTS, GenerationParams, seeds_for
+from openldm.pipelines.pipeline import Pipeline, StepCallback, load
 
 Log = Callable[[str], None]
 
@@ -65,14 +65,24 @@ class Renderer:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-               mask: Image.Image | None = None) -> list[Rendered]:
+               mask: Image.Image | None = None, *, callback: StepCallback | None = None,
+               hires: bool = False) -> list[Rendered]:
+        """`hires`: txt2img finished by the hires fix (A1111's `enable_hr`); mode "upscale" implies it."""
         check_inputs(mode, params, image, mask)
         results = self.pipe.generate(
-            dataclasses.replace(params, loras=self.loras), hires=mode == "upscale", refiner=self.refiner,
-            image=image, mask=mask.convert("L") if mask is not None else None,
+            dataclasses.replace(params, loras=self.loras), hires=hires or mode == "upscale",
+            refiner=self.refiner, image=image, mask=mask.convert("L") if mask is not None else None,
+            callback=callback,
         )
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
                          "\n".join(report.summary() for report in r.networks)) for r in results]
+
+
+def batches(params: GenerationParams) -> list[GenerationParams]:
+    """One run per batch; batch b starts at seed + b * batch_size, as `Pipeline.generate` numbers them."""
+    return [dataclasses.replace(params, seed=seeds_for(params.seed, 1, b * params.batch_size)[0],
+                                subseed=seeds_for(params.subseed, 1, b * params.batch_size)[0], batch_count=1)
+            for b in range(params.batch_count)]
 
 
 def load_renderer(
