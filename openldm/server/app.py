@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from openldm.server import a1111, worker
 from openldm.server.auth import auth_middleware
@@ -37,6 +37,7 @@ EVENT_POLL_SECONDS = 0.1
 
 
 class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     mode: str = Field("txt2img", description="txt2img, img2img, inpaint, outpaint or upscale")
     params: dict[str, Any] = Field(description="GenerationParams fields; `prompt` is required")
     model: str | None = Field(None, description="a name from GET /v1/models; None: the default model")
@@ -116,6 +117,7 @@ def _stop_workers(workers: list) -> None:
     for w in workers:
         if isinstance(w, worker.Worker):
             w.stop.set()
+            w.thread.join(30)  # a running job stops at its next step
         else:
             w.terminate()
             w.join(10)

@@ -63,6 +63,7 @@ class Worker:
         self.catalog = ModelCatalog(config.default_model, config.models_dir)
         self.models = ModelCache(config, device, config.keep_models)
         self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def run_forever(self) -> None:
         while not self.stop.is_set():
@@ -130,7 +131,8 @@ def _open(path: Path, name: str) -> Image.Image:
 def start_thread(config: ServerConfig, store: JobStore) -> Worker:
     """A worker in this process, on a daemon thread (one worker: the default)."""
     worker = Worker(config, store, "worker-0", config.device_for(0))
-    threading.Thread(target=worker.run_forever, name="openldm-worker", daemon=True).start()
+    worker.thread = threading.Thread(target=worker.run_forever, name="openldm-worker", daemon=True)
+    worker.thread.start()
     return worker
 
 
