@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
@@ -67,7 +66,11 @@ class Worker:
 
     def run_forever(self) -> None:
         while not self.stop.is_set():
-            job = self.store.claim(self.name)
+            try:
+                job = self.store.claim(self.name)
+            except Exception:  # the store briefly unreachable (locked, disk full): log, wait, retry
+                traceback.print_exc(file=sys.stderr)
+                job = None
             if job is None:
                 self.stop.wait(POLL_SECONDS)
                 continue
@@ -144,10 +147,4 @@ def process_main(config: ServerConfig, index: int) -> None:
         torch.set_num_threads(config.threads)
     worker = Worker(config, JobStore(config.database), f"worker-{index}-pid{os.getpid()}",
                     config.device_for(index))
-    while True:
-        try:
-            worker.run_forever()
-            return
-        except Exception:  # the store was briefly unreachable: log, wait, carry on
-            traceback.print_exc(file=sys.stderr)
-            time.sleep(1)
+    worker.run_forever()
