@@ -75,6 +75,7 @@ class JobView(BaseModel):
     finished: float | None
     images: list[ImageRef]
     error: str | None
+    worker: str | None
     params: dict[str, Any]
 
 
@@ -99,7 +100,8 @@ def job_view(job: Job, store: JobStore) -> JobView:
     return JobView(id=job.id, source=job.source, mode=job.mode, hires=job.hires, model=job.model,
                    model_hash=job.model_hash, state=job.state, position=store.position(job), step=job.step,
                    total=job.total, eta=job.eta, created=job.created, started=job.started,
-                   finished=job.finished, images=images, error=job.error, params=job.params)
+                   finished=job.finished, images=images, error=job.error, worker=job.worker,
+                   params=job.params)
 
 
 def _start_workers(config: ServerConfig, store: JobStore) -> list:
