@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from openldm import cli
@@ -273,3 +274,26 @@ def test_jobs_left_running_by_a_crash_are_queued_again_then_failed(model, tmp_pa
         assert store.claim("w").id == job.id
         assert store.recover() == [job.id] and store.get(job.id).state == expected
     assert "stopped while this job ran (2 times)" in store.get(job.id).error
+
+
+def test_previews_map_latent_channels_through_the_family_factors():
+    from openldm.config import SD_LATENT, SDXL_LATENT
+    from openldm.server.previews import latent_rgb
+
+    x = torch.zeros(4, 2, 2)
+    x[1] = 1.0  # channel 1 alone: RGB = its row of factors (+ the bias), mapped from [-1, 1] to 0..255
+    for fmt in (SD_LATENT, SDXL_LATENT):
+        expected = [round((f + b + 1) * 127.5) for f, b in zip(fmt.rgb_factors[1], fmt.rgb_bias)]
+        assert latent_rgb(x, fmt)[0, 0].tolist() == expected
+    assert latent_rgb(x, SD_LATENT)[0, 0].tolist() != latent_rgb(x, SDXL_LATENT)[0, 0].tolist()
+
+
+def test_the_embedded_models_preview_of_a_red_picture_is_red():
+    from openldm.cli_generate import default_model_path
+    from openldm.pipelines.pipeline import load
+    from openldm.server.previews import latent_rgb
+
+    pipe = load(default_model_path())
+    red = Image.new("RGB", (128, 128), (200, 30, 30))
+    rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).float().mean(dim=(0, 1))
+    assert rgb[0] > rgb[1] + 50 and rgb[0] > rgb[2] + 50, rgb.tolist()
