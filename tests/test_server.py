@@ -71,9 +71,10 @@ def test_a_served_run_writes_the_same_files_as_a_local_one(command, model, serve
     assert "[4/4] wrote" in out and "(seed 14)" in out
 
 
-def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch):
+def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENLDM_SERVER", server.url.removeprefix("http://"))
     assert run("txt2img", "a blue square", *FAST, "-o", tmp_path / "a.png") == 0
+    assert "sampling (server)" in capsys.readouterr().err  # the bar the event stream feeds
     with Image.open(tmp_path / "a.png") as image:
         assert image.size == (32, 32)
 

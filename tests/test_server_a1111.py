@@ -65,6 +65,10 @@ def test_webuiapi_txt2img_img2img_inpaint_and_png_info(api):
     assert (prompt, negative, settings["Seed"], settings["CFG scale"]) == ("a red circle", "blur", "8", "5.0")
     info = api.png_info(result.image)
     assert "Seed: 7" in info.info
+    hires = api.txt2img(prompt="a red circle", width=16, height=16, seed=7, enable_hr=True, hr_scale=2,
+                        hr_upscaler="Latent", hr_second_pass_steps=1, denoising_strength=0.6)
+    assert hires.image.size == (32, 32) and hires.info["denoising_strength"] == 0.6
+    assert "Hires upscale: 2" in hires.info["infotexts"][0]
     base = result.image.convert("RGB")
     again = api.img2img(images=[base], prompt="a blue square", width=32, height=32, seed=1,
                         denoising_strength=0.5)
