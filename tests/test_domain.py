@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import warnings
 
 import pytest
@@ -14,8 +13,8 @@ from openldm.data.phrasing import vocabulary
 from openldm.models.domain import DOMAIN_FILE, Domain, DomainWarning, read_domain
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.params import GenerationParams
-from openldm.pipelines.render import load_renderer
-from openldm.server import RenderServer
+from openldm.server.config import ServerConfig
+from tests.server_helpers import Served
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CAT = "a photograph of a cat sitting on a sofa"
@@ -73,18 +72,13 @@ def test_the_cli_warns_once_per_run_and_still_writes_the_images(tmp_path, capsys
     assert "does not know" not in capsys.readouterr().err
 
 
-def test_the_server_sends_the_same_warning():
-    renderer = load_renderer(default_model_path())
-    server = RenderServer(renderer, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def test_the_server_sends_the_same_warning(tmp_path):
+    served = Served(ServerConfig(data_dir=tmp_path, default_model=default_model_path()))
     try:
-        client = RemoteRenderer(f"http://127.0.0.1:{server.server_address[1]}")
+        client = RemoteRenderer(served.url)
         cat = client.render("txt2img", GenerationParams(CAT, steps=1, seed=2))
         shapes = client.render("txt2img", GenerationParams(IN_DOMAIN, steps=1, seed=2))
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+        served.close()
     assert [r.warning for r in cat] == [CAT_WARNING] and cat[0].png.startswith(b"\x89PNG")
     assert [r.warning for r in shapes] == [""]

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import http.client
-import json
+import base64
+import io
 import os
 import subprocess
 import sys
-import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from openldm import cli
-from openldm.client import RemoteRenderer, ServerError, server_url
-from openldm.pipelines.params import GenerationParams
-from openldm.pipelines.render import load_renderer
-from openldm.server import MAX_REQUEST_BYTES, RenderServer
+from openldm.client import RemoteRenderer, server_url
+from openldm.config import TINY_SD1
+from openldm.server.config import ServerConfig, ServerLimits
+from tests.server_helpers import Served, b64_png, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = ["--steps", "2", "--cfg", "5", "--seed", "11", "--subseed", "3"]  # both seeds: equal files
@@ -26,25 +27,14 @@ FAST = ["--steps", "2", "--cfg", "5", "--seed", "11", "--subseed", "3"]  # both 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, one_thread):
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    assert cli.main(["init", "tiny-sd1", str(path), "--seed", "4"]) == 0
-    return path
-
-
-def _serving(renderer):
-    server = RenderServer(renderer, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
+    return tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    server, thread = _serving(load_renderer(model))
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+def server(model, tmp_path_factory):
+    served = Served(ServerConfig(data_dir=tmp_path_factory.mktemp("data"), default_model=model))
+    yield served
+    served.close()
 
 
 def run(*argv) -> int:
@@ -82,9 +72,10 @@ def test_a_served_run_writes_the_same_files_as_a_local_one(command, model, serve
     assert "[4/4] wrote" in out and "(seed 14)" in out
 
 
-def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch):
+def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENLDM_SERVER", server.url.removeprefix("http://"))
     assert run("txt2img", "a blue square", *FAST, "-o", tmp_path / "a.png") == 0
+    assert "sampling (server)" in capsys.readouterr().err  # the bar the event stream feeds
     with Image.open(tmp_path / "a.png") as image:
         assert image.size == (32, 32)
 
@@ -103,10 +94,10 @@ def test_a_client_run_never_imports_torch(server, tmp_path):
     assert "NO TORCH" in done.stdout and out.is_file()
 
 
-def test_api_reports_the_loaded_model(server, model):
+def test_api_reports_the_default_model(server, model):
     facts = RemoteRenderer(server.url).model()
-    assert (facts["name"], facts["preset"], facts["width"], facts["height"]) == ("tiny", "tiny-sd1", 32, 32)
-    assert facts["hash"] == server.renderer.model_hash and facts["guidance"] == 7.0
+    assert (facts["name"], facts["family"], facts["default"]) == ("tiny", "sd1", True)
+    assert facts["filename"] == "tiny.safetensors" and len(facts["hash"]) == 10
 
 
 # --- failures are one line, and leave no file ---------------------------------------------------
@@ -121,7 +112,7 @@ def test_settings_the_server_refuses_are_one_line_errors(command, options, messa
     inputs = [tmp_path / "odd.png"] if command == "img2img" else []
     out = tmp_path / "out.png"
     assert run(command, *inputs, "a red circle", *options, "--server", server.url, "-o", out) == 2
-    client_lines = [line for line in capsys.readouterr().err.splitlines() if "/v1/generate" not in line]
+    client_lines = capsys.readouterr().err.splitlines()
     assert len(client_lines) == 1 and client_lines[0].startswith(f"openldm {command}: error: {message}")
     assert not out.exists()
 
@@ -149,57 +140,177 @@ def test_server_urls_are_written_the_ways_people_write_them():
 
 # --- the protocol ---------------------------------------------------------------------------------
 
-def _post(server, body: bytes, path="/v1/generate", headers=None):
-    host, port = server.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.request("POST", path, body=body, headers=headers or {})
-    response = connection.getresponse()
-    return response.status, json.loads(response.read())
-
-
-@pytest.mark.parametrize(("body", "status", "message"), [
-    (b"{not json", 400, "the request is not JSON"),
-    (b"[1, 2]", 400, 'JSON object with "mode"'),
-    (b'{"mode": "txt2img", "params": {"prompt": "a"}, "seed": 1}', 400, "unknown request fields: seed"),
-    (b'{"mode": "txt2img", "params": {}}', 400, 'at least a "prompt"'),
-    (b'{"mode": "txt2img", "params": {"prompt": "a", "steps": "2"}}', 400, "setting 'steps' must be int"),
-    (b'{"mode": "txt2img", "params": {"prompt": "a", "stpes": 2}}', 400, "unknown generation settings"),
-    (b'{"mode": "draw", "params": {"prompt": "a"}}', 400, "unknown mode 'draw'"),
-    (b'{"mode": "img2img", "params": {"prompt": "a"}}', 400, "img2img needs image"),
-    (b'{"mode": "txt2img", "params": {"prompt": "a"}, "mask": "AAAA"}', 400, "mask is not a readable image"),
-    (b'{"mode": "img2img", "params": {"prompt": "a"}, "image": "%%"}', 400, "image file's bytes in base64"),
+@pytest.mark.parametrize(("body", "status", "field", "message"), [
+    ({"params": {"prompt": "a", "steps": "2"}}, 422, "steps", "setting 'steps' must be int"),
+    ({"params": {"prompt": "a", "stpes": 2}}, 422, None, "unknown generation settings: stpes"),
+    ({"params": {}}, 422, "params", 'at least a "prompt"'),
+    ({"mode": "draw", "params": {"prompt": "a"}}, 422, None, "unknown mode 'draw'"),
+    ({"mode": "img2img", "params": {"prompt": "a"}}, 422, None, "img2img needs image"),
+    ({"params": {"prompt": "a"}, "mask": "AAAA"}, 422, "mask", "mask is not a readable image"),
+    ({"mode": "img2img", "params": {"prompt": "a"}, "image": "%%"}, 422, "image", "image file's bytes"),
+    ({"params": {"prompt": "a"}, "seed": 1}, 422, "seed", "seed: Extra inputs are not permitted"),
+    ({"params": {"prompt": "a", "steps": 501}}, 422, "steps", "steps 501 is over the limit of 500"),
+    ({"params": {"prompt": "a", "width": 4096, "height": 2048}}, 422, "width", "4,194,304 pixels in all"),
+    ({"params": {"prompt": "a", "batch_size": 8, "batch_count": 9}}, 422, "batch_count", "of 64 images"),
+    ({"params": {"prompt": "a" * 20_001}}, 422, "prompt", "over the limit of 20,000"),
+    ({"params": {"prompt": "a"}, "model": "../../etc/passwd"}, 404, "model", "no model '../../etc/passwd'"),
+    ({"params": {"prompt": "a"}, "model": "/etc/passwd"}, 404, "model", "no model '/etc/passwd'"),
+    ({"params": {"prompt": "<lora:../../etc/passwd:1> a"}}, 404, "prompt", "no LoRA named"),
 ])
-def test_bad_requests_get_a_json_error_naming_the_problem(server, body, status, message):
-    code, reply = _post(server, body, headers={"Content-Type": "application/json"})
-    assert code == status and message in reply["error"]
+def test_bad_requests_are_refused_before_queueing_with_one_line_naming_the_field(server, body, status, field,
+                                                                                message):
+    before = server.http.get("/v1/jobs").json()["total"]
+    reply = server.http.post("/v1/jobs", json=body)
+    assert reply.status_code == status and message in reply.json()["error"], reply.text
+    assert reply.json().get("field") == field and "\n" not in reply.json()["error"]
+    assert server.http.get("/v1/jobs").json()["total"] == before
 
 
-def test_unknown_endpoints_and_oversized_requests_are_refused(server):
-    assert _post(server, b"{}", path="/v1/nothing")[0] == 404
-    host, port = server.server_address[:2]
-    connection = http.client.HTTPConnection(host, port, timeout=60)
-    connection.putrequest("POST", "/v1/generate")
-    connection.putheader("Content-Length", str(MAX_REQUEST_BYTES + 1))
-    connection.endheaders()
-    response = connection.getresponse()
-    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+def test_an_image_bomb_is_refused_from_its_header(server):
+    bomb = Image.new("L", (5000, 5000))  # 25 Mpx of zeros: a small file that decodes huge
+    reply = server.http.post("/v1/jobs", json={"mode": "img2img", "params": {"prompt": "a"},
+                                               "image": b64_png(bomb)})
+    assert reply.status_code == 413 and "over max_upload_pixels" in reply.json()["error"]
 
 
-def test_a_bug_in_rendering_is_a_500_with_its_message_and_the_server_keeps_serving(server, capsys):
-    class Broken:
-        model_name, model_hash = "broken", "0" * 10
+def test_images_are_served_only_from_the_outputs_folder(server):
+    for name in ("..%2F..%2Fetc%2Fpasswd", "jobs.sqlite", "%2Fetc%2Fpasswd", "0" * 32 + "-0001.png"):
+        assert server.http.get(f"/v1/images/{name}").status_code == 404
 
-        def render(self, *args, **kwargs):
-            raise RuntimeError("kernel exploded")
 
-    broken, thread = _serving(Broken())
-    try:
-        with pytest.raises(ServerError, match="internal error: RuntimeError: kernel exploded"):
-            RemoteRenderer(broken.url).render("txt2img", GenerationParams("a", steps=1))
-        with pytest.raises(ServerError, match="kernel exploded"):  # still answering
-            RemoteRenderer(broken.url).render("txt2img", GenerationParams("a", steps=1))
-    finally:
-        broken.shutdown()
-        broken.server_close()
-        thread.join(5)
-    assert "Traceback" in capsys.readouterr().err
+def test_events_stream_steps_with_previews_then_done(server):
+    job = server.http.post("/v1/jobs", json={"params": {"prompt": "a red circle", "steps": 3, "seed": 1,
+                                                        "batch_count": 2}}).json()
+    events = list(RemoteRenderer(server.url).events(job["id"]))
+    names = [name for name, _ in events]
+    steps = [data["step"] for name, data in events if name == "step"]
+    assert names[-1] == "done" and names.count("image") == 2
+    assert steps == sorted(steps) and steps[-1] == 6 and len(steps) >= 2
+    preview = next(data["preview"] for name, data in events if name == "step")
+    side = 32 // TINY_SD1.vae.downsample_factor  # one preview pixel per latent pixel
+    with Image.open(io.BytesIO(base64.b64decode(preview.split(",")[1]))) as im:
+        assert (im.format, im.size) == ("JPEG", (side, side))
+    done = server.http.get(f"/v1/jobs/{job['id']}").json()
+    assert [i["seed"] for i in done["images"]] == [1, 2] and done["step"] == done["total"] == 6
+
+
+def test_a_queued_job_is_cancelled_at_once_and_a_running_one_keeps_its_finished_images(server):
+    params = {"prompt": "a", "steps": 40, "batch_count": 50}
+    long = server.http.post("/v1/jobs", json={"params": params}).json()
+    queued = server.http.post("/v1/jobs", json={"params": {"prompt": "b", "steps": 2}}).json()
+    assert server.http.delete(f"/v1/jobs/{queued['id']}").json()["state"] == "cancelled"
+    stamps = []
+    for name, data in RemoteRenderer(server.url).events(long["id"]):
+        if name == "step":
+            stamps.append((time.perf_counter(), data["step"]))
+        if name == "image":
+            break
+    step_time = (stamps[-1][0] - stamps[0][0]) / max(1, stamps[-1][1] - stamps[0][1])  # from the stream
+    cancelled_at = time.perf_counter()
+    assert server.http.delete(f"/v1/jobs/{long['id']}").status_code == 200
+    job = server.wait(long["id"], timeout=30)
+    assert job["state"] == "cancelled" and 1 <= len(job["images"]) < 50
+    stopped = job["finished"] - (time.time() - (time.perf_counter() - cancelled_at))
+    assert stopped < 3 * step_time + 0.5, (stopped, step_time)  # the step under way, then it stops
+    for image in job["images"]:
+        assert server.http.get(image["url"]).status_code == 200
+    assert server.http.get(f"/v1/jobs/{queued['id']}").json()["images"] == []
+
+
+def test_a_client_that_disconnects_loses_nothing(server):
+    job = server.http.post("/v1/jobs", json={"params": {"prompt": "gone", "steps": 5, "seed": 4}}).json()
+    with server.http.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        next(stream.iter_lines())  # one line, then hang up
+    done = server.wait(job["id"])
+    assert done["state"] == "done" and [i["seed"] for i in done["images"]] == [4]
+
+
+def test_jobs_are_listed_newest_first_with_paging_and_a_state_filter(server):
+    ids = [server.http.post("/v1/jobs", json={"params": {"prompt": f"p{i}", "steps": 1}}).json()["id"]
+           for i in range(3)]
+    for job_id in ids:
+        server.wait(job_id)
+    page = server.http.get("/v1/jobs", params={"limit": 2, "state": "done"}).json()
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2] and page["total"] >= 3
+    assert server.http.get("/v1/jobs", params={"state": "nope"}).status_code == 422
+
+
+def test_listings_health_tokens_docs_and_the_static_page(server):
+    assert {"name": "karras", "display": "Karras"} in server.http.get("/v1/schedulers").json()
+    assert any(s["display"] == "DPM++ 2M" for s in server.http.get("/v1/samplers").json())
+    assert server.http.get("/v1/health").json()["status"] == "ok"
+    tokens = server.http.post("/v1/tokens", json={"prompt": "a photo of a cat, " * 20}).json()
+    assert tokens["chunk_size"] == 75 and tokens["total"] == 120 and sum(tokens["chunks"]) == 120
+    assert len(tokens["chunks"]) == 2
+    assert "/v1/jobs" in server.http.get("/openapi.json").json()["paths"]
+    assert server.http.get("/docs").status_code == 200
+    assert "openldm" in server.http.get("/").text
+
+
+def test_png_info_reads_back_the_exact_settings(server):
+    job = server.http.post("/v1/jobs", json={"params": {"prompt": "a blue square", "steps": 2, "seed": 9}})
+    done = server.wait(job.json()["id"])
+    png = server.http.get(done["images"][0]["url"]).content
+    info = server.http.post("/v1/png-info", json={"image": base64.b64encode(png).decode()}).json()
+    assert info["params"]["prompt"] == "a blue square" and info["params"]["seed"] == 9
+    assert info["items"]["Seed"] == "9" and info["model"] == "tiny"
+
+
+def test_a_full_queue_is_a_429(model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from openldm.server.app import create_app
+
+    config = ServerConfig(data_dir=tmp_path, default_model=model, limits=ServerLimits(max_queue=2))
+    with TestClient(create_app(config, start_workers=False)) as client:
+        codes = [client.post("/v1/jobs", json={"params": {"prompt": "a"}}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
+def test_credentials_are_required_on_every_route(model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from openldm.server.app import create_app
+
+    config = ServerConfig(data_dir=tmp_path, default_model=model, auth=(("ann", "s3cret"),), api_key="k3y")
+    with TestClient(create_app(config, start_workers=False)) as client:
+        for path in ("/v1/health", "/sdapi/v1/options", "/", "/openapi.json", "/v1/images/x.png"):
+            assert client.get(path).status_code == 401, path
+        assert client.get("/v1/health", auth=("ann", "wrong")).status_code == 401
+        assert client.get("/v1/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert client.get("/v1/health", auth=("ann", "s3cret")).status_code == 200
+        assert client.get("/v1/health", headers={"Authorization": "Bearer k3y"}).status_code == 200
+
+
+def test_jobs_left_running_by_a_crash_are_queued_again_then_failed(model, tmp_path):
+    from openldm.server.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.submit("v1", "txt2img", {"prompt": "a"})
+    for expected in ("queued", "failed"):
+        assert store.claim("w").id == job.id
+        assert store.recover() == [job.id] and store.get(job.id).state == expected
+    assert "stopped while this job ran (2 times)" in store.get(job.id).error
+
+
+def test_previews_map_latent_channels_through_the_family_factors():
+    from openldm.config import SD_LATENT, SDXL_LATENT
+    from openldm.server.previews import latent_rgb
+
+    x = torch.zeros(4, 2, 2)
+    x[1] = 1.0  # channel 1 alone: RGB = its row of factors (+ the bias), mapped from [-1, 1] to 0..255
+    for fmt in (SD_LATENT, SDXL_LATENT):
+        expected = [round((f + b + 1) * 127.5) for f, b in zip(fmt.rgb_factors[1], fmt.rgb_bias)]
+        assert latent_rgb(x, fmt)[0, 0].tolist() == expected
+    assert latent_rgb(x, SD_LATENT)[0, 0].tolist() != latent_rgb(x, SDXL_LATENT)[0, 0].tolist()
+
+
+def test_the_embedded_models_preview_of_a_red_picture_is_red():
+    from openldm.models.embedded import default_model_path
+    from openldm.pipelines.pipeline import load
+    from openldm.server.previews import latent_rgb
+
+    pipe = load(default_model_path())
+    red = Image.new("RGB", (128, 128), (200, 30, 30))
+    rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).float().mean(dim=(0, 1))
+    assert rgb[0] > rgb[1] + 50 and rgb[0] > rgb[2] + 50, rgb.tolist()

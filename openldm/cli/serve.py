@@ -1,49 +1,103 @@
-"""`openldm serve`: keep a model loaded and make images for clients (the generating commands' --server)."""
+"""`openldm serve`: a job-queue HTTP server (native /v1 and A1111 /sdapi/v1) that the generating commands'
+--server sends work to."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
-from openldm.cli import generate as cli_generate
-from openldm.client import DEFAULT_PORT, SERVER_ENV
+from openldm.client import DEFAULT_PORT, SERVER_ENV, ServerError
+from openldm.models.embedded import default_model_path
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
-        "serve", help="keep a model loaded and generate for clients over HTTP (see --server)",
+        "serve", help="a job-queue server for --server, web pages and A1111 clients",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Load a model once and serve generation requests over HTTP with JSON (POST "
-                    "/v1/generate, GET /v1/model; the protocol is in openldm/server.py). The generating "
-                    f"commands send their work here with --server URL or ${SERVER_ENV}, and then skip both "
-                    "starting torch and loading the model. Requests run one at a time. There is no "
-                    "authentication: keep the default host (this machine only) unless a proxy guards the "
-                    "port.",
-        epilog=f"example:\n  openldm serve &\n  export {SERVER_ENV}=127.0.0.1:{DEFAULT_PORT}\n"
+        description="Queue generation jobs in a SQLite store under --data-dir and run them with the models "
+                    "found under --models-dir (loaded on demand). The native API is under /v1 "
+                    "(docs/server.md, /docs), the AUTOMATIC1111 one under /sdapi/v1. Jobs queued or "
+                    "running when the server stops run after it restarts. Listens on 127.0.0.1 unless --host "
+                    "says otherwise. Needs the serve extra: pip install 'openldm[serve]'.",
+        epilog="example:\n  openldm serve --models-dir ~/models &\n"
+               f"  export {SERVER_ENV}=127.0.0.1:{DEFAULT_PORT}\n"
                '  openldm txt2img "a small red circle on the left, on a blue background" -o out.png',
     )
-    g = p.add_argument_group("model")
-    cli_generate.add_model_options(g)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: only "
+    g = p.add_argument_group("models")
+    g.add_argument("--model", type=Path, metavar="PATH", help="the default model: a checkpoint file, "
+                   f"diffusers folder or model folder (default: the embedded model, {default_model_path()})")
+    g.add_argument("--models-dir", type=Path, metavar="DIR", help="folder of models a job may name")
+    g.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of LoRA files prompts name as <lora:NAME:W> (repeatable)")
+    g.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
+                   help="folder of textual-inversion embeddings (repeatable)")
+    g.add_argument("--keep-models", type=int, default=1, metavar="K", help="models each worker keeps loaded")
+    g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 on cuda, fp32 elsewhere")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: only "
                    "this machine)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT,
-                   help=f"port (default {DEFAULT_PORT}; 0: any free one)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)")
+    s.add_argument("--data-dir", type=Path, default=Path("openldm-data"), metavar="DIR",
+                   help="the job store, inputs and outputs (default ./openldm-data)")
+    s.add_argument("--api-auth", metavar="USER:PASS[,...]", help="require HTTP basic auth (as A1111)")
+    s.add_argument("--api-key", metavar="KEY", help="accept 'Authorization: Bearer KEY'")
+    s.add_argument("--no-a1111", action="store_true", help="do not serve the /sdapi/v1 API")
+    s.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes (1: a thread in "
+                   "the server process)")
+    s.add_argument("--devices", metavar="DEV,...", help="one device per worker: cpu,cuda:0,... (cycled)")
+    s.add_argument("--threads", type=int, metavar="N", help="torch threads per worker")
+    lim = p.add_argument_group("limits (each refusal is a 422 naming it; a full queue is a 429)")
+    from openldm.server.config import ServerLimits
+
+    for name, value in vars(ServerLimits()).items():
+        lim.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, metavar="N",
+                         help=f"default {value:,}")
     p.set_defaults(run=_serve)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from openldm.server import RenderServer
+def server_config(args: argparse.Namespace):
+    """The `ServerConfig` the flags describe; a ValueError names a bad flag."""
+    from openldm.server.auth import parse_auth
+    from openldm.server.config import ServerConfig, ServerLimits
 
-    started = time.perf_counter()
-    renderer = cli_generate.load_here(args)
-    server = RenderServer(renderer, args.host, args.port)
-    print(f"serving {renderer.model_name} ({renderer.pipe.config.name}) at {server.url}, loaded in "
-          f"{time.perf_counter() - started:.1f} s; Ctrl-C stops", flush=True)
+    limits = ServerLimits(**{name: getattr(args, name) for name in vars(ServerLimits())})
+    model = args.model or default_model_path()
+    if not model.exists():
+        raise ValueError(f"model not found: {model}")
+    if args.models_dir is not None and not args.models_dir.is_dir():
+        raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+    if args.workers < 1 or args.keep_models < 1:
+        raise ValueError("--workers and --keep-models must be at least 1")
+    devices = tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else ()
+    return ServerConfig(
+        data_dir=args.data_dir.resolve(), default_model=model.resolve(),
+        models_dir=args.models_dir.resolve() if args.models_dir else None,
+        lora_dirs=tuple(p.resolve() for p in args.lora_dir),
+        embedding_dirs=tuple(p.resolve() for p in args.embeddings), keep_models=args.keep_models,
+        workers=args.workers, devices=devices, dtype=args.dtype, threads=args.threads,
+        auth=parse_auth(args.api_auth) if args.api_auth else (), api_key=args.api_key,
+        a1111=not args.no_a1111, limits=limits,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("openldm serve: stopped", file=sys.stderr)
-    finally:
-        server.server_close()
+        import uvicorn
+
+        from openldm.server.app import create_app
+    except ImportError as e:
+        raise ServerError(f"{e.name} is missing; pip install 'openldm[serve]'") from None
+    config = server_config(args)
+    if config.threads and config.workers == 1:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    app = create_app(config)
+    state = app.state.server
+    if state.requeued:
+        print(f"requeued {len(state.requeued)} job(s) left running by the last run", file=sys.stderr)
+    print(f"openldm serve: {state.catalog.default_name} and {len(state.catalog.entries) - 1} more model(s), "
+          f"jobs in {config.database}, at http://{args.host}:{args.port}; Ctrl-C stops", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -24,7 +24,7 @@ from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
-from openldm.pipelines.pipeline import Pipeline
+from openldm.pipelines.pipeline import Pipeline, StepCallback
 
 Log = Callable[[str], None]
 
@@ -76,12 +76,14 @@ class Renderer:
     limits: Limits = LIMITS  # what one render may ask for
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-               mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
-        """`controls`: ControlNet units (the server's jobs would build them with `control.ControlUnit`)."""
+               mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
+               callback: StepCallback | None = None, hires: bool = False) -> list[Rendered]:
+        """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`)."""
         check_inputs(mode, params, image, mask, self.limits)
         results = self.pipe.generate(
-            dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
-            image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
+            dataclasses.replace(params, loras=self.loras), mode="upscale" if hires else mode,
+            refiner=self.refiner, image=image, mask=mask.convert("L") if mask is not None else None,
+            controls=controls, callback=callback,
         )
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,

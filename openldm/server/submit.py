@@ -1,0 +1,163 @@
+"""One path from a request to a queued job, for both APIs: validate, bound, decode the uploads, queue.
+
+Settings go through `GenerationParams.from_json` and `check_inputs`, the rules a local run uses;
+the server adds its own bounds (`ServerLimits`). Every refusal is a `Refused` with an HTTP status and
+a one-line message that names the field or the limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from openldm.atomic import write_bytes_atomic
+from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.render import check_inputs
+from openldm.server.config import ServerConfig, ServerLimits
+from openldm.server.jobs import Job, JobStore, QueueFull, new_job_id
+from openldm.server.models import ModelCatalog, ModelEntry, UnknownModel
+
+
+class Refused(Exception):
+    """A request the server will not queue: `status` is the HTTP code, the message one line."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request that passed every check: what `JobStore.submit` records."""
+
+    source: str
+    mode: str
+    params: GenerationParams  # with concrete seeds, so a job run again after a crash repeats itself
+    model: ModelEntry
+    hires: bool = False
+    images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+
+
+def read_params(data: Any) -> GenerationParams:
+    if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
+        raise Refused(422, '"params" must be an object with at least a "prompt" string', "params")
+    try:
+        return GenerationParams.from_json(data)
+    except (ValueError, TypeError) as e:
+        raise Refused(422, str(e), _field_of(str(e))) from None
+
+
+def _field_of(message: str) -> str | None:
+    """The setting a `GenerationParams` or `Limits` message names ("setting 'steps' must be int ...",
+    "steps 501 is over the limit of 500", "batch_size x batch_count 72 is over ...")."""
+    if message.startswith("setting '"):
+        return message.split("'")[1]
+    if message.startswith("batch_size x batch_count"):
+        return "batch_count"
+    if message.startswith("size "):  # width x height over a bound
+        return "width"
+    first = message.split(" ", 1)[0]
+    return first if first in {f.name for f in dataclasses.fields(GenerationParams)} else None
+
+
+def decode_image(data: Any, name: str, limits: ServerLimits) -> Image.Image:
+    """A base64 image (a data: URL too), refused before decoding if its header says it is too big."""
+    if not isinstance(data, str):
+        raise Refused(422, f'"{name}" must be the image file\'s bytes in base64', name)
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_upload_bytes * 4 // 3 + 4:
+        raise Refused(413, f"{name} is over max_upload_bytes={limits.max_upload_bytes:,}", name)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused(422, f'"{name}" must be the image file\'s bytes in base64', name) from None
+    try:
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+        pixels = image.width * image.height
+        if pixels > limits.max_upload_pixels:
+            raise Refused(413, f"{name} of {image.width}x{image.height} is over max_upload_pixels="
+                          f"{limits.max_upload_pixels:,}", name)
+        return image.convert("L" if name == "mask" else "RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise Refused(422, f"{name} is not a readable image ({e})", name) from None
+
+
+def check_limits(mode: str, params: GenerationParams, hires: bool, images: dict[str, Image.Image],
+                 limits: ServerLimits) -> None:
+    """The server's own bounds, each refusal naming the limit it broke."""
+    image = images.get("image")
+    width = params.width or (image.width if image is not None else 0)
+    height = params.height or (image.height if image is not None else 0)
+    scale = params.upscale_by if hires or mode == "upscale" else 1.0
+    try:
+        limits.generation().check(params)  # the rules a local run applies, at the server's bounds
+    except ValueError as e:
+        raise Refused(422, str(e), _field_of(str(e))) from None
+    checks = [  # what `Limits` cannot see from the settings alone: an input image's size, the hires scale
+        ("width", width * height * scale * scale <= limits.max_pixels,
+         f"{width}x{height} (x{scale:g}) is over max_pixels={limits.max_pixels:,}"),
+    ]
+    for field, ok, message in checks:
+        if not ok:
+            raise Refused(422, message, field)
+
+
+def check_memory_budget(submission: Submission) -> None:
+    """Memory admission hook: a later step refuses (422) a job whose estimated peak exceeds the budget."""
+
+
+def check_networks(params: GenerationParams, config: ServerConfig) -> None:
+    """LoRA tags name files inside the configured folders only (a path is just an unknown name: 404)."""
+    from openldm.networks.library import NETWORK_SUFFIXES, find_files, network_refs
+
+    refs = network_refs(params.prompt, params.negative)
+    if not refs:
+        return
+    files = find_files(config.lora_dirs, NETWORK_SUFFIXES, "LoRA") if config.lora_dirs else {}
+    missing = [ref.name for ref in refs if ref.name not in files]
+    if missing:
+        raise Refused(404, f"no LoRA named {missing[0]!r} in the server's LoRA folders", "prompt")
+
+
+def prepare(source: str, mode: str, params: GenerationParams, model: str | None, hires: bool,
+            images: dict[str, Image.Image], catalog: ModelCatalog, config: ServerConfig) -> Submission:
+    """Every check a request passes before it is queued, in the order that costs least first."""
+    try:
+        entry = catalog.get(model)
+    except UnknownModel as e:
+        raise Refused(404, str(e), "model") from None
+    check_limits(mode, params, hires, images, config.limits)
+    check_networks(params, config)
+    try:
+        check_inputs(mode, params, images.get("image"), images.get("mask"))
+    except ValueError as e:
+        raise Refused(422, str(e).splitlines()[0]) from None
+    submission = Submission(source, mode, params.with_seed(), entry, hires, images)
+    check_memory_budget(submission)
+    return submission
+
+
+def enqueue(submission: Submission, store: JobStore, config: ServerConfig) -> tuple[Job, int]:
+    """Write the inputs, then the job row: a worker never sees a job whose files are missing."""
+    job_id = new_job_id()
+    inputs = {}
+    for name, image in submission.images.items():
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        write_bytes_atomic(config.inputs / f"{job_id}-{name}.png", out.getvalue())
+        inputs[name] = f"{job_id}-{name}.png"
+    try:
+        return store.submit(submission.source, submission.mode, submission.params.to_json(),
+                            model=submission.model.name, hires=submission.hires, inputs=inputs,
+                            max_queue=config.limits.max_queue, job_id=job_id)
+    except QueueFull as e:
+        for file in inputs.values():
+            (config.inputs / file).unlink(missing_ok=True)
+        raise Refused(429, str(e)) from None

@@ -1,0 +1,152 @@
+"""The worker: takes the oldest queued job, loads its model on demand, renders it batch by batch.
+
+Progress, previews and cancel all go through the job store, so a worker thread in the server
+process and a worker process on another device behave the same. A cancel is seen at the next
+step callback, before the next model call; the batches finished by then are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+
+from PIL import Image
+
+from openldm.atomic import write_bytes_atomic
+from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.render import Renderer, load_renderer
+from openldm.pipelines.run import batch_params
+from openldm.server.config import ServerConfig
+from openldm.server.jobs import Job, JobStore
+from openldm.server.models import ModelCatalog, ModelEntry
+from openldm.server.previews import preview_jpeg
+
+POLL_SECONDS = 0.05  # an idle worker's look at the queue
+
+
+class JobCancelled(Exception):
+    """Raised from the step callback when the job's cancel flag is set."""
+
+
+class ModelCache:
+    """The last `keep` models used, most recent last; loading one more drops the oldest."""
+
+    def __init__(self, config: ServerConfig, device: str | None, keep: int) -> None:
+        self.config, self.device, self.keep = config, device, max(1, keep)
+        self.loaded: OrderedDict[str, Renderer] = OrderedDict()
+
+    def get(self, entry: ModelEntry) -> Renderer:
+        if entry.sha256 in self.loaded:
+            self.loaded.move_to_end(entry.sha256)
+            return self.loaded[entry.sha256]
+        while len(self.loaded) >= self.keep:
+            self.loaded.popitem(last=False)
+        renderer = load_renderer(entry.path, device=self.device, dtype=self.config.dtype,
+                                 lora_dirs=self.config.lora_dirs, embedding_dirs=self.config.embedding_dirs,
+                                 log=lambda message: print(message, file=sys.stderr))
+        renderer.pipe.progress = False
+        renderer.model_name = entry.name
+        self.loaded[entry.sha256] = renderer
+        return renderer
+
+
+class Worker:
+    """Runs jobs from `store` until `stop` is set."""
+
+    def __init__(self, config: ServerConfig, store: JobStore, name: str = "worker-0",
+                 device: str | None = None) -> None:
+        self.config, self.store, self.name = config, store, name
+        self.catalog = ModelCatalog(config.default_model, config.models_dir)
+        self.models = ModelCache(config, device, config.keep_models)
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def run_forever(self) -> None:
+        while not self.stop.is_set():
+            try:
+                job = self.store.claim(self.name)
+            except Exception:  # the store briefly unreachable (locked, disk full): log, wait, retry
+                traceback.print_exc(file=sys.stderr)
+                job = None
+            if job is None:
+                self.stop.wait(POLL_SECONDS)
+                continue
+            self.run(job)
+
+    def run(self, job: Job) -> None:
+        """Render one claimed job and record how it ended; never raises."""
+        try:
+            self._render(job)
+        except JobCancelled:
+            self.store.finish(job.id, "cancelled", "cancelled while running")
+        except (ValueError, LookupError, OSError) as e:  # settings or files the pipeline refused
+            self.store.finish(job.id, "failed", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            self.store.finish(job.id, "failed", f"internal error: {type(e).__name__}: {e}")
+        else:
+            self.store.finish(job.id, "done")
+
+    def _entry(self, name: str | None) -> ModelEntry:
+        try:
+            return self.catalog.get(name)
+        except LookupError:  # added since this worker last looked
+            self.catalog.refresh()
+            return self.catalog.get(name)
+
+    def _render(self, job: Job) -> None:
+        entry = self._entry(job.model)
+        renderer = self.models.get(entry)
+        params = GenerationParams.from_json(job.params)
+        inputs = {name: _open(self.config.inputs / file, name) for name, file in job.inputs.items()}
+        runs = batch_params(params)
+        done = len(job.outputs)
+        for b, batch in enumerate(runs):
+            if b * params.batch_size < done:  # finished before a restart (never, today: recover clears)
+                continue
+            callback = self._callback(job, renderer, b, len(runs))
+            for image in renderer.render(job.mode, batch, **inputs, callback=callback, hires=job.hires):
+                name = f"{job.id}-{done + 1:04d}.png"
+                write_bytes_atomic(self.config.outputs / name, image.png)
+                self.store.add_output(job.id, name, image.seed, renderer.model_hash, networks=image.networks,
+                                      warning=image.warning)
+                done += 1
+
+    def _callback(self, job: Job, renderer: Renderer, batch: int, batches: int):
+        latent_format = renderer.pipe.config.latent_format
+
+        def on_step(step: int, total: int, denoised) -> None:
+            self.store.progress(job.id, batch * total + step, batches * total,
+                                preview_jpeg(denoised, latent_format))
+            if self.store.cancel_requested(job.id):
+                raise JobCancelled(job.id)
+
+        return on_step
+
+
+def _open(path: Path, name: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("L" if name == "mask" else "RGB")
+
+
+def start_thread(config: ServerConfig, store: JobStore) -> Worker:
+    """A worker in this process, on a daemon thread (one worker: the default)."""
+    worker = Worker(config, store, "worker-0", config.device_for(0))
+    worker.thread = threading.Thread(target=worker.run_forever, name="openldm-worker", daemon=True)
+    worker.thread.start()
+    return worker
+
+
+def process_main(config: ServerConfig, index: int) -> None:
+    """Entry point of a worker process (`--workers N`): one device, its own models, the shared store."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    worker = Worker(config, JobStore(config.database), f"worker-{index}-pid{os.getpid()}",
+                    config.device_for(index))
+    worker.run_forever()
