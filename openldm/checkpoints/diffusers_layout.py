@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from openldm.checkpoints.infer import folder_config
 from openldm.checkpoints.io import CheckpointError, read_state_dict
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.config import PRESETS, SIZE_EMBED_DIM, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose folder format these configs follow
 TRANSFORMERS_VERSION = "5.23.0"
-CLIP_BOS, CLIP_EOS = 49406, 49407
 _HF_TEXT_KEEP = ("text_model.", "text_projection.")
 
 
@@ -320,7 +320,8 @@ def text_encoder_config_json(cfg: CLIPTextConfig) -> dict:
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_length,
         "hidden_act": cfg.activation, "layer_norm_eps": 1e-5,
-        "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS, "pad_token_id": cfg.pad_token,
+        # CLIP vocabularies end with the start and end tokens (49406, 49407 in CLIP's own)
+        "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1, "pad_token_id": cfg.pad_token,
     }
     if cfg.projection_dim:
         out["projection_dim"] = cfg.projection_dim
@@ -385,13 +386,16 @@ def _unet_signature(c: Mapping) -> tuple:
     """The facts of a `UNet2DConditionModel` config that tell presets apart (diffusers defaults)."""
     channels = tuple(c.get("block_out_channels", (320, 640, 1280, 1280)))
     heads = _per_level(c.get("num_attention_heads") or c.get("attention_head_dim", 8), len(channels))
-    depth = _per_level(c.get("transformer_layers_per_block", 1), len(channels))
+    depth = [tuple(d) if isinstance(d, list) else d
+             for d in _per_level(c.get("transformer_layers_per_block", 1), len(channels))]
     attention = ["CrossAttn" in t for t in c["down_block_types"]]
     return (
-        c.get("in_channels", 4), c.get("out_channels", 4), channels, c.get("layers_per_block", 2),
+        c.get("in_channels", 4), c.get("out_channels", 4), channels, json.dumps(c.get("layers_per_block", 2)),
         c.get("cross_attention_dim", 1280), bool(c.get("use_linear_projection", False)),
         c.get("projection_class_embeddings_input_dim"),
         tuple((h, d) if a else None for a, h, d in zip(attention, heads, depth)), depth[-1],
+        json.dumps(c.get("reverse_transformer_layers_per_block")),
+        c.get("mid_block_type", "UNetMidBlock2DCrossAttn"), c.get("norm_num_groups", 32),
     )
 
 
@@ -404,7 +408,7 @@ def _folder_signature(configs: Mapping[str, Mapping]) -> tuple:
         for folder, c in configs.items() if folder.startswith("text_encoder")
     ))
     return (_unet_signature(configs["unet"]), tuple(vae["block_out_channels"]), vae["layers_per_block"],
-            vae["latent_channels"], encoders)
+            vae["latent_channels"], vae.get("norm_num_groups", 32), encoders)
 
 
 def _preset_configs(config: ModelConfig) -> dict[str, dict]:
@@ -447,10 +451,16 @@ def detect_diffusers(folder: str | Path, prediction: str | None = None) -> Model
     configs = {f: _read_json(folder / f / "config.json") for f in present}
     seen = _folder_signature(configs)
     matches = [p for p in PRESETS.values() if seen in _preset_signatures(p)]
+    wanted = prediction or _scheduler_prediction(folder)
+    if not matches:
+        try:
+            return folder_config(configs, wanted).config
+        except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{folder}: no preset matches, and its config.json files describe no "
+                                  f"SD-shaped model ({type(e).__name__}: {e})") from None
     if len({(p.family, p.unet, p.vae, p.text_encoders) for p in matches}) != 1:
         raise CheckpointError(f"{folder}: {len(matches)} presets match its config files "
-                              f"({', '.join(p.name for p in matches) or 'none'}); saw {seen}")
-    wanted = prediction or _scheduler_prediction(folder)
+                              f"({', '.join(p.name for p in matches)}); saw {seen}")
     same = [p for p in matches if p.prediction == wanted]
     return same[0] if same else replace(matches[0], prediction=wanted)
 

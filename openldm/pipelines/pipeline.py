@@ -27,8 +27,8 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
 from openldm.diffusion.registry import resolve
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
-from openldm.diffusion.sigmas import img2img_sigmas, switch_step
-from openldm.models.tokenizer import CLIPTokenizer
+from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
+from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
@@ -265,7 +265,8 @@ class Pipeline:
         spec, schedule_name = resolve(params.sampler, params.schedule)
         f = self.config.vae.downsample_factor
         shape = (self.config.latent_format.channels, height // f, width // f)
-        sigmas = spec.sigmas(schedule_name, params.steps, self.schedule).to(self.device)
+        options = schedule_options(schedule_name, self.config.family)
+        sigmas = spec.sigmas(schedule_name, params.steps, self.schedule, **options).to(self.device)
         if start.latent is not None:
             sigmas = img2img_sigmas(sigmas, strength)
         if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix
@@ -483,17 +484,12 @@ def _round8(value: float) -> int:
 
 
 def default_tokenizers(components: Components, folder: Path | None = None) -> list[CLIPTokenizer]:
-    """Each text encoder's tokenizer: from `folder` or a diffusers folder if there, else standard CLIP."""
+    """Each text encoder's tokenizer: the loaded model's, else from `folder`, its header or standard CLIP."""
+    if folder is None and components.tokenizers:
+        return components.tokenizers
     if folder is None and components.layout == "diffusers" and components.source is not None:
         folder = Path(components.source)
-    tokenizers = []
-    for i, cfg in enumerate(components.config.text_encoders):
-        candidates = [] if folder is None else [folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")]
-        if folder is not None and i == 0:
-            candidates.append(folder)  # a model folder may keep its one tokenizer beside the weights
-        found = next((c for c in candidates if (c / "vocab.json").exists()), None)
-        tokenizers.append(CLIPTokenizer.for_config(cfg, found))
-    return tokenizers
+    return find_tokenizers(components.config.text_encoders, folder, components.metadata)
 
 
 MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single file plus its tokenizer
