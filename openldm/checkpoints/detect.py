@@ -320,7 +320,7 @@ def _reject_partial(shapes: Shapes) -> None:
     bare = [k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k for k in keys]
     if _all_start(bare, (*_VAE_PARTS, "loss.")):
         raise CheckpointError("this file holds only a VAE (encoder./decoder. keys), not a whole model: "
-                              "give it as the VAE of a model instead")
+                              "give it with --vae beside a --model instead")
     if any(k.startswith(_DIFFUSERS_UNET) for k in keys):
         raise CheckpointError("this is a UNet in diffusers naming (down_blocks./mid_block. keys): "
                               "give the whole diffusers folder (with model_index.json) instead")

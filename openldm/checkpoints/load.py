@@ -32,6 +32,7 @@ from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, component_prefixes, m
 from openldm.checkpoints.ldm_config import LdmConfig, check_against, read_ldm_config
 from openldm.checkpoints.openclip import openclip_to_hf
 from openldm.checkpoints.save import EMA_PREFIX, META_PREDICTION
+from openldm.checkpoints.vae_file import load_vae
 from openldm.config import CLIPTextConfig, ModelConfig, Prediction
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
@@ -71,6 +72,7 @@ class Components:
     ema: bool = False  # the UNet holds the file's EMA weights
     prediction_from: str = "default"
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)  # one per text encoder
+    vae_file: tuple[str, str] | None = None  # (name, short hash) of a standalone VAE in place of the model's
 
 
 def build_component(name: str, config: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
@@ -101,6 +103,7 @@ def load_components(
     ema: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    vae: str | Path | None = None,
 ) -> Components:
     """Load a model in any form (`layout.model_files`); `ema=None` takes the EMA weights a file has."""
     path, tokenizer_folder = model_files(path)
@@ -113,6 +116,9 @@ def load_components(
         components = _load_file(path, prediction, sidecar, ema, dtype, device)
     components.tokenizers = find_tokenizers(components.config.text_encoders, tokenizer_folder,
                                             components.metadata)
+    if vae is not None:  # A1111's "SD VAE": the model's own is replaced whole
+        loaded = load_vae(vae, components.config, dtype=dtype, device=device)
+        components.vae, components.vae_file = loaded.vae, (loaded.name, loaded.hash)
     return components
 
 
