@@ -268,3 +268,17 @@ def test_tokenizer_that_overruns_the_embedding_table_is_a_load_error():
     wanted = "has 49408 tokens but the text encoder's embedding table 596; put"
     with pytest.raises(CheckpointError, match=wanted):
         Ours.for_config(replace(CLIP_L, vocab_size=596, pad_token=595))
+
+
+def test_tokenizer_json_we_write_is_what_transformers_writes(tmp_path):
+    """Our `tokenizer.json` equals the one transformers 5 saves for the same vocabulary (embedded model's)."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from openldm.models.tokenizer import CLIPTokenizer as Ours
+
+    ours = Ours.from_folder(Path(__file__).parents[1] / "openldm" / "weights" / "shapes" / "tokenizer")
+    ours.save(tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer.json").rename(tmp_path / "written.json")
+    HFTokenizer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    theirs = json.loads((tmp_path / "hf" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "written.json").read_text(encoding="utf-8")) == theirs

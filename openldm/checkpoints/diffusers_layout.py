@@ -320,6 +320,10 @@ def text_encoder_config_json(cfg: CLIPTextConfig) -> dict:
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_length,
         "hidden_act": cfg.activation, "layer_norm_eps": 1e-5,
+        # What a plain `from_pretrained` computes in, whatever the weights' dtype: diffusers builds its
+        # models in float32 and casts fp16 weights up; transformers 5 would keep them fp16 without this,
+        # and the pipeline would then mix dtypes ("mat1 and mat2 must have the same dtype").
+        "dtype": "float32",
         # CLIP vocabularies end with the start and end tokens (49406, 49407 in CLIP's own)
         "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1, "pad_token_id": cfg.pad_token,
     }
