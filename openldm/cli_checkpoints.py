@@ -49,7 +49,11 @@ def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 def _prediction(path: Path, args: argparse.Namespace, metadata: dict[str, str]) -> str | None:
     """What the keys cannot tell, decided by the loader's own rule (flag, header, then ldm yaml)."""
-    return prediction_source(getattr(args, "prediction", None), metadata, _sidecar(path, args))[0]
+    return _prediction_source(path, args, metadata)[0]
+
+
+def _prediction_source(path: Path, args: argparse.Namespace, metadata: dict[str, str]) -> tuple:
+    return prediction_source(getattr(args, "prediction", None), metadata, _sidecar(path, args))
 
 
 def _sidecar(path: Path, args: argparse.Namespace):
@@ -70,8 +74,11 @@ def _describe(path: Path, args: argparse.Namespace) -> dict:
         tensors, metadata = _header_tensors(path), read_metadata(path)
     else:
         tensors, metadata = read_state_dict(path)
-    inferred = infer_shapes(_shapes(tensors), prediction=_prediction(path, args, metadata), metadata=metadata,
+    prediction, source = _prediction_source(path, args, metadata)
+    inferred = infer_shapes(_shapes(tensors), prediction=prediction, metadata=metadata,
                             hints=sidecar_hints(_sidecar(path, args)))
+    named = {"option": "--prediction", "default": "default (eps)", "yaml": "the sidecar yaml"}
+    inferred.sources["prediction"] = named.get(source, source)
     parts, rest = split_state_dict(tensors, inferred.config)
     return _facts(path, "single-file", inferred, parts, rest, metadata)
 

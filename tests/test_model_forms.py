@@ -67,3 +67,25 @@ def test_info_and_convert_take_a_model_folder(capsys, tmp_path):
     assert json.loads((tmp_path / "diffusers" / "vae" / "config.json").read_text())["norm_num_groups"] == 4
     code, out, err = _run(capsys, "info", str(tmp_path / "diffusers"), "--json")
     assert code == 0 and json.loads(out)["preset"] == "shapes", err
+
+
+def test_info_on_a_non_preset_checkpoint_says_what_was_inferred_from_what(capsys, tmp_path):
+    from dataclasses import replace
+
+    from openldm.checkpoints.io import write_safetensors_atomic
+    from openldm.checkpoints.save import random_state_dict
+    from openldm.config import TINY_SD1
+
+    text = replace(TINY_SD1.text_encoders[0], hidden_size=64, num_heads=1)
+    unet = replace(TINY_SD1.unet, num_res_blocks=(1, 2), transformer_depth_middle=None, context_dim=64,
+                   num_heads=8)
+    path = tmp_path / "bk-sdm-like.safetensors"  # no openldm metadata: everything from shapes and conventions
+    write_safetensors_atomic(path, random_state_dict(replace(TINY_SD1, unet=unet, text_encoders=(text,))))
+    code, out, err = _run(capsys, "info", str(path), "--json")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert (facts["model"], facts["preset"]) == ("custom SD1-family (inferred)", "custom-sd1")
+    assert facts["inferred"]["unet heads"] == "SD1 convention (8 heads)"
+    assert facts["inferred"]["prediction"] == "default (eps)"
+    code, out, err = _run(capsys, "info", str(path), "--prediction", "v")
+    assert "custom SD1-family (inferred) (family sd1, v prediction)" in out and "from --prediction" in out
