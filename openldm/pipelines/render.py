@@ -74,6 +74,7 @@ class Renderer:
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
     domain: Domain | None = None  # a narrow model's words: its results carry the warning for others
     limits: Limits = LIMITS  # what one render may ask for
+    vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
@@ -86,7 +87,7 @@ class Renderer:
             controls=controls, callback=callback,
         )
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
-        return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
+        return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
 
 
@@ -118,7 +119,7 @@ def load_renderer(
     path: Path, *, device: str | None = None, dtype: str | None = None, prediction: str | None = None,
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
-    log: Log = _stderr,
+    log: Log = _stderr, vae: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
@@ -130,7 +131,7 @@ def load_renderer(
         networks.path(ref)
     merged = [(load_network(file), weight) for file, weight in loras]
     device, torch_dtype = device_and_dtype(device, dtype)
-    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
+    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, vae=vae)
     pipe.progress, pipe.networks = True, networks
     domain, pipe.domain = pipe.domain, None  # the Renderer reports it in each result, not as a warning
     for skipped in pipe.add_embeddings(embeddings):
@@ -143,4 +144,5 @@ def load_renderer(
         second.progress = True
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
-                    tuple((network.name, weight) for network, weight in merged), domain)
+                    tuple((network.name, weight) for network, weight in merged), domain,
+                    vae=pipe.components.vae_file)
