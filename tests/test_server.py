@@ -273,3 +273,26 @@ def test_jobs_left_running_by_a_crash_are_queued_again_then_failed(model, tmp_pa
         assert store.claim("w").id == job.id
         assert store.recover() == [job.id] and store.get(job.id).state == expected
     assert "stopped while this job ran (2 times)" in store.get(job.id).error
+
+
+def test_png_info_reads_settings_from_an_a1111_infotext(server):
+    """A PNG without our exact chunk: the infotext's settings, with the sampler and schedule renamed."""
+    from PIL.PngImagePlugin import PngInfo
+
+    text = ("a green triangle\nNegative prompt: blurry\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 6.5, Seed: 1234, Size: 64x96, Model: other")
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 96)).save(out, format="PNG", pnginfo=meta)
+    info = server.http.post("/v1/png-info", json={"image": base64.b64encode(out.getvalue()).decode()}).json()
+    p = info["params"]
+    assert (p["prompt"], p["negative"], p["steps"], p["cfg"], p["seed"]) == ("a green triangle", "blurry", 7,
+                                                                              6.5, 1234)
+    assert (p["sampler"], p["schedule"], p["width"], p["height"]) == ("dpmpp_2m", "karras", 64, 96)
+    assert info["mode"] is None and info["items"]["Model"] == "other"
+
+
+def test_models_list_their_native_size(server):
+    (entry,) = server.http.get("/v1/models").json()["models"]
+    assert entry["size"] == TINY_SD1.image_size == 32
