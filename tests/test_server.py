@@ -101,7 +101,7 @@ def test_api_reports_the_default_model(server, model):
 
 @pytest.mark.parametrize(("command", "options", "message"), [
     ("txt2img", ["--sampler", "nope"], "unknown sampler 'nope'"),
-    ("txt2img", ["--width", "30"], "width 30: sizes must be positive multiples of 8"),
+    ("txt2img", ["--width", "30"], "width 30: sizes must be positive multiples"),
     ("img2img", [], "width 20: sizes must be positive multiples of 8"),  # the input image is 20x16
 ])
 def test_settings_the_server_refuses_are_one_line_errors(command, options, message, server, tmp_path, capsys):
@@ -143,6 +143,7 @@ def test_server_urls_are_written_the_ways_people_write_them():
     ({"params": {}}, 422, "params", 'at least a "prompt"'),
     ({"mode": "draw", "params": {"prompt": "a"}}, 422, None, "unknown mode 'draw'"),
     ({"mode": "img2img", "params": {"prompt": "a"}}, 422, None, "img2img needs image"),
+    ({"params": {"prompt": "a", "width": 30}}, 422, "width", "width 30: sizes must be positive multiples"),
     ({"params": {"prompt": "a"}, "mask": "AAAA"}, 422, "mask", "mask is not a readable image"),
     ({"mode": "img2img", "params": {"prompt": "a"}, "image": "%%"}, 422, "image", "image file's bytes"),
     ({"params": {"prompt": "a"}, "seed": 1}, 422, "seed", "seed: Extra inputs are not permitted"),

@@ -54,8 +54,11 @@ def read_params(data: Any) -> GenerationParams:
 
 
 def _field_of(message: str) -> str | None:
-    """The setting a `GenerationParams` message names ("setting 'steps' must be int ...")."""
-    return message.split("'")[1] if message.startswith("setting '") else None
+    """The setting a message names: "setting 'steps' must be int ..." or "width 30: sizes must be ..."."""
+    if message.startswith("setting '"):
+        return message.split("'")[1]
+    first = message.split(" ", 1)[0].rstrip(":")
+    return first if first in {f.name for f in dataclasses.fields(GenerationParams)} else None
 
 
 def decode_image(data: Any, name: str, limits: ServerLimits) -> Image.Image:
@@ -138,7 +141,8 @@ def prepare(source: str, mode: str, params: GenerationParams, model: str | None,
     try:
         check_inputs(mode, params, images.get("image"), images.get("mask"))
     except ValueError as e:
-        raise Refused(422, str(e).splitlines()[0]) from None
+        message = str(e).splitlines()[0]
+        raise Refused(422, message, _field_of(message)) from None
     submission = Submission(source, mode, params.with_seed(), entry, hires, images)
     check_memory_budget(submission)
     return submission
