@@ -44,8 +44,8 @@ def free_port() -> int:
 class Server:
     """`openldm serve` in a subprocess over `data_dir`; `restart()` kills it and starts it again."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, free_port()
+    def __init__(self, data_dir: Path, *options: str) -> None:
+        self.data_dir, self.options, self.port = data_dir, options, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.start()
@@ -56,12 +56,12 @@ class Server:
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             "--threads", "1", *self.options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 60
         while True:
             assert self.process.poll() is None, f"openldm serve exited: {self.process.stderr.read().decode()}"
             try:
-                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/v1/health", timeout=2).status_code in (200, 401):  # 401: up
                     return
             except httpx.HTTPError:
                 pass

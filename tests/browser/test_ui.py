@@ -15,7 +15,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from tests.browser.conftest import until, wait_ready
+from tests.browser.conftest import Server, until, wait_ready
 
 STATIC = Path(__file__).resolve().parents[2] / "openldm" / "server" / "static"
 SIZE = 64  # the embedded model draws 128x128; 64x64 keeps each step short on a shared CPU
@@ -213,3 +213,36 @@ def test_the_page_is_light_and_loads_fast(page, server, record_property):
     assert timing["loadEventEnd"] < 1000, f"the load event came at {timing['loadEventEnd']:.0f} ms"
     outside = [r for r in resources if not r.startswith(server.url)]
     assert not outside, f"the page fetched from elsewhere: {outside}"
+
+
+def test_every_control_is_labelled_and_a_phone_screen_scrolls_only_down(page, shot):
+    unlabelled = page.execute_script("""
+      return [...document.querySelectorAll('input, select, textarea, button, canvas')]
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                        && !el.textContent.trim())
+        .map((el) => el.outerHTML.slice(0, 80));""")
+    assert not unlabelled, unlabelled
+    page.set_window_size(390, 844)
+    try:
+        page.refresh()
+        wait_ready(page)
+        widths = page.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        shot("7-phone")
+    finally:
+        page.set_window_size(1280, 1000)
+    assert widths[0] <= widths[1], f"the page is {widths[0]} px wide on a {widths[1]} px screen"
+
+
+def test_with_api_auth_the_page_works_once_the_browser_has_the_credentials(browser, tmp_path, shot):
+    """The browser asks for basic auth once (here: given in the address); every request then carries it."""
+    server = Server(tmp_path / "data", "--api-auth", "ann:secret")
+    try:
+        assert server.http.get("/").status_code == 401
+        browser.get(server.url.replace("http://", "http://ann:secret@") + "/")
+        wait_ready(browser)
+        assert css(browser, "#error").text == ""
+        assert css(browser, "#model").get_attribute("value") == "shapes"
+        shot("8-auth")
+    finally:
+        server.http.close()
+        server.stop()

@@ -4,6 +4,9 @@ export class ApiError extends Error {
   constructor(message, field) { super(message); this.field = field; }
 }
 
+// Absolute on this origin: a page opened as http://user:pass@host/ must not pass the credentials to fetch.
+const url = (path) => new URL(path, window.location.origin).href;
+
 export async function request(method, path, body) {
   const init = { method, headers: {} };
   if (body !== undefined) {
@@ -12,7 +15,7 @@ export async function request(method, path, body) {
   }
   let response;
   try {
-    response = await fetch(path, init);
+    response = await fetch(url(path), init);
   } catch (e) {
     throw new ApiError(`the server is unreachable (${e.message})`);
   }
@@ -26,7 +29,7 @@ export const post = (path, body) => request("POST", path, body);
 
 // Server-Sent Events of one job; `on[event](data)` for each; the browser sends any basic-auth credentials.
 export function follow(jobId, on) {
-  const source = new EventSource(`/v1/jobs/${jobId}/events`);
+  const source = new EventSource(url(`/v1/jobs/${jobId}/events`));
   for (const [name, handler] of Object.entries(on)) {
     source.addEventListener(name, (e) => handler(JSON.parse(e.data)));
   }
@@ -44,8 +47,8 @@ export function fileBase64(blob) {
   });
 }
 
-export async function imageBlob(url) {
-  const response = await fetch(url);
-  if (!response.ok) throw new ApiError(`cannot read ${url} (HTTP ${response.status})`);
+export async function imageBlob(path) {
+  const response = await fetch(url(path));
+  if (!response.ok) throw new ApiError(`cannot read ${path} (HTTP ${response.status})`);
   return response.blob();
 }
