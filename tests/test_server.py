@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from openldm import cli
@@ -70,9 +71,10 @@ def test_a_served_run_writes_the_same_files_as_a_local_one(command, model, serve
     assert "[4/4] wrote" in out and "(seed 14)" in out
 
 
-def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch):
+def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENLDM_SERVER", server.url.removeprefix("http://"))
     assert run("txt2img", "a blue square", *FAST, "-o", tmp_path / "a.png") == 0
+    assert "sampling (server)" in capsys.readouterr().err  # the bar the event stream feeds
     with Image.open(tmp_path / "a.png") as image:
         assert image.size == (32, 32)
 
@@ -297,3 +299,26 @@ def test_png_info_reads_settings_from_an_a1111_infotext(server):
 def test_models_list_their_native_size(server):
     (entry,) = server.http.get("/v1/models").json()["models"]
     assert entry["size"] == TINY_SD1.image_size == 32
+
+
+def test_previews_map_latent_channels_through_the_family_factors():
+    from openldm.config import SD_LATENT, SDXL_LATENT
+    from openldm.server.previews import latent_rgb
+
+    x = torch.zeros(4, 2, 2)
+    x[1] = 1.0  # channel 1 alone: RGB = its row of factors (+ the bias), mapped from [-1, 1] to 0..255
+    for fmt in (SD_LATENT, SDXL_LATENT):
+        expected = [round((f + b + 1) * 127.5) for f, b in zip(fmt.rgb_factors[1], fmt.rgb_bias)]
+        assert latent_rgb(x, fmt)[0, 0].tolist() == expected
+    assert latent_rgb(x, SD_LATENT)[0, 0].tolist() != latent_rgb(x, SDXL_LATENT)[0, 0].tolist()
+
+
+def test_the_embedded_models_preview_of_a_red_picture_is_red():
+    from openldm.cli_generate import default_model_path
+    from openldm.pipelines.pipeline import load
+    from openldm.server.previews import latent_rgb
+
+    pipe = load(default_model_path())
+    red = Image.new("RGB", (128, 128), (200, 30, 30))
+    rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).float().mean(dim=(0, 1))
+    assert rgb[0] > rgb[1] + 50 and rgb[0] > rgb[2] + 50, rgb.tolist()

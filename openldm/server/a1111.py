@@ -7,12 +7,14 @@ a message naming it (`UNSUPPORTED` and `_check_unsupported` are the whole list).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from openldm.pipelines.params import MASKED_CONTENT, RESIZE_MODES, GenerationParams
@@ -176,11 +178,18 @@ def submit(state: ServerState, request: A1111Request, img2img: bool) -> Job:
     return job
 
 
-def wait(state: ServerState, job: Job) -> Job:
+async def wait(state: ServerState, job: Job) -> Job:
+    """Poll without holding a thread: many A1111 callers may wait at once."""
     while job.state not in FINISHED:
-        time.sleep(WAIT_POLL_SECONDS)
+        await asyncio.sleep(WAIT_POLL_SECONDS)
         job = state.store.get(job.id)
     return job
+
+
+async def run(state: ServerState, request: A1111Request, img2img: bool) -> dict[str, Any]:
+    job = await run_in_threadpool(submit, state, request, img2img)  # decodes images: off the event loop
+    job = await wait(state, job)
+    return await run_in_threadpool(response, state, job, request)
 
 
 def response(state: ServerState, job: Job, request: A1111Request) -> dict[str, Any]:
@@ -239,12 +248,12 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 
     @api.post("/txt2img")
-    def txt2img(request: A1111Request) -> dict[str, Any]:
-        return response(state, wait(state, submit(state, request, img2img=False)), request)
+    async def txt2img(request: A1111Request) -> dict[str, Any]:
+        return await run(state, request, img2img=False)
 
     @api.post("/img2img")
-    def img2img(request: A1111Request) -> dict[str, Any]:
-        return response(state, wait(state, submit(state, request, img2img=True)), request)
+    async def img2img(request: A1111Request) -> dict[str, Any]:
+        return await run(state, request, img2img=True)
 
     @api.get("/progress")
     def progress() -> dict[str, Any]:
