@@ -38,12 +38,16 @@ def fill(driver, prompt: str, steps: int, seed: int = 5) -> None:
             set_field(driver, name, value)
 
 
-def queued(driver) -> str:
-    """The id of the job the last Generate queued; the page's error line if it queued none."""
-    found = until(lambda: driver.find_elements(By.CSS_SELECTOR, "#jobs .job") or css(driver, "#error").text,
-                  10, "a job or an error")
+def job_cards(driver) -> set[str]:
+    return {j.get_attribute("data-job") for j in driver.find_elements(By.CSS_SELECTOR, "#jobs .job")}
+
+
+def queued(driver, before: set[str]) -> str:
+    """The id of the job Generate queued (a card not in `before`); fails with the page's error line."""
+    found = until(lambda: job_cards(driver) - before or css(driver, "#error").text, 10, "a job or an error")
     assert not isinstance(found, str), f"no job queued: {found}"
-    return found[0].get_attribute("data-job")
+    (job_id,) = found
+    return job_id
 
 
 def thumbs(driver) -> list[str]:
@@ -130,10 +134,10 @@ def test_inpaint_a_painted_mask_keeps_the_unmasked_pixels(page, server, shot, tm
     width = canvas.size["width"]
     ActionChains(page).move_to_element_with_offset(canvas, -width // 6, 0).click_and_hold() \
         .move_by_offset(width // 3, 0).release().perform()
-    before = set(thumbs(page))
+    before, cards = set(thumbs(page)), job_cards(page)
     shot("3-inpaint-mask")
     css(page, "#generate").click()
-    job_id = queued(page)
+    job_id = queued(page, cards)
     job = server.wait(job_id)
     assert job["state"] == "done", job["error"]
     until(lambda: set(thumbs(page)) - before, 10, "the inpainted image")
@@ -246,3 +250,33 @@ def test_with_api_auth_the_page_works_once_the_browser_has_the_credentials(brows
     finally:
         server.http.close()
         server.stop()
+
+
+def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(page, server, shot):
+    """Every mode's request as the page builds it: each job done, each output of the size its mode makes."""
+    params = {"prompt": "a blue circle", "steps": 2, "seed": 77, "width": SIZE, "height": SIZE}
+    job_id = server.http.post("/v1/jobs", json={"params": params}).json()["id"]
+    name = server.wait(job_id)["images"][0]["name"]
+    page.refresh()
+    wait_ready(page)
+    css(page, f'.thumb[data-name="{name}"]').click()
+    until(lambda: "Seed: 77" in css(page, "#infotext").text, 10, "the infotext")
+    css(page, "#reuse").click()
+    assert css(page, "#prompt").get_attribute("value") == "a blue circle"
+    assert css(page, "#form [name=seed]").get_attribute("value") == "77"
+    sizes = {}
+    for mode, extra in (("img2img", {}), ("outpaint", {"outpaint_right": 32}), ("upscale", {})):
+        css(page, f'.thumb[data-name="{name}"]').click()
+        css(page, "#to-img2img").click()
+        until(lambda: css(page, "#input-image").get_attribute("naturalWidth") == str(SIZE), 10, "the input")
+        css(page, f"[role=tab][data-mode={mode}]").click()
+        set_field(page, "steps", 2)
+        for field, value in extra.items():
+            set_field(page, field, value)
+        before = job_cards(page)
+        css(page, "#generate").click()
+        job = server.wait(queued(page, before))
+        assert (job["state"], job["mode"]) == ("done", mode), job["error"]
+        sizes[mode] = png_pixels(server, job["images"][0]["name"]).shape[:2]
+    shot("9-modes")
+    assert sizes == {"img2img": (SIZE, SIZE), "outpaint": (SIZE, SIZE + 32), "upscale": (2 * SIZE, 2 * SIZE)}
