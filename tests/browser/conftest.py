@@ -48,15 +48,21 @@ class Server:
         self.data_dir, self.options, self.port = data_dir, options, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
-        self.start()
+        self.launch()
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
     def start(self) -> None:
+        self.launch()
+        self.wait_up()
+
+    def launch(self) -> None:
         code = "import sys; from openldm import cli; sys.exit(cli.main(sys.argv[1:]))"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--threads", "1", *self.options], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait_up(self) -> None:
         deadline = time.time() + 60
         while True:
             assert self.process.poll() is None, f"openldm serve exited: {self.process.stderr.read().decode()}"
@@ -86,12 +92,27 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def servers(tmp_path_factory):
+    """A plain server and one with --api-auth, started side by side: each start is mostly importing torch."""
     _browser_or_skip()
-    served = Server(tmp_path_factory.mktemp("serve-data"))
-    yield served
-    served.http.close()
-    served.stop()
+    both = (Server(tmp_path_factory.mktemp("serve-data")),
+            Server(tmp_path_factory.mktemp("serve-auth"), "--api-auth", "ann:secret"))
+    for served in both:
+        served.wait_up()
+    yield both
+    for served in both:
+        served.http.close()
+        served.stop()
+
+
+@pytest.fixture(scope="session")
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="session")
+def auth_server(servers):
+    return servers[1]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from tests.browser.conftest import Server, until, wait_ready
+from tests.browser.conftest import until, wait_ready
 
 STATIC = Path(__file__).resolve().parents[2] / "openldm" / "server" / "static"
 SIZE = 64  # the embedded model draws 128x128; 64x64 keeps each step short on a shared CPU
@@ -48,6 +48,12 @@ def queued(driver, before: set[str]) -> str:
     assert not isinstance(found, str), f"no job queued: {found}"
     (job_id,) = found
     return job_id
+
+
+def open_viewer(driver, name: str, infotext: str) -> None:
+    """Click a thumbnail and wait for the viewer to show its infotext (its buttons act only then)."""
+    css(driver, f'.thumb[data-name="{name}"]').click()
+    until(lambda: infotext in css(driver, "#infotext").text, 10, f"{infotext!r} in the viewer")
 
 
 def thumbs(driver) -> list[str]:
@@ -99,8 +105,7 @@ def test_generate_shows_progress_previews_and_the_served_pixels(page, server, sh
     assert shown.shape == served.shape == (SIZE, SIZE, 4)
     diff = np.abs(shown.astype(int) - served.astype(int)).max()
     assert diff == 0, f"page pixels differ from /v1/jobs/{job_id}'s PNG by up to {diff}"
-    css(page, f'.thumb[data-name="{image["name"]}"]').click()
-    until(lambda: "Seed: 5" in css(page, "#infotext").text, 10, "the infotext in the viewer")
+    open_viewer(page, image["name"], "Seed: 5")
     shot("1-generate-done")
     css(page, "#viewer-close").click()
 
@@ -237,19 +242,14 @@ def test_every_control_is_labelled_and_a_phone_screen_scrolls_only_down(page, sh
     assert widths[0] <= widths[1], f"the page is {widths[0]} px wide on a {widths[1]} px screen"
 
 
-def test_with_api_auth_the_page_works_once_the_browser_has_the_credentials(browser, tmp_path, shot):
+def test_with_api_auth_the_page_works_once_the_browser_has_the_credentials(browser, auth_server, shot):
     """The browser asks for basic auth once (here: given in the address); every request then carries it."""
-    server = Server(tmp_path / "data", "--api-auth", "ann:secret")
-    try:
-        assert server.http.get("/").status_code == 401
-        browser.get(server.url.replace("http://", "http://ann:secret@") + "/")
-        wait_ready(browser)
-        assert css(browser, "#error").text == ""
-        assert css(browser, "#model").get_attribute("value") == "shapes"
-        shot("8-auth")
-    finally:
-        server.http.close()
-        server.stop()
+    assert auth_server.http.get("/").status_code == 401
+    browser.get(auth_server.url.replace("http://", "http://ann:secret@") + "/")
+    wait_ready(browser)
+    assert css(browser, "#error").text == ""
+    assert css(browser, "#model").get_attribute("value") == "shapes"
+    shot("8-auth")
 
 
 def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(page, server, shot):
@@ -259,14 +259,13 @@ def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(pa
     name = server.wait(job_id)["images"][0]["name"]
     page.refresh()
     wait_ready(page)
-    css(page, f'.thumb[data-name="{name}"]').click()
-    until(lambda: "Seed: 77" in css(page, "#infotext").text, 10, "the infotext")
+    open_viewer(page, name, "Seed: 77")
     css(page, "#reuse").click()
     assert css(page, "#prompt").get_attribute("value") == "a blue circle"
     assert css(page, "#form [name=seed]").get_attribute("value") == "77"
     sizes = {}
     for mode, extra in (("img2img", {}), ("outpaint", {"outpaint_right": 32}), ("upscale", {})):
-        css(page, f'.thumb[data-name="{name}"]').click()
+        open_viewer(page, name, "Seed: 77")
         css(page, "#to-img2img").click()
         until(lambda: css(page, "#input-image").get_attribute("naturalWidth") == str(SIZE), 10, "the input")
         css(page, f"[role=tab][data-mode={mode}]").click()

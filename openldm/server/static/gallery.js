@@ -34,14 +34,25 @@ export async function loadHistory() {
 }
 
 async function open(jobId, image) {
-  current = { job: await get(`/v1/jobs/${jobId}`), image };
+  current = { job: null, image };
+  const reuse = document.getElementById("reuse");
+  reuse.disabled = true; // until the job's settings have come
   document.getElementById("viewer-image").src = image.url;
   status.textContent = "";
   const text = document.getElementById("infotext");
   text.textContent = "reading the infotext…";
   viewer.showModal();
-  const info = await post("/v1/png-info", { image: await fileBase64(await imageBlob(image.url)) });
-  text.textContent = info.info;
+  try {
+    const [job, info] = await Promise.all([get(`/v1/jobs/${jobId}`),
+      imageBlob(image.url).then(fileBase64).then((data) => post("/v1/png-info", { image: data }))]);
+    if (current.image !== image) return;
+    current.job = job;
+    text.textContent = info.info;
+    reuse.disabled = false;
+  } catch (e) {
+    text.textContent = "";
+    status.textContent = e.message;
+  }
 }
 
 // `actions.reuse(params, mode)` and `actions.send(blob, mode)` are the page's; the viewer only calls them.
