@@ -110,12 +110,17 @@ def test_generate_shows_progress_previews_and_the_served_pixels(page, server, sh
     css(page, "#viewer-close").click()
 
 
-def test_cancel_a_200_step_job(page, server, shot):
+def test_cancel_a_200_step_job_with_another_queued_behind_it(page, server, shot):
     fill(page, "a green square", steps=200)
     css(page, "#generate").click()
     job = until(lambda: page.find_elements(By.CSS_SELECTOR, "#jobs .job[data-state=running]"), 30, "a run")[0]
     bar = job.find_element(By.TAG_NAME, "progress")
     until(lambda: bar.get_attribute("value") not in ("0", None), 30, "a step")
+    cards = job_cards(page)
+    fill(page, "a blue square", steps=2)
+    css(page, "#generate").click()  # a second job waits behind the long one
+    second = css(page, f'#jobs .job[data-job="{queued(page, cards)}"]')
+    until(lambda: second.find_element(By.CSS_SELECTOR, ".state").text == "queued, position 1", 10, "position")
     job.find_element(By.CSS_SELECTOR, ".cancel").click()
     clicked = time.time()
     until(lambda: job.get_attribute("data-state") == "cancelled", 5, "the job marked cancelled")
@@ -124,6 +129,7 @@ def test_cancel_a_200_step_job(page, server, shot):
     record = server.http.get(f"/v1/jobs/{job.get_attribute('data-job')}").json()
     assert record["state"] == "cancelled" and record["step"] < 200, (record["state"], record["step"])
     assert "cancelled" in job.find_element(By.CSS_SELECTOR, ".state").text, f"shown after {took:.1f} s"
+    until(lambda: second.get_attribute("data-state") == "done", 30, "the second job done")
 
 
 def test_inpaint_a_painted_mask_keeps_the_unmasked_pixels(page, server, shot, tmp_path):
@@ -279,3 +285,22 @@ def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(pa
         sizes[mode] = png_pixels(server, job["images"][0]["name"]).shape[:2]
     shot("9-modes")
     assert sizes == {"img2img": (SIZE, SIZE), "outpaint": (SIZE, SIZE + 32), "upscale": (2 * SIZE, 2 * SIZE)}
+
+
+def test_token_counts_per_chunk_come_from_the_server(page, server):
+    prompt = "a red circle BREAK a small blue square on the left"
+    css(page, "#prompt").send_keys(prompt)
+    counts = server.http.post("/v1/tokens", json={"prompt": prompt}).json()
+    expected = " · ".join(f"{n}/{counts['chunk_size']}" for n in counts["chunks"])
+    assert len(counts["chunks"]) == 2
+    until(lambda: css(page, "#prompt-tokens").text == expected, 10, f"token counts {expected!r}")
+
+
+def test_settings_are_kept_between_visits(page):
+    set_field(page, "steps", 13)
+    css(page, "#form [name=cfg]").click()  # leaving the field commits it
+    css(page, "[role=tab][data-mode=img2img]").send_keys(Keys.ENTER)
+    page.refresh()
+    wait_ready(page)
+    assert css(page, "#form [name=steps]").get_attribute("value") == "13"
+    assert css(page, "[role=tab][data-mode=img2img]").get_attribute("aria-selected") == "true"
