@@ -218,12 +218,23 @@ def test_a_bad_width_is_an_inline_error_and_queues_nothing(page, server, shot):
 
 def test_the_page_is_light_and_loads_fast(page, server, record_property):
     weight = sum(p.stat().st_size for p in STATIC.iterdir())
-    timing = json.loads(page.execute_script(
-        "return JSON.stringify(performance.getEntriesByType('navigation')[0])"))
+    page.execute_cdp_cmd("Network.enable", {})
+    page.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})  # a first visit's load
+    try:
+        start = time.perf_counter()
+        page.refresh()
+        wait_ready(page)  # pickers, history and token counts loaded through the API
+        usable = time.perf_counter() - start
+        timing = json.loads(page.execute_script(
+            "return JSON.stringify(performance.getEntriesByType('navigation')[0])"))
+    finally:
+        page.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": False})
     resources = page.execute_script("return performance.getEntriesByType('resource').map(r => r.name)")
     record_property("static_bytes", weight)
     record_property("load_ms", timing["loadEventEnd"])
-    print(f"static files {weight:,} bytes; load event at {timing['loadEventEnd']:.0f} ms")
+    record_property("usable_ms", round(usable * 1000))
+    print(f"static files {weight:,} bytes; load event at {timing['loadEventEnd']:.0f} ms; "
+          f"usable (API answers in) after {usable * 1000:.0f} ms")
     assert weight < 64_000, f"static files weigh {weight:,} bytes"
     assert timing["loadEventEnd"] < 1000, f"the load event came at {timing['loadEventEnd']:.0f} ms"
     outside = [r for r in resources if not r.startswith(server.url)]
