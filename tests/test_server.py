@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,15 +200,30 @@ def test_a_queued_job_is_cancelled_at_once_and_a_running_one_keeps_its_finished_
     long = server.http.post("/v1/jobs", json={"params": params}).json()
     queued = server.http.post("/v1/jobs", json={"params": {"prompt": "b", "steps": 2}}).json()
     assert server.http.delete(f"/v1/jobs/{queued['id']}").json()["state"] == "cancelled"
-    for name, _ in RemoteRenderer(server.url).events(long["id"]):
+    stamps = []
+    for name, data in RemoteRenderer(server.url).events(long["id"]):
+        if name == "step":
+            stamps.append((time.perf_counter(), data["step"]))
         if name == "image":
             break
+    step_time = (stamps[-1][0] - stamps[0][0]) / max(1, stamps[-1][1] - stamps[0][1])  # from the stream
+    cancelled_at = time.perf_counter()
     assert server.http.delete(f"/v1/jobs/{long['id']}").status_code == 200
     job = server.wait(long["id"], timeout=30)
     assert job["state"] == "cancelled" and 1 <= len(job["images"]) < 50
+    stopped = job["finished"] - (time.time() - (time.perf_counter() - cancelled_at))
+    assert stopped < 3 * step_time + 0.5, (stopped, step_time)  # the step under way, then it stops
     for image in job["images"]:
         assert server.http.get(image["url"]).status_code == 200
     assert server.http.get(f"/v1/jobs/{queued['id']}").json()["images"] == []
+
+
+def test_a_client_that_disconnects_loses_nothing(server):
+    job = server.http.post("/v1/jobs", json={"params": {"prompt": "gone", "steps": 5, "seed": 4}}).json()
+    with server.http.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        next(stream.iter_lines())  # one line, then hang up
+    done = server.wait(job["id"])
+    assert done["state"] == "done" and [i["seed"] for i in done["images"]] == [4]
 
 
 def test_jobs_are_listed_newest_first_with_paging_and_a_state_filter(server):
