@@ -269,7 +269,7 @@ def test_with_api_auth_the_page_works_once_the_browser_has_the_credentials(brows
     shot("8-auth")
 
 
-def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(page, server, shot):
+def test_a_gallery_image_reused_and_sent_through_each_mode_and_the_hires_fix(page, server, shot):
     """Every mode's request as the page builds it: each job done, each output of the size its mode makes."""
     params = {"prompt": "a blue circle", "steps": 2, "seed": 77, "width": SIZE, "height": SIZE}
     job_id = server.http.post("/v1/jobs", json={"params": params}).json()["id"]
@@ -294,8 +294,18 @@ def test_a_gallery_image_reused_and_sent_through_img2img_outpaint_and_upscale(pa
         job = server.wait(queued(page, before))
         assert (job["state"], job["mode"]) == ("done", mode), job["error"]
         sizes[mode] = png_pixels(server, job["images"][0]["name"]).shape[:2]
+    css(page, "[role=tab][data-mode=txt2img]").click()
+    fill(page, "a blue circle", steps=2)
+    css(page, "#form [name=hires]").click()
+    set_field(page, "hires_steps", 1)
+    before = job_cards(page)
+    css(page, "#generate").click()
+    job = server.wait(queued(page, before))
+    assert (job["state"], job["hires"]) == ("done", True), job["error"]
+    sizes["hires"] = png_pixels(server, job["images"][0]["name"]).shape[:2]
     shot("9-modes")
-    assert sizes == {"img2img": (SIZE, SIZE), "outpaint": (SIZE, SIZE + 32), "upscale": (2 * SIZE, 2 * SIZE)}
+    assert sizes == {"img2img": (SIZE, SIZE), "outpaint": (SIZE, SIZE + 32), "upscale": (2 * SIZE, 2 * SIZE),
+                     "hires": (2 * SIZE, 2 * SIZE)}
 
 
 def test_token_counts_per_chunk_come_from_the_server(page, server):
@@ -310,7 +320,8 @@ def test_token_counts_per_chunk_come_from_the_server(page, server):
 def test_settings_are_kept_between_visits(page):
     set_field(page, "steps", 13)
     css(page, "#form [name=cfg]").click()  # leaving the field commits it
-    css(page, "[role=tab][data-mode=img2img]").send_keys(Keys.ENTER)
+    css(page, "[role=tab][data-mode=txt2img]").send_keys(Keys.ARROW_RIGHT)  # the tabs follow the arrow keys
+    assert page.switch_to.active_element.get_attribute("data-mode") == "img2img"
     page.refresh()
     wait_ready(page)
     assert css(page, "#form [name=steps]").get_attribute("value") == "13"
