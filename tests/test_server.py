@@ -104,7 +104,7 @@ def test_api_reports_the_default_model(server, model):
 
 @pytest.mark.parametrize(("command", "options", "message"), [
     ("txt2img", ["--sampler", "nope"], "unknown sampler 'nope'"),
-    ("txt2img", ["--width", "30"], "width 30: sizes must be positive multiples of 8"),
+    ("txt2img", ["--width", "30"], "width 30: sizes must be positive multiples"),
     ("img2img", [], "width 20: sizes must be positive multiples of 8"),  # the input image is 20x16
 ])
 def test_settings_the_server_refuses_are_one_line_errors(command, options, message, server, tmp_path, capsys):
@@ -146,6 +146,7 @@ def test_server_urls_are_written_the_ways_people_write_them():
     ({"params": {}}, 422, "params", 'at least a "prompt"'),
     ({"mode": "draw", "params": {"prompt": "a"}}, 422, None, "unknown mode 'draw'"),
     ({"mode": "img2img", "params": {"prompt": "a"}}, 422, None, "img2img needs image"),
+    ({"params": {"prompt": "a", "width": 30}}, 422, "width", "width 30: sizes must be positive multiples"),
     ({"params": {"prompt": "a"}, "mask": "AAAA"}, 422, "mask", "mask is not a readable image"),
     ({"mode": "img2img", "params": {"prompt": "a"}, "image": "%%"}, 422, "image", "image file's bytes"),
     ({"params": {"prompt": "a"}, "seed": 1}, 422, "seed", "seed: Extra inputs are not permitted"),
@@ -291,6 +292,29 @@ def test_jobs_left_running_by_a_crash_are_queued_again_then_failed(model, tmp_pa
         assert store.claim("w").id == job.id
         assert store.recover() == [job.id] and store.get(job.id).state == expected
     assert "stopped while this job ran (2 times)" in store.get(job.id).error
+
+
+def test_png_info_reads_settings_from_an_a1111_infotext(server):
+    """A PNG without our exact chunk: the infotext's settings, with the sampler and schedule renamed."""
+    from PIL.PngImagePlugin import PngInfo
+
+    text = ("a green triangle\nNegative prompt: blurry\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 6.5, Seed: 1234, Size: 64x96, Model: other")
+    meta = PngInfo()
+    meta.add_text("parameters", text)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 96)).save(out, format="PNG", pnginfo=meta)
+    info = server.http.post("/v1/png-info", json={"image": base64.b64encode(out.getvalue()).decode()}).json()
+    p = info["params"]
+    assert (p["prompt"], p["negative"], p["steps"], p["cfg"], p["seed"]) == ("a green triangle", "blurry", 7,
+                                                                              6.5, 1234)
+    assert (p["sampler"], p["schedule"], p["width"], p["height"]) == ("dpmpp_2m", "karras", 64, 96)
+    assert info["mode"] is None and info["items"]["Model"] == "other"
+
+
+def test_models_list_their_native_size(server):
+    (entry,) = server.http.get("/v1/models").json()["models"]
+    assert entry["size"] == TINY_SD1.image_size == 32
 
 
 def test_previews_map_latent_channels_through_the_family_factors():

@@ -274,7 +274,8 @@ def _add_catalog(app: FastAPI, state: ServerState) -> None:
         state.catalog.refresh()
         return {"default": state.default_model(), "models": [
             {"name": e.name, "hash": e.hash, "sha256": e.sha256, "family": e.family, "filename": e.filename,
-             "default": e.name == state.default_model()} for e in state.catalog.entries.values()]}
+             "size": e.native_size, "default": e.name == state.default_model()}
+            for e in state.catalog.entries.values()]}
 
     @app.get("/v1/samplers")
     def samplers() -> list[dict[str, Any]]:

@@ -30,6 +30,13 @@ class ModelEntry:
         return PRESETS[self.preset].family if self.preset else None
 
     @property
+    def native_size(self) -> int | None:
+        """The side its preset was trained at (the page's size presets); None when unknown."""
+        from openldm.config import PRESETS
+
+        return PRESETS[self.preset].image_size if self.preset else None
+
+    @property
     def hash(self) -> str:
         return self.sha256[:SHORT]
 

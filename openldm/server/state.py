@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from dataclasses import dataclass, field
 from typing import Any
 
 from openldm.pipelines.infotext import parse_infotext, read_png
 from openldm.pipelines.outputs import PngSettings, read_settings
+from openldm.pipelines.params import GenerationParams
 from openldm.server.config import ServerConfig
 from openldm.server.jobs import JobStore
 from openldm.server.models import ModelCatalog, ModelEntry, UnknownModel
@@ -60,7 +62,7 @@ class ServerState:
             settings = None
         items = parse_infotext(text)[2] if text else {}
         return {"info": text or "", "items": items,
-                "params": settings.params.to_json() if settings else None,
+                "params": _our_names(settings.params) if settings else None,
                 "mode": settings.mode if settings else None, "model": settings.model if settings else None}
 
     def token_counts(self, prompt: str, model: str | None) -> dict[str, Any]:
@@ -84,6 +86,17 @@ class ServerState:
             self._tokenizers[entry.sha256] = CLIPTokenizer.for_config(
                 PRESETS[entry.preset].text_encoders[0], folder)
         return self._tokenizers[entry.sha256]
+
+
+def _our_names(params: GenerationParams) -> dict[str, Any]:
+    """Settings with the sampler and schedule under our names (an A1111 PNG says "DPM++ 2M", "Karras")."""
+    from openldm.diffusion.registry import resolve
+
+    try:
+        spec, schedule = resolve(params.sampler, params.schedule)
+    except ValueError:  # a sampler we lack: the page shows the name it cannot select
+        return params.to_json()
+    return dataclasses.replace(params, sampler=spec.name, schedule=schedule).to_json()
 
 
 def _raw(data: str) -> bytes:

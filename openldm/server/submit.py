@@ -54,15 +54,16 @@ def read_params(data: Any) -> GenerationParams:
 
 
 def _field_of(message: str) -> str | None:
-    """The setting a `GenerationParams` or `Limits` message names ("setting 'steps' must be int ...",
-    "steps 501 is over the limit of 500", "batch_size x batch_count 72 is over ...")."""
+    """The setting a `GenerationParams`, `Limits` or `check_inputs` message names: "setting 'steps' must
+    be int ...", "steps 501 is over the limit of 500", "batch_size x batch_count 72 is over ...", "width 30:
+    sizes must be ..."."""
     if message.startswith("setting '"):
         return message.split("'")[1]
     if message.startswith("batch_size x batch_count"):
         return "batch_count"
     if message.startswith("size "):  # width x height over a bound
         return "width"
-    first = message.split(" ", 1)[0]
+    first = message.split(" ", 1)[0].rstrip(":")
     return first if first in {f.name for f in dataclasses.fields(GenerationParams)} else None
 
 
@@ -138,7 +139,8 @@ def prepare(source: str, mode: str, params: GenerationParams, model: str | None,
     try:
         check_inputs(mode, params, images.get("image"), images.get("mask"))
     except ValueError as e:
-        raise Refused(422, str(e).splitlines()[0]) from None
+        message = str(e).splitlines()[0]
+        raise Refused(422, message, _field_of(message)) from None
     submission = Submission(source, mode, params.with_seed(), entry, hires, images)
     check_memory_budget(submission)
     return submission
