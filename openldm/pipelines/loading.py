@@ -10,6 +10,7 @@ import torch
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
+from openldm.engines import Engine, get_engine
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import NetworkLibrary, read_embeddings
 from openldm.pipelines.pipeline import Pipeline
@@ -34,14 +35,17 @@ MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None,
-         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = ()) -> Pipeline:
+         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = (),
+         engine: str | Engine = "eager") -> Pipeline:
     """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
 
     `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
     where half-precision kernels are slow or missing (fp16 files are upcast once, at load).
     Prompts may name the LoRA files under `lora_dirs` (`<lora:file_stem:weight>`) and the embeddings
     under `embedding_dirs` (the file stem); an embedding made for another model is skipped with a warning.
+    `engine` runs the UNet and VAE decoder (`openldm.engines`: eager, compile, openvino).
     """
+    engine = get_engine(engine)  # a missing engine fails before loading
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)  # fail before loading
     path = Path(path)
     if dtype is None and torch.device(device).type == "cpu":
@@ -52,7 +56,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
                               f"({MODEL_FILE})")
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
                                  config_file=config_file, dtype=dtype, device=device)
-    pipe = Pipeline(components, default_tokenizers(components, folder))
+    pipe = Pipeline(components, default_tokenizers(components, folder), engine)
     pipe.networks = networks
     for skipped in pipe.add_embeddings(embeddings):
         warnings.warn(skipped, stacklevel=2)

@@ -26,6 +26,8 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_nois
 from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
+from openldm.engines import Engine, Runner, get_engine
+from openldm.engines.base import Component
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -64,7 +66,8 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, components: Components, tokenizers: Sequence[CLIPTokenizer] | None = None):
+    def __init__(self, components: Components, tokenizers: Sequence[CLIPTokenizer] | None = None,
+                 engine: str | Engine = "eager"):
         self.components = components
         self.config: ModelConfig = components.config
         self.unet, self.vae = components.unet.eval(), components.vae.eval()
@@ -79,6 +82,14 @@ class Pipeline:
         self.denoiser = DiscreteDenoiser(self._unet, self.schedule, cfg.prediction)
         self.progress = False
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
+        self.set_engine(engine)
+
+    def set_engine(self, engine: str | Engine) -> None:
+        """Run the UNet and VAE decoder through `engine` (see `openldm.engines`); eager is the reference."""
+        engine = get_engine(engine)
+        self.engine = engine.name
+        self.unet_runner = Runner(engine, Component(self.unet, self.unet.forward, "unet"))
+        self.decoder_runner = Runner(engine, Component(self.vae, self.vae.decode, "vae_decoder"))
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +109,7 @@ class Pipeline:
         """The UNet as the denoiser sees it; inpainting models also get the mask and masked image."""
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)
-        return self.unet(x, t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype))
+        return self.unet_runner(x, t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype))
 
     # --- extra networks and embeddings -----------------------------------------------------------
 
@@ -239,7 +250,8 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """Model-space latents -> pictures; NaN or inf is never a picture (see `decoding`)."""
-        return im.to_pil(decode_finite(self.vae, self.config.latent_format.from_model(x)))
+        z = self.config.latent_format.from_model(x)
+        return im.to_pil(decode_finite(self.vae, z, self.decoder_runner))
 
     # --- sampling ------------------------------------------------------------------------------
 
