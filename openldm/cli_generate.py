@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from openldm.atomic import write_bytes_atomic
 from openldm.client import SERVER_ENV, RemoteRenderer, ServerError
 from openldm.config import WEIGHT_DTYPES
+from openldm.engines import ENGINE_NAMES
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import Rendered, output_paths, read_settings
@@ -118,6 +119,11 @@ def add_model_options(group) -> None:
                        "write a file's name without its extension in a prompt to use it (repeatable)")
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)")
     group.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere")
+    group.add_argument("--engine", choices=ENGINE_NAMES,
+                       help="what runs the UNet and VAE decoder: eager PyTorch (default), compile "
+                       "(torch.compile, frozen weights) or openvino (pip install \"openldm[cpu]\")")
+    group.add_argument("--decoder", type=Path, metavar="FILE", help="decode with this TAESD / TAESDXL "
+                       "decoder (taesd_decoder.safetensors, or a diffusers AutoencoderTiny): fast, inexact")
 
 
 def _add_common(p: argparse.ArgumentParser, command: str) -> None:
@@ -312,7 +318,8 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
-                         refiner=args.refiner, prompts=prompts)
+                         refiner=args.refiner, prompts=prompts, engine=args.engine or "eager",
+                         decoder=args.decoder)
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
@@ -329,6 +336,7 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
 _SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
     "--model": "model", "--prediction": "prediction", "--lora": "lora", "--lora-dir": "lora_dir",
     "--embeddings": "embeddings", "--device": "device", "--dtype": "dtype", "--refiner": "refiner",
+    "--engine": "engine", "--decoder": "decoder",
 }
 
 

@@ -16,10 +16,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from openldm.engines import ENGINE_NAMES
+
 Call = Callable[..., Any]
 Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per argument; None: absent
 
-ENGINE_NAMES = ("eager", "compile", "openvino")
 _MODULES = {"eager": "openldm.engines.eager", "compile": "openldm.engines.compiled",
             "openvino": "openldm.engines.openvino"}
 

@@ -11,8 +11,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-
-from openldm.models.vae import AutoencoderKL
+from torch import nn
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -21,9 +20,9 @@ class NonFiniteError(ValueError):
     """Latents or decoded pixels hold NaN or inf: writing them would save a black or broken image."""
 
 
-def decode_finite(vae: AutoencoderKL, z: torch.Tensor,
+def decode_finite(vae: nn.Module, z: torch.Tensor,
                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Decode unscaled latents `z` (by `decode`, default `vae.decode`: an engine's runner may stand in);
+    """Decode latents `z` with `vae.decode` (or `decode`: an engine's runner, standing in for it);
     a half VAE that overflows is moved to float32 and decodes again, eagerly."""
     if not torch.isfinite(z).all():
         raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "

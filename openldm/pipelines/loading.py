@@ -10,7 +10,7 @@ import torch
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
-from openldm.engines import Engine, get_engine
+from openldm.engines.base import Engine, get_engine
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import NetworkLibrary, read_embeddings
 from openldm.pipelines.pipeline import Pipeline

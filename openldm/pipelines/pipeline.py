@@ -26,8 +26,8 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_nois
 from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, switch_step
-from openldm.engines import Engine, Runner, get_engine
-from openldm.engines.base import Component
+from openldm.engines.base import Component, Engine, Runner, get_engine
+from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -82,6 +82,7 @@ class Pipeline:
         self.denoiser = DiscreteDenoiser(self._unet, self.schedule, cfg.prediction)
         self.progress = False
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
+        self.taesd: TAESD | None = None  # decodes instead of the VAE when set (`use_decoder`)
         self.set_engine(engine)
 
     def set_engine(self, engine: str | Engine) -> None:
@@ -89,7 +90,19 @@ class Pipeline:
         engine = get_engine(engine)
         self.engine = engine.name
         self.unet_runner = Runner(engine, Component(self.unet, self.unet.forward, "unet"))
-        self.decoder_runner = Runner(engine, Component(self.vae, self.vae.decode, "vae_decoder"))
+        decoder = self.taesd or self.vae
+        self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
+
+    def use_decoder(self, taesd: TAESD | None) -> None:
+        """Decode with a TAESD (fast, approximate) instead of the VAE; None returns to the VAE."""
+        channels = self.config.latent_format.channels
+        if taesd is not None and taesd.latent_channels != channels:
+            raise ValueError(f"the TAESD decoder takes {taesd.latent_channels} latent channels; this model's "
+                             f"latents have {channels}")
+        if taesd is not None:
+            taesd = taesd.to(self.device, self.vae_dtype)
+        self.taesd = taesd
+        self.set_engine(self.unet_runner.engine)
 
     @property
     def device(self) -> torch.device:
@@ -250,6 +263,8 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """Model-space latents -> pictures; NaN or inf is never a picture (see `decoding`)."""
+        if self.taesd is not None:  # TAESD takes model-space latents
+            return im.to_pil(decode_finite(self.taesd, x, self.decoder_runner))
         z = self.config.latent_format.from_model(x)
         return im.to_pil(decode_finite(self.vae, z, self.decoder_runner))
 

@@ -18,6 +18,7 @@ from PIL import Image
 from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
+from openldm.models.taesd import load_taesd
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
@@ -80,20 +81,24 @@ def load_renderer(
     path: Path, *, device: str | None = None, dtype: str | None = None, prediction: str | None = None,
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
-    log: Log = _stderr,
+    log: Log = _stderr, engine: str = "eager", decoder: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
     The device defaults to CUDA when there is one, the dtype to fp16 there and fp32 elsewhere. The
     `<lora:NAME:W>` tags in `prompts` are looked up first, so that a typo costs no load time.
+    `engine` runs the UNet and decoder (`openldm.engines`); `decoder`, a TAESD file, replaces the VAE's.
     """
+    taesd = load_taesd(decoder) if decoder is not None else None
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)
     for ref in network_refs(*prompts):
         networks.path(ref)
     merged = [(load_network(file), weight) for file, weight in loras]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype] if dtype else torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
+    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, engine=engine)
+    if taesd is not None:
+        pipe.use_decoder(taesd)
     pipe.progress, pipe.networks = True, networks
     for skipped in pipe.add_embeddings(embeddings):
         log(f"warning: {skipped}")
