@@ -14,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from openldm import cli_eval, cli_generate, cli_serve, cli_train
+from openldm import cli_bench, cli_eval, cli_generate, cli_serve, cli_train
 from openldm.checkpoints.errors import CheckpointError
 from openldm.config import PRESETS, WEIGHT_DTYPES
 
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.add_commands(sub)
     cli_eval.add_commands(sub)
     cli_serve.add_commands(sub)
+    cli_bench.add_commands(sub)
     return parser
 
 
