@@ -85,3 +85,21 @@ def test_pipeline_decodes_with_taesd_when_given(reference, tmp_path, one_thread)
         pipe.use_decoder(TAESD(16))
     pipe.use_decoder(None)
     assert np.array_equal(np.asarray(pipe.decode(x)[0], dtype=np.int16), vae_image)
+
+
+def test_previews_use_taesd_when_loaded_else_the_linear_map(reference):
+    from openldm.pipelines.previews import preview_decoder
+
+    def linear(x):
+        return ["linear"]
+
+    assert preview_decoder(None, linear) is linear
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    picture = preview_decoder(from_state_dict(reference.state_dict()), linear)(x)[0]
+    with torch.no_grad():
+        pixels = reference.decode(x).sample.clamp(-1, 1).add(1).mul(127.5).round()
+    want = np.asarray(pixels.squeeze(0).permute(1, 2, 0))
+    assert np.abs(np.asarray(picture, dtype=np.int16) - want.astype(np.int16)).max() <= 1
+    decoder_only = TAESD(with_decoder=False)
+    with pytest.raises(ValueError, match="no decoder"):
+        preview_decoder(decoder_only, linear)
