@@ -1,8 +1,9 @@
 """`openldm bench MODEL`: time a real generation by stage, optionally side by side with diffusers.
 
 `--compare diffusers` runs diffusers on the same weights (the diffusers folder given, or our
-conversion of the checkpoint) in the same process; the runs alternate `--rounds` times and the
-ratios of the medians are printed (above 1: openldm is faster). Absolute times depend on the
+conversion of the checkpoint) in the same process, `--compare eager` openldm with another engine;
+the runs alternate `--rounds` times and the ratios of the medians are printed (above 1: the
+`--engine` run is faster). Absolute times depend on the
 host's load; the ratios of alternated runs much less.
 """
 
@@ -35,7 +36,10 @@ def add_commands(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--sampler", default="euler", help="sampler name (default euler)")
     p.add_argument("--engine", choices=ENGINE_NAMES, default="eager", help="openldm's engine (default eager)")
-    p.add_argument("--compare", choices=("diffusers",), help="also run diffusers on the same weights")
+    p.add_argument("--compare", action="append", default=[], choices=("diffusers", *ENGINE_NAMES),
+                   help="also run diffusers on the same weights, or openldm with another engine "
+                   "(repeatable); the runs alternate")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=2, help="alternated runs of each tool (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=run)
@@ -59,32 +63,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace, bench, imports_s: float) -> dict:
-    """Alternate openldm and (if asked) diffusers runs; each record is one run's stages."""
+    """Alternate openldm (its `--engine`) with each `--compare` tool; each record is one run's stages."""
+    import torch
+
     from openldm.cli_generate import model_path
     from openldm.diffusion.registry import resolve
 
-    if args.steps < 1 or args.batch < 1 or args.rounds < 1:
-        raise ValueError("--steps, --batch and --rounds must be at least 1")
+    if args.steps < 1 or args.batch < 1 or args.rounds < 1 or (args.threads or 1) < 1:
+        raise ValueError("--steps, --batch, --rounds and --threads must be at least 1")
     resolve(args.sampler, None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = model_path(argparse.Namespace(model=args.model))
-    runs, pipe, ref, flops = [], None, None, 0
+    tools = [args.engine] + [t for t in args.compare if t != args.engine]
+    loaded: dict = {}  # tool -> its openldm Pipeline, or diffusers' pipeline
+    runs, flops = [], 0
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(args.rounds):
-            stages, pipe = bench.run_openldm(model, _params(args, pipe), args.engine,
-                                             imports_s if i == 0 else 0.0, pipe)
-            params = _params(args, pipe)
-            flops = flops or bench.unet_flops(pipe, params)
-            runs.append(stages)
-            if args.compare:
-                ref_load = 0.0
-                if ref is None:
-                    ref, ref_load = bench.load_diffusers(bench.diffusers_folder(pipe, model, Path(scratch)),
-                                                         pipe.config.family)
-                runs.append(bench.run_diffusers(ref, ref_load, params))
+            for tool in tools:
+                if tool == "diffusers":
+                    pipe, ref_load = loaded[args.engine], 0.0
+                    if tool not in loaded:
+                        folder = bench.diffusers_folder(pipe, model, Path(scratch))
+                        loaded[tool], ref_load = bench.load_diffusers(folder, pipe.config.family)
+                    runs.append(bench.run_diffusers(loaded[tool], ref_load, _params(args, pipe)))
+                    continue
+                first = i == 0 and tool == args.engine
+                stages, loaded[tool] = bench.run_openldm(model, _params(args, loaded.get(tool)), tool,
+                                                         imports_s if first else 0.0, loaded.get(tool))
+                runs.append(stages)
+                flops = flops or bench.unet_flops(loaded[tool], _params(args, loaded[tool]))
     roofline = bench.matmul_gflops()
     records = [bench.as_dict(s, flops, roofline) for s in runs]
-    return {"model": str(model), "size": params.width, "steps": args.steps, "batch": args.batch,
-            "engine": args.engine, "imports_s": imports_s, "runs": records, "ratios": _ratios(records)}
+    return {"model": str(model), "size": _params(args, loaded[args.engine]).width, "steps": args.steps,
+            "batch": args.batch, "engine": args.engine, "threads": torch.get_num_threads(),
+            "imports_s": imports_s, "runs": records, "ratios": _ratios(records)}
 
 
 def _params(args: argparse.Namespace, pipe):
@@ -95,18 +108,23 @@ def _params(args: argparse.Namespace, pipe):
                             width=size, height=size, batch_size=args.batch, cfg=7.5)
 
 
-def _ratios(records: list[dict]) -> dict[str, float]:
-    """diffusers' median over openldm's, per stage (load: first runs only): above 1, openldm is faster."""
-    ours = [r for r in records if r["tool"].startswith("openldm")]
-    theirs = [r for r in records if r["tool"] == "diffusers"]
-    if not theirs:
-        return {}
+def _ratios(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per compared tool, its median over the first tool's, per stage (load and total: first runs only).
+
+    Above 1, the first tool (openldm with `--engine`) is faster.
+    """
+    by_tool: dict[str, list[dict]] = {}
+    for record in records:
+        by_tool.setdefault(record["tool"], []).append(record)
+    mine, *others = by_tool
     out = {}
-    for key in RATIOS:
-        first = key in ("load_s", "total_s")  # later runs reuse the loaded model
-        mine = [ours[0][key]] if first else [r[key] for r in ours]
-        other = [theirs[0][key]] if first else [r[key] for r in theirs]
-        out[key] = statistics.median(other) / max(statistics.median(mine), 1e-9)
+    for other in others:
+        out[other] = {}
+        for key in RATIOS:
+            first = key in ("load_s", "total_s")  # later runs reuse the loaded model
+            a = [by_tool[mine][0][key]] if first else [r[key] for r in by_tool[mine]]
+            b = [by_tool[other][0][key]] if first else [r[key] for r in by_tool[other]]
+            out[other][key] = statistics.median(b) / max(statistics.median(a), 1e-9)
     return out
 
 
@@ -119,6 +137,7 @@ def _table(report: dict) -> str:
     rows.append(f"{'':22}" + "".join(f"{r['tool'][:18]:>19}" for r in report["runs"]))
     for key in fields:
         rows.append(f"{key:22}" + "".join(f"{r[key]:19.4g}" for r in report["runs"]))
-    for key, ratio in report["ratios"].items():
-        rows.append(f"diffusers / openldm {key}: {ratio:.2f}x")
+    mine = report["runs"][0]["tool"]
+    for other, ratios in report["ratios"].items():
+        rows.append(f"{other} / {mine}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     return "\n".join(rows)

@@ -45,13 +45,13 @@ def test_each_run_reports_consistent_stages(report):
     assert ours["total_s"] >= report["imports_s"] + ours["load_s"], "the first run's total counts the imports"
     assert ours["unet_gflop_per_call"] == theirs["unet_gflop_per_call"] > 0  # one count, the same UNet
     ratio = theirs["unet_step_median_s"] / ours["unet_step_median_s"]
-    assert report["ratios"]["unet_step_median_s"] == pytest.approx(ratio)
+    assert report["ratios"]["diffusers"]["unet_step_median_s"] == pytest.approx(ratio)
 
 
 def test_bad_settings_are_one_line(capsys, tmp_path):
     model = make_checkpoint(tmp_path, "tiny-sd1")
     assert main(["bench", str(model), "--steps", "0"]) == 2
-    want = "openldm bench: error: --steps, --batch and --rounds must be at least 1"
+    want = "openldm bench: error: --steps, --batch, --rounds and --threads must be at least 1"
     assert capsys.readouterr().err.strip() == want
     assert main(["bench", str(model), "--sampler", "nope"]) == 2
     err = capsys.readouterr().err.strip()
