@@ -89,7 +89,7 @@ class Pipeline:
         """Run the UNet and VAE decoder through `engine` (see `openldm.engines`); eager is the reference."""
         engine = get_engine(engine)
         self.engine = engine.name
-        self.unet_runner = Runner(engine, Component(self.unet, self.unet.forward, "unet"))
+        self.unet_runner = Runner(engine, Component(self.unet, self.unet, "unet"))  # the module: hooks run
         decoder = self.taesd or self.vae
         self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
 
