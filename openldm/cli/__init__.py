@@ -14,13 +14,13 @@ import argparse
 import re
 import sys
 
-from openldm.cli import checkpoints, generate, serve, train
+from openldm.cli import bench, checkpoints, generate, serve, train
 from openldm.cli import eval as eval_command
 from openldm.client import ServerError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
-COMMAND_GROUPS = (checkpoints, generate, train, eval_command, serve)
+COMMAND_GROUPS = (checkpoints, generate, train, eval_command, serve, bench)
 
 # What a command may fail with and still be the user's problem, not a bug: bad settings, files and
 # configs (CheckpointError, ConfigError, DataError and SettingsError are ValueErrors), paths, the server.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from openldm.atomic import check_writable, write_bytes_atomic
 from openldm.client import SERVER_ENV, RemoteRenderer
 from openldm.config import WEIGHT_DTYPES
+from openldm.engines import ENGINE_NAMES
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import Rendered, output_paths, read_settings
@@ -106,6 +107,10 @@ def add_model_options(group) -> dict[str, str]:
         add("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"),
         add("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere (fp16 and bf16 are "
             "refused on the CPU: they fail there mid-run)"),
+        add("--engine", choices=ENGINE_NAMES, help="what runs the UNet and VAE decoder: eager PyTorch "
+            "(default), compile (torch.compile, frozen weights) or openvino (pip install \"openldm[cpu]\")"),
+        add("--decoder", type=Path, metavar="FILE", help="decode with this TAESD / TAESDXL decoder "
+            "(taesd_decoder.safetensors, or a diffusers AutoencoderTiny): fast, inexact"),
         add("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each image: "
             "it takes over the latents at --refiner-switch"),
     ]
@@ -349,7 +354,8 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
-                         refiner=args.refiner, prompts=prompts, vae=args.vae)
+                         refiner=args.refiner, prompts=prompts, vae=args.vae,
+                         engine=args.engine or "eager", decoder=args.decoder)
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:

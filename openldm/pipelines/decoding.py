@@ -8,10 +8,10 @@ VAE to 32-bit floats" does. Non-finite latents, or a float32 VAE that still give
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
-
-from openldm.models.vae import AutoencoderKL
+from torch import nn
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -20,14 +20,16 @@ class NonFiniteError(ValueError):
     """Latents or decoded pixels hold NaN or inf: writing them would save a black or broken image."""
 
 
-def decode_finite(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    """Decode unscaled latents `z`; a half VAE that overflows is moved to float32 and decodes again."""
+def decode_finite(vae: nn.Module, z: torch.Tensor,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Decode latents `z` with `vae.decode` (or `decode`: an engine's runner, standing in for it);
+    a half VAE that overflows is moved to float32 and decodes again, eagerly."""
     if not torch.isfinite(z).all():
         raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "
                              "try float32 (--dtype fp32), another sampler or a lower CFG scale")
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():
-        pixels = vae.decode(z.to(dtype))
+        pixels = (decode or vae.decode)(z.to(dtype))
         if torch.isfinite(pixels).all():
             return pixels
         if dtype not in HALF:

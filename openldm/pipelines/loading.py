@@ -10,6 +10,7 @@ import torch
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
+from openldm.engines.base import Engine, get_engine
 from openldm.models.domain import read_domain
 from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
 from openldm.networks import NetworkLibrary, read_embeddings
@@ -31,7 +32,7 @@ MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None,
          lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = (),
-         vae: str | Path | None = None) -> Pipeline:
+         vae: str | Path | None = None, engine: str | Engine = "eager") -> Pipeline:
     """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
 
     `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
@@ -39,7 +40,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     Prompts may name the LoRA files under `lora_dirs` (`<lora:file_stem:weight>`) and the embeddings
     under `embedding_dirs` (the file stem); an embedding made for another model is skipped with a warning.
     `vae` replaces the model's VAE with a standalone one (`checkpoints.vae_file`).
+    `engine` runs the UNet and VAE decoder (`openldm.engines`: eager, compile, openvino).
     """
+    engine = get_engine(engine)  # a missing engine fails before loading
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)  # fail before loading
     path = Path(path)
     if dtype is None and torch.device(device).type == "cpu":
@@ -50,7 +53,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
                               f"({MODEL_FILE})")
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
                                  config_file=config_file, dtype=dtype, device=device, vae=vae)
-    pipe = Pipeline(components, default_tokenizers(components, folder))
+    pipe = Pipeline(components, default_tokenizers(components, folder), engine)
     pipe.networks, pipe.domain = networks, read_domain(folder) if folder else None
     for skipped in pipe.add_embeddings(embeddings):
         warnings.warn(skipped, stacklevel=2)

@@ -26,8 +26,10 @@ from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_nois
 from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
+from openldm.engines.base import Component, Engine, Runner, get_engine
 from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
+from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
     AppliedNetworks,
@@ -68,7 +70,8 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, components: Components, tokenizers: Sequence[CLIPTokenizer] | None = None):
+    def __init__(self, components: Components, tokenizers: Sequence[CLIPTokenizer] | None = None,
+                 engine: str | Engine = "eager"):
         self.components = components
         self.config: ModelConfig = components.config
         self.unet, self.vae = components.unet.eval(), components.vae.eval()
@@ -85,6 +88,27 @@ class Pipeline:
         self.networks = NetworkLibrary()  # the LoRA files that prompts name: <lora:name:weight>
         self.controlnets: dict[str, ControlNet] = {}  # loaded ControlNets by resolved path
         self.domain: Domain | None = None  # a narrow model's words (domain.json): prompts outside them warn
+        self.taesd: TAESD | None = None  # decodes instead of the VAE when set (`use_decoder`)
+        self.set_engine(engine)
+
+    def set_engine(self, engine: str | Engine) -> None:
+        """Run the UNet and VAE decoder through `engine` (see `openldm.engines`); eager is the reference."""
+        engine = get_engine(engine)
+        self.engine = engine.name
+        self.unet_runner = Runner(engine, Component(self.unet, self.unet, "unet"))  # the module: hooks run
+        decoder = self.taesd or self.vae
+        self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
+
+    def use_decoder(self, taesd: TAESD | None) -> None:
+        """Decode with a TAESD (fast, approximate) instead of the VAE; None returns to the VAE."""
+        channels = self.config.latent_format.channels
+        if taesd is not None and taesd.latent_channels != channels:
+            raise ValueError(f"the TAESD decoder takes {taesd.latent_channels} latent channels; this model's "
+                             f"latents have {channels}")
+        if taesd is not None:
+            taesd = taesd.to(self.device, self.vae_dtype)
+        self.taesd = taesd
+        self.set_engine(self.unet_runner.engine)
 
     @property
     def device(self) -> torch.device:
@@ -109,7 +133,9 @@ class Pipeline:
         residuals = None if control is None else control.residuals(x, t, context, y, control_gate)
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)
-        return self.unet(x, t, context, y, control=residuals)
+        if residuals is not None:  # ControlNet residuals: the eager UNet (engines trace the plain call)
+            return self.unet(x, t, context, y, control=residuals)
+        return self.unet_runner(x, t, context, y)
 
     # --- extra networks and embeddings -----------------------------------------------------------
 
@@ -255,7 +281,10 @@ class Pipeline:
 
     def decode(self, x: torch.Tensor) -> list[Image.Image]:
         """Model-space latents -> pictures; NaN or inf is never a picture (see `decoding`)."""
-        return im.to_pil(decode_finite(self.vae, self.config.latent_format.from_model(x)))
+        if self.taesd is not None:  # TAESD takes model-space latents
+            return im.to_pil(decode_finite(self.taesd, x, self.decoder_runner))
+        z = self.config.latent_format.from_model(x)
+        return im.to_pil(decode_finite(self.vae, z, self.decoder_runner))
 
     # --- sampling ------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
 from openldm.diffusion.registry import resolve
 from openldm.models.domain import Domain
+from openldm.models.taesd import load_taesd
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
@@ -119,19 +120,23 @@ def load_renderer(
     path: Path, *, device: str | None = None, dtype: str | None = None, prediction: str | None = None,
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
-    log: Log = _stderr, vae: Path | None = None,
+    log: Log = _stderr, vae: Path | None = None, engine: str = "eager", decoder: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
     The device defaults to CUDA when there is one, the dtype to fp16 there and fp32 elsewhere. The
     `<lora:NAME:W>` tags in `prompts` are looked up first, so that a typo costs no load time.
+    `engine` runs the UNet and decoder (`openldm.engines`); `decoder`, a TAESD file, replaces the VAE's.
     """
+    taesd = load_taesd(decoder) if decoder is not None else None
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)
     for ref in network_refs(*prompts):
         networks.path(ref)
     merged = [(load_network(file), weight) for file, weight in loras]
     device, torch_dtype = device_and_dtype(device, dtype)
-    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, vae=vae)
+    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, vae=vae, engine=engine)
+    if taesd is not None:
+        pipe.use_decoder(taesd)
     pipe.progress, pipe.networks = True, networks
     domain, pipe.domain = pipe.domain, None  # the Renderer reports it in each result, not as a warning
     for skipped in pipe.add_embeddings(embeddings):

@@ -1,0 +1,8 @@
+"""Engines: who runs a component's forward (eager PyTorch, `torch.compile`, OpenVINO), one interface.
+
+The pipeline calls each component through a `base.Runner` and never learns which engine is behind
+it. `base.get_engine(name)` refuses an engine whose package is missing with one line naming the
+extra that installs it. This module imports no torch, so the CLI can list the names at once.
+"""
+
+ENGINE_NAMES = ("eager", "compile", "openvino")

@@ -1,0 +1,91 @@
+"""The engine interface, and the `Runner` that builds one engine program per input signature.
+
+An engine turns a component's call (`unet(x, t, context, y)`, `vae.decode(z)`) into a
+callable for fixed input shapes. Programs that bake the weights in (frozen `torch.compile`,
+OpenVINO) go stale when the weights change in place (a LoRA merge), so a `Runner` keys its
+programs by the inputs' shapes and dtypes and by the weights' identity (`weights_version`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from openldm.engines import ENGINE_NAMES
+
+Call = Callable[..., Any]
+Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per argument; None: absent
+
+_MODULES = {"eager": "openldm.engines.eager", "compile": "openldm.engines.compiled",
+            "openvino": "openldm.engines.openvino"}
+
+
+class EngineError(ValueError):
+    """An engine that cannot run here: unknown, or its package is not installed."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """What an engine builds from: the module holding the weights, the call and its role."""
+
+    module: nn.Module
+    call: Call
+    role: str  # "unet", "vae_decoder"
+
+
+class Engine(Protocol):
+    """A way to run a component; `build` returns a callable for inputs shaped like `example`."""
+
+    name: str
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def build(self, component: Component, example: Sequence[torch.Tensor | None]) -> Call: ...
+
+
+def get_engine(name: str | Engine) -> Engine:
+    """The engine called `name` (an engine object passes through); a missing package is one line."""
+    if not isinstance(name, str):
+        return name
+    if name not in _MODULES:
+        raise EngineError(f"unknown engine {name!r}; one of {', '.join(ENGINE_NAMES)}")
+    return importlib.import_module(_MODULES[name]).make()
+
+
+def signature(args: Sequence[Any]) -> Signature:
+    """Shapes and dtypes of the tensor arguments, the key of one engine program."""
+    return tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else None for a in args)
+
+
+def weights_version(module: nn.Module) -> int:
+    """Changes whenever a parameter is replaced (`.data = ...`) or modified in place."""
+    return hash(tuple((p.data_ptr(), p._version) for p in module.parameters()))
+
+
+@dataclass
+class Runner:
+    """A component called through an engine: one program per (signature, weights version), built lazily."""
+
+    engine: Engine
+    component: Component
+    programs: dict[tuple[Signature, int], Call] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    def __call__(self, *args: Any) -> Any:
+        if self.engine.name == "eager":
+            return self.component.call(*args)
+        key = (signature(args), weights_version(self.component.module))
+        program = self.programs.get(key)
+        if program is None:
+            self.programs = {k: v for k, v in self.programs.items() if k[1] == key[1]}  # drop stale weights
+            program = self.programs[key] = self.engine.build(self.component, args)
+        with torch.no_grad():
+            return program(*args)

@@ -1,0 +1,47 @@
+"""The on-disk cache of converted programs: one folder per (model, component, engine, settings, shapes).
+
+The key is a SHA-256 over all of them, so changing any one (other weights, an engine option, a new
+image size) misses and converts afresh, while a restart finds the old conversion. The folder is
+`$OPENLDM_CACHE/engines` (default `~/.cache/openldm/engines`). Weights built in memory, or changed
+by a LoRA merge, are keyed by a hash of their tensors (`tensor_hash`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CACHE_ENV = "OPENLDM_CACHE"
+
+
+def cache_root() -> Path:
+    base = os.environ.get(CACHE_ENV)
+    return (Path(base) if base else Path.home() / ".cache" / "openldm") / "engines"
+
+
+def tensor_hash(module: nn.Module) -> str:
+    """SHA-256 over the state dict's names, shapes, dtypes and bytes: the weights' identity."""
+    digest = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}\0".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(model: str, role: str, engine: str, settings: dict[str, Any], shapes: Any) -> str:
+    """The hex key of one conversion; every argument is part of it."""
+    text = json.dumps({"model": model, "role": role, "engine": engine, "settings": settings,
+                       "shapes": shapes}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def entry(key: str, root: Path | None = None) -> Path:
+    """The folder of one cache entry (not created)."""
+    return (root or cache_root()) / key

@@ -1,0 +1,58 @@
+"""`openldm bench` on a tiny model: every stage reported, and the stages consistent with each other.
+
+Times are never asserted; only how they relate (a total holds its parts, a median lies in its range).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import make_checkpoint
+
+from openldm.cli import main
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, one_thread):
+    import contextlib
+    import io
+
+    model = make_checkpoint(tmp_path_factory.mktemp("bench"), "tiny-sd1")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", str(model), "--steps", str(STEPS), "--size", "32", "--rounds", "1",
+                     "--compare", "diffusers", "--json"])
+    assert code == 0
+    return json.loads(out.getvalue())
+
+
+def test_each_run_reports_consistent_stages(report):
+    assert [r["tool"] for r in report["runs"]] == ["openldm (eager)", "diffusers"]
+    for run in report["runs"]:
+        assert run["unet_calls"] == STEPS, f"{run['tool']}: CFG should be one batched UNet call per step"
+        assert run["unet_step_min_s"] <= run["unet_step_median_s"] <= run["unet_step_max_s"]
+        inside = run["unet_calls"] * run["unet_step_min_s"] + run["vae_decode_s"]
+        assert run["generate_s"] >= inside, f"{run['tool']}: generation shorter than its steps and decode"
+        assert run["total_s"] >= run["load_s"] + run["generate_s"] + run["png_write_s"] - 1e-9
+        assert run["it_per_s"] <= 1 / run["unet_step_min_s"] + 1e-9
+        fraction = run["unet_gflop_per_s"] / run["roofline_gflop_per_s"]
+        assert 0 < run["roofline_fraction"] == pytest.approx(fraction)
+        assert run["peak_rss_gib"] > 0
+    ours, theirs = report["runs"]
+    assert ours["total_s"] >= report["imports_s"] + ours["load_s"], "the first run's total counts the imports"
+    assert ours["unet_gflop_per_call"] == theirs["unet_gflop_per_call"] > 0  # one count, the same UNet
+    ratio = theirs["unet_step_median_s"] / ours["unet_step_median_s"]
+    assert report["ratios"]["diffusers"]["unet_step_median_s"] == pytest.approx(ratio)
+
+
+def test_bad_settings_are_one_line(capsys, tmp_path):
+    model = make_checkpoint(tmp_path, "tiny-sd1")
+    assert main(["bench", str(model), "--steps", "0"]) == 2
+    want = "openldm bench: error: --steps, --batch, --rounds and --threads must be at least 1"
+    assert capsys.readouterr().err.strip() == want
+    assert main(["bench", str(model), "--sampler", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("openldm bench: error:") and "nope" in err and "\n" not in err

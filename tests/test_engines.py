@@ -1,0 +1,120 @@
+"""Engines: programs built per input signature and weights, the conversion cache's key, exactness vs eager."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_checkpoint
+
+from openldm.engines import cache
+from openldm.engines.base import Component, EngineError, Runner, get_engine
+from openldm.pipelines.loading import load
+
+PIXEL = 1 / 255
+
+
+@dataclass
+class Counting:
+    """An engine that runs eagerly and counts the programs it builds."""
+
+    name: str = "counting"
+    built: list = field(default_factory=list)
+
+    def settings(self) -> dict:
+        return {}
+
+    def build(self, component, example):
+        self.built.append(tuple(None if a is None else tuple(a.shape) for a in example))
+        return component.call
+
+
+def test_runner_builds_once_per_signature_and_again_after_the_weights_change():
+    conv = torch.nn.Conv2d(2, 2, 1)
+    engine = Counting()
+    runner = Runner(engine, Component(conv, conv.forward, "unet"))
+    x, y = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 8, 8)
+    runner(x), runner(x), runner(y), runner(x)
+    assert engine.built == [((1, 2, 4, 4),), ((1, 2, 8, 8),)]
+    with torch.no_grad():
+        conv.weight.add_(1)  # in place, as a LoRA merge may
+    runner(x)
+    assert len(engine.built) == 3
+    conv.weight.data = conv.weight.data.clone()  # replaced, as LoRA merges do
+    runner(x)
+    assert len(engine.built) == 4
+
+
+def test_cache_key_changes_with_every_part():
+    base = ("hash", "unet", "openvino", {"hint": "f32"}, [((2, 4, 8, 8), "float32")])
+    keys = {cache.cache_key(*base)}
+    others = ("hash2", "vae_decoder", "compile", {"hint": "bf16"}, [((2, 4, 16, 16), "float32")])
+    for i, other in enumerate(others):
+        keys.add(cache.cache_key(*base[:i], other, *base[i + 1:]))
+    assert len(keys) == 6
+    assert cache.cache_key(*base) == cache.cache_key(*base)  # stable across calls (and processes: sha256)
+
+
+def test_tensor_hash_follows_the_weights():
+    conv = torch.nn.Conv2d(2, 2, 1)
+    before = cache.tensor_hash(conv)
+    with torch.no_grad():
+        conv.bias[0] += 1e-6
+    assert cache.tensor_hash(conv) != before
+
+
+def test_unknown_or_missing_engines_are_one_line(monkeypatch):
+    with pytest.raises(EngineError, match="unknown engine 'tensorrt'; one of eager, compile, openvino"):
+        get_engine("tensorrt")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(EngineError, match=r'pip install "openldm\[cpu\]"'):
+        get_engine("openvino")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, one_thread):
+    return load(make_checkpoint(tmp_path_factory.mktemp("engines"), "tiny-sd1"))
+
+
+def _images(pipe, engine) -> np.ndarray:
+    pipe.set_engine(engine)
+    try:
+        images = pipe.txt2img("a red square", negative="blue", steps=3, seed=7, batch_size=2)
+    finally:
+        pipe.set_engine("eager")
+    return np.stack([np.asarray(i, dtype=np.float64) / 255 for i in images])
+
+
+def _check_exact(pipe, engine) -> None:
+    want, x = _images(pipe, "eager"), torch.randn(2, 4, 4, 4)
+    got = _images(pipe, engine)
+    err = np.abs(got - want).max()
+    assert err <= PIXEL, f"{engine}: images differ from eager by {err * 255:.1f}/255"
+    ref = pipe.vae.decode(x)
+    pipe.set_engine(engine)
+    out = pipe.decoder_runner(x)
+    pipe.set_engine("eager")
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-5, f"{engine}: VAE decode rel. L2 {rel:.1e}, max abs {(out - ref).abs().max():.1e}"
+
+
+def test_openvino_matches_eager_and_converts_once(pipe, tmp_path):
+    pytest.importorskip("openvino")
+    from openldm.engines.openvino import OpenVINO
+
+    notes: list[str] = []
+    engine = OpenVINO(root=tmp_path, log=notes.append)
+    _check_exact(pipe, engine)
+    converted = [n for n in notes if "converting" in n]
+    assert converted, "nothing was converted"
+    notes.clear()
+    _images(pipe, OpenVINO(root=tmp_path, log=notes.append))  # a fresh engine, as after a restart
+    assert not [n for n in notes if "converting" in n], f"the cache missed: {notes}"
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(pipe):
+    _check_exact(pipe, "compile")
