@@ -120,3 +120,19 @@ def test_estimate_matches_measured_peak_full_size():
     whole, tiled = decodes["sd15 1024px b1 decode"], decodes["sd15 1024px b1 decode, tiled"]
     assert tiled < whole / 2, f"1024 px SD1.5 decode: {tiled:.0f} MiB tiled vs {whole:.0f} MiB whole"
 
+
+
+def test_a_run_that_cannot_fit_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    """`Renderer.render` checks the estimate before any step: one line with the need, budget and fit."""
+    from openldm import cli
+    from openldm import memory as memory_module
+    from openldm.pipelines.pipeline import Pipeline
+
+    monkeypatch.setattr(memory_module, "memory_budget", lambda device: 64 * 2**20)  # a 64 MiB machine
+    sampled = []
+    monkeypatch.setattr(Pipeline, "sample", lambda *a, **k: sampled.append(1))
+    out = tmp_path / "o.png"
+    code = cli.main(["txt2img", "a small red circle on the left, on a blue background", "-o", str(out)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "needs about" in errors[0] and "fits" in errors[0], errors
+    assert not sampled and not out.exists()

@@ -82,6 +82,7 @@ class Renderer:
                callback: StepCallback | None = None, hires: bool = False) -> list[Rendered]:
         """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`)."""
         check_inputs(mode, params, image, mask, self.limits)
+        self.check_memory(mode, params, image, hires)
         results = self.pipe.generate(
             dataclasses.replace(params, loras=self.loras), mode="upscale" if hires else mode,
             refiner=self.refiner, image=image, mask=mask.convert("L") if mask is not None else None,
@@ -90,6 +91,21 @@ class Renderer:
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
+
+
+    def check_memory(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
+                     hires: bool = False) -> None:
+        """Refuse, before any step, a run whose estimated peak memory (`openldm.memory`) will not fit."""
+        from openldm.memory import check_fits
+
+        config, (left, right, top, bottom) = self.pipe.config, params.outpaint
+        width = params.width or (image.width + left + right if image is not None else config.image_size)
+        height = params.height or (image.height + top + bottom if image is not None else config.image_size)
+        if hires or mode == "upscale":  # the hires pass samples and decodes at the enlarged size
+            width, height = round(width * params.upscale_by), round(height * params.upscale_by)
+        cfg = config.guidance if params.cfg is None else params.cfg
+        check_fits(config, width=width, height=height, batch=params.batch_size, dtype=self.pipe.dtype,
+                   device=self.pipe.device, guidance=cfg != 1, encode=image is not None)
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
