@@ -15,12 +15,13 @@ from safetensors import SafetensorError, safe_open
 
 from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints import save
-from openldm.checkpoints.detect import detect
+from openldm.checkpoints.detect import detect, infer_shapes
+from openldm.checkpoints.infer import META_CONFIG, Inferred
 from openldm.checkpoints.io import CheckpointError, read_metadata, read_state_dict
-from openldm.checkpoints.layout import split_state_dict
-from openldm.checkpoints.ldm_config import read_ldm_config
-from openldm.checkpoints.load import load_components
+from openldm.checkpoints.layout import model_files, split_state_dict
+from openldm.checkpoints.load import load_components, prediction_source, sidecar_for, sidecar_hints
 from openldm.config import ModelConfig, get_preset
+from openldm.models.tokenizer import META_TOKENIZER
 
 # --- reading whatever the user points at --------------------------------------------------
 
@@ -47,32 +48,39 @@ def _shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def _prediction(path: Path, args: argparse.Namespace, metadata: dict[str, str]) -> str | None:
-    """What the keys cannot tell, as `load_components` decides it: flag, header, then ldm YAML."""
-    if getattr(args, "prediction", None):
-        return args.prediction
-    for key in (save.META_PREDICTION, "modelspec.prediction_type"):
-        if key in metadata:
-            return "v" if metadata[key].lower().startswith("v") else "eps"
-    beside = [path.with_suffix(s) for s in (".yaml", ".yml") if path.is_file()]
-    yamls = [Path(args.config)] if getattr(args, "config", None) else [p for p in beside if p.is_file()]
-    return read_ldm_config(yamls[0]).prediction if yamls else None
+    """What the keys cannot tell, decided by the loader's own rule (flag, header, then ldm yaml)."""
+    return _prediction_source(path, args, metadata)[0]
+
+
+def _prediction_source(path: Path, args: argparse.Namespace, metadata: dict[str, str]) -> tuple:
+    return prediction_source(getattr(args, "prediction", None), metadata, _sidecar(path, args))
+
+
+def _sidecar(path: Path, args: argparse.Namespace):
+    return sidecar_for(path, getattr(args, "config", None))
 
 
 def _describe(path: Path, args: argparse.Namespace) -> dict:
-    """Facts about a checkpoint file or diffusers folder, reading headers rather than data if we can."""
+    """Facts about a model in any form, reading headers rather than data if we can."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    path, _ = model_files(path)
     if path.is_dir():
         config = dl.detect_diffusers(path, _prediction(path, args, {}))
         parts = {name: _folder_tensors(path / sub) for name, sub in dl.folder_names(config).items()}
-        return _facts(path, "diffusers", config, parts, {}, {})
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file or folder")
+        inferred = Inferred(config, {"everything": "the folder's config.json files"})
+        return _facts(path, "diffusers", inferred, parts, {}, {})
     if path.suffix == ".safetensors":
         tensors, metadata = _header_tensors(path), read_metadata(path)
     else:
         tensors, metadata = read_state_dict(path)
-    config = detect(_shapes(tensors), prediction=_prediction(path, args, metadata))
-    parts, rest = split_state_dict(tensors, config)
-    return _facts(path, "single-file", config, parts, rest, metadata)
+    prediction, source = _prediction_source(path, args, metadata)
+    inferred = infer_shapes(_shapes(tensors), prediction=prediction, metadata=metadata,
+                            hints=sidecar_hints(_sidecar(path, args)))
+    named = {"option": "--prediction", "default": "default (eps)", "yaml": "the sidecar yaml"}
+    inferred.sources["prediction"] = named.get(source, source)
+    parts, rest = split_state_dict(tensors, inferred.config)
+    return _facts(path, "single-file", inferred, parts, rest, metadata)
 
 
 def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -82,16 +90,19 @@ def _folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _facts(path, layout, config: ModelConfig, parts, rest, metadata) -> dict:
+def _facts(path, layout, inferred: Inferred, parts, rest, metadata) -> dict:
+    config = inferred.config
     everything = [t for part in parts.values() for t in part.values()] + list(rest.values())
     ema = [t for key, t in rest.items() if key.startswith(save.EMA_PREFIX)]
+    shown = {k: v for k, v in metadata.items() if not k.startswith((META_CONFIG, META_TOKENIZER))}
     return {
-        "path": str(path), "layout": layout, "preset": config.name, "family": config.family,
+        "path": str(path), "layout": layout, "preset": config.name, "model": inferred.label,
+        "inferred": inferred.sources, "family": config.family,
         "prediction": config.prediction, "inpainting": config.is_inpainting,
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in everything)),
         "parameters": {name: sum(t.numel() for t in part.values()) for name, part in parts.items()},
         "ema": bool(ema), "ema_parameters": sum(t.numel() for t in ema),
-        "other_keys": len(rest) - len(ema), "metadata": metadata,
+        "other_keys": len(rest) - len(ema), "metadata": shown,
     }
 
 
@@ -103,7 +114,8 @@ def info(args: argparse.Namespace) -> int:
     total = sum(facts["parameters"].values())
     rows = [
         ("path", f"{facts['path']} ({facts['layout']})"),
-        ("preset", f"{facts['preset']} (family {facts['family']}, {facts['prediction']} prediction)"),
+        ("model", f"{facts['model']} (family {facts['family']}, {facts['prediction']} prediction)"),
+        *((f"  {fact}", f"from {source}") for fact, source in facts["inferred"].items()),
         ("dtypes", ", ".join(f"{d}: {n} tensors" for d, n in facts["dtypes"].items())),
         *((f"  {name}", f"{n:,} parameters") for name, n in facts["parameters"].items()),
         ("total", f"{total:,} parameters"),
@@ -140,7 +152,8 @@ def convert(args: argparse.Namespace) -> int:
 def _rewrite_single_file(args: argparse.Namespace, dtype: torch.dtype | None) -> tuple[ModelConfig, int]:
     """File to file keeps every key (EMA copies too, unless pruned) and the header metadata."""
     state, metadata = read_state_dict(args.src)
-    config = detect(_shapes(state), prediction=_prediction(args.src, args, metadata))
+    config = detect(_shapes(state), prediction=_prediction(args.src, args, metadata), metadata=metadata,
+                    hints=sidecar_hints(_sidecar(args.src, args)))
     save.save_single_file(state, args.dst, config=config, dtype=dtype, prune_ema=args.prune_ema,
                           metadata=metadata, progress=True)
     return config, save.verify_single_file(args.dst, state, dtype=dtype, prune_ema=args.prune_ema)

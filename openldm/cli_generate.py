@@ -107,6 +107,9 @@ def add_model_options(group) -> None:
                        "diffusers folder or a model folder (default: the embedded model, "
                        f"{default_model_path()})")
     group.add_argument("--prediction", choices=("eps", "v"), help="for SD2 768-v files that cannot tell")
+    group.add_argument("--vae", type=Path, metavar="PATH", help="use this VAE instead of the model's: a file "
+                       "in the original layout (e.g. vae-ft-mse-840000-ema-pruned.safetensors), in diffusers "
+                       "naming (the SDXL fp16-fix VAE) or a diffusers vae/ folder")
     group.add_argument("--lora", type=_lora_spec, action="append", default=[], metavar="FILE:WEIGHT",
                        help="merge a LoRA/LyCORIS file at this weight (repeatable; weight default 1)")
     group.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
@@ -359,7 +362,7 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
-                         refiner=args.refiner, prompts=prompts)
+                         refiner=args.refiner, prompts=prompts, vae=args.vae)
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
@@ -378,6 +381,7 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
 _SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
     "--model": "model", "--prediction": "prediction", "--lora": "lora", "--lora-dir": "lora_dir",
     "--embeddings": "embeddings", "--device": "device", "--dtype": "dtype", "--refiner": "refiner",
+    "--vae": "vae",
 }
 
 

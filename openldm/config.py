@@ -14,15 +14,22 @@ Prediction = Literal["eps", "v"]
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The ldm/sgm `UNetModel`. `transformer_depth[i] == 0` means level i has no attention."""
+    """The ldm/sgm `UNetModel`. `transformer_depth[i] == 0` means level i has no attention.
+
+    Distilled and block-removed models (SSD-1B, Vega, BK-SDM) vary what SD keeps uniform: res blocks
+    per level, transformer depth per block and between the down and up paths, the middle block itself.
+    The per-block fields are None when a level's depth holds for all its blocks (every preset).
+    """
 
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
+    num_res_blocks: int | tuple[int, ...] = 2  # per level where levels differ
     transformer_depth: tuple[int, ...] = (1, 1, 1, 0)
-    transformer_depth_middle: int = 1
+    transformer_depth_middle: int | None = 1  # None: no middle block (BK-SDM-Small)
+    transformer_depth_input: tuple[int, ...] | None = None  # per input res block, level by level
+    transformer_depth_output: tuple[int, ...] | None = None  # per output block, deepest level first
     context_dim: int = 768
     num_heads: int | None = 8  # SD1 fixes the head count ...
     num_head_channels: int | None = None  # ... SD2 and SDXL fix the head width instead.
@@ -36,6 +43,47 @@ class UNetConfig:
             return channels // self.num_head_channels
         assert self.num_heads is not None
         return self.num_heads
+
+    def res_blocks(self, level: int) -> int:
+        """Res blocks of one level on the down path (the up path has one more)."""
+        n = self.num_res_blocks
+        return n if isinstance(n, int) else n[level]
+
+    def input_depths(self) -> tuple[tuple[int, ...], ...]:
+        """Transformer depth of each down-path block, grouped by level."""
+        flat = iter(self.transformer_depth_input or ())
+        return tuple(
+            tuple(next(flat) for _ in range(self.res_blocks(i))) if self.transformer_depth_input
+            else (depth,) * self.res_blocks(i)
+            for i, depth in enumerate(self.transformer_depth)
+        )
+
+    def output_depths(self) -> tuple[tuple[int, ...], ...]:
+        """Transformer depth of each up-path block, grouped by level, deepest level first."""
+        levels = list(reversed(range(len(self.channel_mult))))
+        flat = iter(self.transformer_depth_output or ())
+        return tuple(
+            tuple(next(flat) for _ in range(self.res_blocks(i) + 1)) if self.transformer_depth_output
+            else (self.transformer_depth[i],) * (self.res_blocks(i) + 1)
+            for i in levels
+        )
+
+
+def unet_from_blocks(
+    res_blocks: tuple[int, ...], inputs: tuple[tuple[int, ...], ...], outputs: tuple[tuple[int, ...], ...],
+    **fields,
+) -> UNetConfig:
+    """The one `UNetConfig` for per-block facts, per-level fields wherever they say it all (as presets do)."""
+    depth = tuple(max(level, default=0) for level in inputs)
+    config = UNetConfig(
+        num_res_blocks=res_blocks[0] if len(set(res_blocks)) == 1 else tuple(res_blocks),
+        transformer_depth=depth, **fields,
+    )
+    if config.input_depths() != tuple(inputs):
+        config = replace(config, transformer_depth_input=tuple(d for level in inputs for d in level))
+    if config.output_depths() != tuple(outputs):
+        config = replace(config, transformer_depth_output=tuple(d for level in outputs for d in level))
+    return config
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,34 @@
 from collections import defaultdict
+from dataclasses import fields, replace
 from functools import cache
 
 import pytest
 import torch
 
 from openldm.checkpoints import diffusers_layout as dl
-from openldm.checkpoints.detect import checkpoint_facts, detect, preset_facts
+from openldm.checkpoints.detect import checkpoint_facts, detect, infer_shapes, preset_facts
+from openldm.checkpoints.infer import FAMILY_BASE, config_metadata
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import UNET_PREFIX, VAE_PREFIX
 from openldm.checkpoints.load import build_component
-from openldm.config import PRESETS, SD2_BASE, SD2_V, SD15, TINY_SD1, TINY_SD2, TINY_SD2_V
+from openldm.config import (
+    PRESETS,
+    SD2_BASE,
+    SD2_V,
+    SD15,
+    TINY_SD1,
+    TINY_SD2,
+    TINY_SD2_V,
+    TINY_SDXL,
+    unet_from_blocks,
+)
 from tests.helpers import checkpoint_shapes, extra_tensors
+
+
+def _fields(unet) -> dict:
+    skip = {"num_res_blocks", "transformer_depth", "transformer_depth_input", "transformer_depth_output",
+            "transformer_depth_middle"}
+    return {f.name: getattr(unet, f.name) for f in fields(unet) if f.name not in skip}
 
 
 @cache
@@ -49,12 +67,60 @@ def test_unet_alone_is_enough_to_detect():
     assert detect(unet_only) == TINY_SD1
 
 
-def test_no_match_names_the_facts_seen():
-    shapes = dict(_shapes("tiny-sd1"))
+def test_a_fact_no_source_gives_is_an_error_naming_it():
+    shapes = dict(_shapes("tiny-sd1"))  # not tiny-sd1 any more, and 32-wide text: heads unknown
     for key in [k for k in shapes if k.endswith("attn2.to_k.weight")]:
         shapes[key] = (shapes[key][0], 48)
-    with pytest.raises(CheckpointError, match=r"no preset matches .*unet\.context_dim=48"):
+    with pytest.raises(CheckpointError, match=r"text encoder 1's attention heads: its width 32 .* metadata"):
         detect(shapes)
+    unet_only = {k: v for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
+    with pytest.raises(CheckpointError, match=r"family is unknown; .*unet\.context_dim=48"):
+        detect(unet_only)
+
+
+def _wide_text(encoder):
+    """A text encoder 64 channels wide: the CLIP convention then gives its heads."""
+    projection = 64 if encoder.projection_dim else None
+    return replace(encoder, hidden_size=64, num_heads=1, projection_dim=projection)
+
+
+# Shapes like the distilled (SSD-1B, Vega) and block-removed (BK-SDM) models people use.
+_CUSTOM = {
+    "ssd1b-like": replace(
+        TINY_SDXL, text_encoders=tuple(map(_wide_text, TINY_SDXL.text_encoders)),
+        unet=unet_from_blocks((2, 2, 2), ((0, 0), (1, 1), (2, 1)), ((2, 1, 1), (1, 1, 2), (0, 0, 0)),
+                              **_fields(TINY_SDXL.unet), transformer_depth_middle=2),
+    ),
+    "bk-sdm-like": replace(
+        TINY_SD1, text_encoders=(_wide_text(TINY_SD1.text_encoders[0]),),
+        unet=replace(TINY_SD1.unet, num_res_blocks=(1, 2), transformer_depth_middle=None, context_dim=64,
+                     num_heads=8),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_CUSTOM))
+def test_non_preset_shapes_infer_the_whole_config(name):
+    config = _CUSTOM[name]
+    inferred = infer_shapes(checkpoint_shapes(config))
+    want = replace(config, name=f"custom-{config.family}", unet=replace(
+        config.unet, num_heads=FAMILY_BASE[config.family].unet.num_heads,
+        num_head_channels=FAMILY_BASE[config.family].unet.num_head_channels),
+        latent_format=FAMILY_BASE[config.family].latent_format,
+        image_size=FAMILY_BASE[config.family].image_size)
+    assert inferred.config == want
+    assert inferred.label == f"custom {'SDXL' if config.family == 'sdxl' else 'SD1'}-family (inferred)"
+    assert "convention" in inferred.sources["unet heads"]
+
+
+def test_recorded_config_wins_and_must_fit_the_shapes():
+    config = replace(TINY_SD1, name="mine", unet=replace(TINY_SD1.unet, num_res_blocks=(1, 2)))
+    metadata = config_metadata(config)
+    assert detect(checkpoint_shapes(config), metadata=metadata) == config
+    with pytest.raises(CheckpointError, match="disagrees with its tensors: unet.num_res_blocks=1"):
+        other = replace(config, unet=replace(config.unet, num_res_blocks=1))
+        detect(checkpoint_shapes(other), metadata=metadata)
+    assert config_metadata(TINY_SD1) == {}  # presets are recorded by name
 
 
 def test_inpainting_is_told_apart_by_in_channels():

@@ -181,3 +181,11 @@ def test_linear_quadratic_matches_comfyui(n):
     custom = S.linear_quadratic(n, SD, threshold_noise=0.1, linear_steps=max(n // 3, 1))
     expected = _comfyui_linear_quadratic(n, SD.sigma_max, 0.1, max(n // 3, 1))
     torch.testing.assert_close(custom.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "table"), [("sd1", "sd15"), ("sd2", "sd15"), ("sdxl", "sdxl"),
+                                               ("sdxl_refiner", "sdxl")])
+def test_ays_takes_the_model_familys_table(family, table):
+    options = S.schedule_options("ays", family)
+    assert torch.equal(S.get_sigmas("ays", 10, SD, **options)[:-1], torch.tensor(S.AYS_TABLES[table][:-1]))
+    assert S.schedule_options("karras", family) == {}

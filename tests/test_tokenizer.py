@@ -240,3 +240,45 @@ def test_openclip_unescapes_three_times_unless_the_prompt_has_angle_brackets():
     """ftfy unescapes HTML only in text without `<` or `>`; open_clip then unescapes twice more."""
     assert tk.clean_openclip("&amp;amp;amp;") == "&"
     assert tk.clean_openclip("&amp;amp;amp; <lora:x:1>") == "&amp; <lora:x:1>"
+
+
+def test_tokenizer_json_alone_reads_as_the_same_tokenizer(tmp_path):
+    """transformers 5 saves only tokenizer.json: its vocabulary and merges give the same ids."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from openldm.models.tokenizer import CLIPTokenizer as Ours
+
+    ours = Ours.from_vocab_gz()
+    ours.save(tmp_path / "src")
+    HFTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "hf")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "hf" / name).unlink(missing_ok=True)
+    again = Ours.from_folder(tmp_path / "hf")
+    text = "a photo of an astronaut riding a horse, highly detailed"
+    assert again.encode(text) == ours.encode(text) and len(again.vocab) == len(ours.vocab)
+
+
+def test_tokenizer_that_overruns_the_embedding_table_is_a_load_error():
+    from dataclasses import replace
+
+    from openldm.checkpoints.errors import CheckpointError
+    from openldm.config import CLIP_L
+    from openldm.models.tokenizer import CLIPTokenizer as Ours
+
+    wanted = "has 49408 tokens but the text encoder's embedding table 596; put"
+    with pytest.raises(CheckpointError, match=wanted):
+        Ours.for_config(replace(CLIP_L, vocab_size=596, pad_token=595))
+
+
+def test_tokenizer_json_we_write_is_what_transformers_writes(tmp_path):
+    """Our `tokenizer.json` equals the one transformers 5 saves for the same vocabulary (embedded model's)."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from openldm.models.tokenizer import CLIPTokenizer as Ours
+
+    ours = Ours.from_folder(Path(__file__).parents[1] / "openldm" / "weights" / "shapes" / "tokenizer")
+    ours.save(tmp_path / "ours")
+    (tmp_path / "ours" / "tokenizer.json").rename(tmp_path / "written.json")
+    HFTokenizer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
+    theirs = json.loads((tmp_path / "hf" / "tokenizer.json").read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "written.json").read_text(encoding="utf-8")) == theirs

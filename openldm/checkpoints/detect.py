@@ -1,9 +1,10 @@
-"""Which preset a single-file checkpoint holds, read from its keys and tensor shapes alone.
+"""Which model a single-file checkpoint holds, read from its keys and tensor shapes.
 
 We read a few architecture facts off the tensors (widths, depths, per-level channel multipliers,
 context width, conv or linear `proj_in`) and compare them with the same facts computed from every
 preset in `config.PRESETS`. Only what the shapes can show is compared: head counts, activations and
 which hidden layer SD uses are fixed per family, and the family comes from the key prefixes.
+Shapes no preset has give a config inferred from them (`checkpoints.infer` supplies the rest).
 Files that are not a whole model (LoRA, VAE-only, text-encoder-only, diffusers-named UNet) are
 recognised and refused with a message that says what they are.
 """
@@ -15,12 +16,34 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
+from openldm.checkpoints.infer import (
+    FAMILY_BASE,
+    FAMILY_TITLE,
+    HEAD_WIDTH,
+    META_CONFIG,
+    Inferred,
+    config_from_metadata,
+    named,
+    norm_groups,
+    text_encoder,
+    unet_heads,
+)
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, TEXT_ENCODER_PREFIXES, UNET_PREFIX, VAE_PREFIX
-from openldm.config import PRESETS, CLIPTextConfig, ModelConfig, Prediction, UNetConfig, VAEConfig
+from openldm.config import (
+    PRESETS,
+    CLIPTextConfig,
+    ModelConfig,
+    Prediction,
+    UNetConfig,
+    VAEConfig,
+    unet_from_blocks,
+)
 
 Shapes = Mapping[str, tuple[int, ...]]
 Facts = dict[str, object]
+Metadata = Mapping[str, str] | None
+Hints = Mapping[str, object] | None  # facts given by the caller (a sidecar yaml's head counts)
 
 _LORA = re.compile(r"(^|[._])(lora|lokr|hada|oft)[._]", re.IGNORECASE)
 _VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
@@ -30,18 +53,69 @@ _TEXT_ONLY = (
 _DIFFUSERS_UNET = ("down_blocks.", "mid_block.", "time_embedding.", "unet.down_blocks.")
 
 
-def detect(shapes: Shapes, *, prediction: Prediction | None = None) -> ModelConfig:
-    """The one preset these shapes are; `prediction` picks between presets the keys cannot tell apart."""
+def detect(shapes: Shapes, *, prediction: Prediction | None = None, metadata: Metadata = None,
+           hints: Hints = None) -> ModelConfig:
+    """The config these shapes are: a preset, the file's recorded config, or one inferred (see `infer`)."""
+    return infer_shapes(shapes, prediction=prediction, metadata=metadata, hints=hints).config
+
+
+def infer_shapes(shapes: Shapes, *, prediction: Prediction | None = None, metadata: Metadata = None,
+                 hints: Hints = None) -> Inferred:
+    """`detect`, with where each fact the shapes cannot show came from."""
     _reject_partial(shapes)
     seen = checkpoint_facts(shapes)
+    wanted = prediction or "eps"
+    stored = config_from_metadata(metadata or {})
+    if stored is not None:
+        wrong = {k: v for k, v in seen.items() if preset_facts(stored).get(k) != v}
+        if wrong:
+            raise CheckpointError(f"the file's {META_CONFIG} metadata disagrees with its tensors: "
+                                  f"{_describe(wrong)}")
+        return Inferred(replace(stored, prediction=wanted), {"everything": f"metadata {META_CONFIG}"})
     matches = [p for p in PRESETS.values() if _agrees(seen, preset_facts(p))]
     groups = {(p.family, p.unet, p.vae, p.text_encoders) for p in matches}
-    if len(groups) != 1:
-        found = ", ".join(p.name for p in matches) or "no preset"
-        raise CheckpointError(f"{found} matches this checkpoint; it shows {_describe(seen)}")
-    wanted = prediction or "eps"
+    if len(groups) > 1:
+        found = ", ".join(p.name for p in matches)
+        raise CheckpointError(f"{found} match this checkpoint; it shows {_describe(seen)}")
+    if not matches:
+        return _custom(seen, wanted, hints or {})
     same = [p for p in matches if p.prediction == wanted]
-    return same[0] if same else replace(matches[0], prediction=wanted)
+    config = same[0] if same else replace(matches[0], prediction=wanted)
+    return Inferred(config, {"everything": f"preset {config.name}, matched by shapes"})
+
+
+def _custom(seen: Facts, prediction: Prediction, hints: Mapping[str, object]) -> Inferred:
+    """A config for shapes no preset has: structure from the shapes, the rest as `infer` explains."""
+    family = seen.get("family")
+    if family is None:
+        raise CheckpointError(f"no preset matches this checkpoint, and without text-encoder keys its family "
+                              f"is unknown; it shows {_describe(seen)}")
+    base = FAMILY_BASE[str(family)]
+    part = {name: {k.split(".", 1)[1]: v for k, v in seen.items() if k.startswith(f"{name}.")}
+            for name in ("unet", "vae", *TEXT_ENCODER_NAMES)}
+    unet = part["unet"] | {"context_dim": part["unet"]["context_dim"] or base.unet.context_dim}
+    widths = _attention_widths(UNetConfig(**unet))
+    heads, heads_from = unet_heads(widths, str(family), hints)
+    unet_widths = [unet["model_channels"] * m for m in unet["channel_mult"]]
+    vae = VAEConfig(**part["vae"]) if part["vae"] else base.vae
+    vae = replace(vae, norm_groups=norm_groups([vae.ch * m for m in vae.ch_mult], "VAE"))
+    encoders = tuple(text_encoder(str(family), i, part[name])
+                     for i, name in enumerate(TEXT_ENCODER_NAMES[: len(base.text_encoders)]))
+    config = replace(
+        base, unet=UNetConfig(**unet, **heads, norm_groups=norm_groups(unet_widths, "UNet")), vae=vae,
+        text_encoders=encoders, prediction=prediction,
+    )
+    sources = {"structure": "tensor shapes", "unet heads": heads_from, "norm groups": "SD convention (32)",
+               "text encoder heads": f"CLIP convention ({HEAD_WIDTH}-channel heads)",
+               "latent scale, image size": f"{FAMILY_TITLE[str(family)]} family convention"}
+    return Inferred(named(config), sources)
+
+
+def _attention_widths(cfg: UNetConfig) -> list[int]:
+    down = [m for m, depths in zip(cfg.channel_mult, cfg.input_depths()) if any(depths)]
+    up = [cfg.channel_mult[-1 - i] for i, depths in enumerate(cfg.output_depths()) if any(depths)]
+    widths = [cfg.model_channels * m for m in down + up]
+    return sorted(set(widths))
 
 
 # --- facts ---------------------------------------------------------------------------------
@@ -100,8 +174,8 @@ def _family(shapes: Shapes) -> str | None:
 
 _UNET_FIELDS = (
     "in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-    "transformer_depth", "transformer_depth_middle", "context_dim", "use_linear_in_transformer",
-    "adm_in_channels",
+    "transformer_depth", "transformer_depth_middle", "transformer_depth_input", "transformer_depth_output",
+    "context_dim", "use_linear_in_transformer", "adm_in_channels",
 )
 
 
@@ -126,28 +200,35 @@ def _depth(block: Mapping[str, tuple[int, ...]], prefix: str) -> int:
                        rf"{re.escape(prefix)}transformer_blocks"))
 
 
-def _unet_levels(shapes: Shapes, model_channels: int) -> Facts:
-    """Walk `input_blocks`: resnets (`.0.in_layers`) add to the level, downsamplers (`.0.op`) end it."""
-    widths: list[int] = []
-    counts: list[int] = []
-    depths: list[int] = []
+def _walk(shapes: Shapes, name: str, ends_level) -> list[tuple[int, list[int]]]:
+    """(width, per-block transformer depths) per level; `ends_level(block)` marks a level's last block."""
+    levels: list[tuple[int, list[int]]] = []
     new_level = True
-    for _, block in _blocks(shapes, "input_blocks").items():
-        if "0.op.weight" in block:
-            new_level = True
-        elif "0.in_layers.2.weight" in block:
+    for _, block in _blocks(shapes, name).items():
+        if "0.in_layers.2.weight" in block:
             if new_level:
-                widths.append(block["0.in_layers.2.weight"][0])
-                counts.append(0)
-                depths.append(0)
+                levels.append((block["0.in_layers.2.weight"][0], []))
                 new_level = False
-            counts[-1] += 1
-            depths[-1] = max(depths[-1], _depth(block, "1."))
-    return {
-        "channel_mult": tuple(w // model_channels for w in widths),
-        "num_res_blocks": counts[0] if len(set(counts)) == 1 else tuple(counts),
-        "transformer_depth": tuple(depths),
-    }
+            levels[-1][1].append(_depth(block, "1."))
+        new_level = new_level or ends_level(block)
+    return levels
+
+
+def _unet_levels(shapes: Shapes, model_channels: int) -> Facts:
+    """Down path: downsamplers (`.0.op`) end a level; up path: upsamplers (`.1.conv`/`.2.conv`) do."""
+    down = _walk(shapes, "input_blocks", lambda block: "0.op.weight" in block)
+    up = _walk(shapes, "output_blocks", lambda block: "1.conv.weight" in block or "2.conv.weight" in block)
+    if not down or len(up) != len(down):
+        raise CheckpointError(f"the UNet under {UNET_PREFIX!r} has {len(down)} levels going down and "
+                              f"{len(up)} going up")
+    config = unet_from_blocks(
+        tuple(len(depths) for _, depths in down), tuple(tuple(d) for _, d in down),
+        tuple(tuple(d) for _, d in up),
+        channel_mult=tuple(width // model_channels for width, _ in down),
+    )
+    return {name: getattr(config, name) for name in (
+        "channel_mult", "num_res_blocks", "transformer_depth", "transformer_depth_input",
+        "transformer_depth_output")}
 
 
 def _unet_facts(shapes: Shapes) -> Facts:
@@ -157,7 +238,8 @@ def _unet_facts(shapes: Shapes) -> Facts:
         raise CheckpointError(f"the UNet under {UNET_PREFIX!r} lacks {e.args[0]!r}") from None
     facts: Facts = {"in_channels": conv_in[1], "out_channels": conv_out[0], "model_channels": conv_in[0]}
     facts |= _unet_levels(shapes, conv_in[0])
-    facts["transformer_depth_middle"] = _depth(shapes, "middle_block.1.")
+    middle = any(k.startswith("middle_block.") for k in shapes)
+    facts["transformer_depth_middle"] = _depth(shapes, "middle_block.1.") if middle else None
     proj_in = [v for k, v in shapes.items() if k.endswith(".proj_in.weight")]
     context = [v[1] for k, v in shapes.items() if k.endswith(".attn2.to_k.weight")]
     facts["context_dim"] = context[0] if context else None
@@ -238,7 +320,7 @@ def _reject_partial(shapes: Shapes) -> None:
     bare = [k[len(VAE_PREFIX):] if k.startswith(VAE_PREFIX) else k for k in keys]
     if _all_start(bare, (*_VAE_PARTS, "loss.")):
         raise CheckpointError("this file holds only a VAE (encoder./decoder. keys), not a whole model: "
-                              "give it as the VAE of a model instead")
+                              "give it with --vae beside a --model instead")
     if any(k.startswith(_DIFFUSERS_UNET) for k in keys):
         raise CheckpointError("this is a UNet in diffusers naming (down_blocks./mid_block. keys): "
                               "give the whole diffusers folder (with model_index.json) instead")

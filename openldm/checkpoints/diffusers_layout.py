@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from openldm.checkpoints.infer import folder_config
 from openldm.checkpoints.io import CheckpointError, read_state_dict
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.config import PRESETS, SIZE_EMBED_DIM, CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose folder format these configs follow
 TRANSFORMERS_VERSION = "5.23.0"
-CLIP_BOS, CLIP_EOS = 49406, 49407
 _HF_TEXT_KEEP = ("text_model.", "text_projection.")
 
 
@@ -54,8 +54,8 @@ def _unet_down(cfg: UNetConfig) -> Table:
     """`input_blocks.N` counts resnets, attentions and downsamplers level by level (0 is conv_in)."""
     rows: Table = {}
     block = 0
-    for i, depth in enumerate(cfg.transformer_depth):
-        for j in range(cfg.num_res_blocks):
+    for i, depths in enumerate(cfg.input_depths()):
+        for j, depth in enumerate(depths):
             block += 1
             rows[f"input_blocks.{block}.0"] = (f"down_blocks.{i}.resnets.{j}", _UNET_RESNET)
             if depth:
@@ -69,15 +69,15 @@ def _unet_down(cfg: UNetConfig) -> Table:
 def _unet_up(cfg: UNetConfig) -> Table:
     """`output_blocks` run from the deepest level up, one more resnet per level than going down."""
     rows: Table = {}
-    per_level = cfg.num_res_blocks + 1
-    for i, depth in enumerate(reversed(cfg.transformer_depth)):
-        for j in range(per_level):
-            block = i * per_level + j
+    block = -1
+    for i, depths in enumerate(cfg.output_depths()):
+        for j, depth in enumerate(depths):
+            block += 1
             rows[f"output_blocks.{block}.0"] = (f"up_blocks.{i}.resnets.{j}", _UNET_RESNET)
             if depth:
                 rows[f"output_blocks.{block}.1"] = (f"up_blocks.{i}.attentions.{j}", _SAME)
         if i < len(cfg.channel_mult) - 1:  # the upsampler follows the attention when there is one
-            upsampler = f"output_blocks.{block}.{2 if depth else 1}.conv"
+            upsampler = f"output_blocks.{block}.{2 if depths[-1] else 1}.conv"
             rows[upsampler] = (f"up_blocks.{i}.upsamplers.0.conv", _SAME)
     return rows
 
@@ -87,12 +87,15 @@ def _unet_table(cfg: UNetConfig) -> Table:
         "time_embed.0": ("time_embedding.linear_1", _SAME),
         "time_embed.2": ("time_embedding.linear_2", _SAME),
         "input_blocks.0.0": ("conv_in", _SAME),
-        "middle_block.0": ("mid_block.resnets.0", _UNET_RESNET),
-        "middle_block.1": ("mid_block.attentions.0", _SAME),
-        "middle_block.2": ("mid_block.resnets.1", _UNET_RESNET),
         "out.0": ("conv_norm_out", _SAME),
         "out.2": ("conv_out", _SAME),
     }
+    if cfg.transformer_depth_middle is not None:
+        rows |= {
+            "middle_block.0": ("mid_block.resnets.0", _UNET_RESNET),
+            "middle_block.1": ("mid_block.attentions.0", _SAME),
+            "middle_block.2": ("mid_block.resnets.1", _UNET_RESNET),
+        }
     if cfg.adm_in_channels is not None:  # SDXL's vector conditioning MLP
         rows["label_emb.0.0"] = ("add_embedding.linear_1", _SAME)
         rows["label_emb.0.2"] = ("add_embedding.linear_2", _SAME)
@@ -236,14 +239,32 @@ def from_diffusers(component: str, state_dict: Mapping[str, torch.Tensor], confi
 
 # --- config files --------------------------------------------------------------------------
 
-def _transformer_layers(cfg: UNetConfig) -> list[int]:
-    """Per-level depth; diffusers takes the mid block's depth from the last entry."""
-    layers = [depth or 1 for depth in cfg.transformer_depth]
-    if cfg.transformer_depth[-1] == 0:
-        layers[-1] = cfg.transformer_depth_middle
-    if layers[-1] != cfg.transformer_depth_middle:
-        raise ValueError(f"diffusers cannot express middle depth {cfg.transformer_depth_middle} "
-                         f"beside a last level of depth {cfg.transformer_depth[-1]}")
+def _level_layers(depths: tuple[int, ...], where: str) -> int | list[int]:
+    """One level's depths as diffusers takes them: in a cross-attention level every resnet has some."""
+    if 0 in depths and any(depths):
+        raise ValueError(f"diffusers cannot express {where} depths {depths}: a level attends in every block "
+                         "or in none")
+    return depths[0] if len(set(depths)) == 1 else list(depths)
+
+
+def _transformer_layers(cfg: UNetConfig) -> dict:
+    """Per-level (or per-block) depths; diffusers takes the mid block's from the last level's first block."""
+    down = [_level_layers(d, "down-path") for d in cfg.input_depths()]
+    middle = cfg.transformer_depth_middle
+    if middle is not None and down[-1] == 0:
+        down[-1] = middle
+    elif middle is not None and cfg.input_depths()[-1][0] != middle:
+        raise ValueError(f"diffusers cannot express middle depth {middle} beside a last level of depths "
+                         f"{cfg.input_depths()[-1]}")
+    down = [d or 1 for d in down]
+    layers: dict = {"transformer_layers_per_block": down}
+    if cfg.transformer_depth_input or cfg.transformer_depth_output:  # diffusers wants both paths then
+        layers["transformer_layers_per_block"] = [d if isinstance(d, list) else [d] * cfg.res_blocks(i)
+                                                  for i, d in enumerate(down)]
+        layers["reverse_transformer_layers_per_block"] = [
+            list(d) if any(d) else [1] * len(d) for d in cfg.output_depths()]
+    for level in cfg.output_depths():
+        _level_layers(level, "up-path")
     return layers
 
 
@@ -251,17 +272,21 @@ def unet_config_json(config: ModelConfig) -> dict:
     """`UNet2DConditionModel` config. Its `attention_head_dim` is, historically, the head *count*."""
     cfg = config.unet
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    attention = [depth > 0 for depth in cfg.transformer_depth]
+    down = [any(d) for d in cfg.input_depths()]
+    up = [any(d) for d in cfg.output_depths()]
     out = {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": config.image_size // config.vae.downsample_factor,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-        "block_out_channels": channels, "layers_per_block": cfg.num_res_blocks,
-        "transformer_layers_per_block": _transformer_layers(cfg),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up],
+        "mid_block_type": None if cfg.transformer_depth_middle is None else "UNetMidBlock2DCrossAttn",
+        "block_out_channels": channels,
+        "layers_per_block": cfg.num_res_blocks if isinstance(cfg.num_res_blocks, int) else
+        list(cfg.num_res_blocks),
+        **_transformer_layers(cfg),
         "attention_head_dim": [cfg.heads_at(c) for c in channels],
-        "cross_attention_dim": cfg.context_dim,
+        "cross_attention_dim": cfg.context_dim, "norm_num_groups": cfg.norm_groups,
         "use_linear_projection": cfg.use_linear_in_transformer,
         "addition_embed_type": None, "addition_time_embed_dim": None,
         "projection_class_embeddings_input_dim": None,
@@ -284,7 +309,8 @@ def vae_config_json(config: ModelConfig) -> dict:
         "sample_size": config.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
-        "latent_channels": cfg.z_channels, "scaling_factor": config.latent_format.scale_factor,
+        "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups,
+        "scaling_factor": config.latent_format.scale_factor,
         "shift_factor": config.latent_format.shift_factor or None,
     }
 
@@ -299,7 +325,12 @@ def text_encoder_config_json(cfg: CLIPTextConfig) -> dict:
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": layers,
         "num_attention_heads": cfg.num_heads, "max_position_embeddings": cfg.max_length,
         "hidden_act": cfg.activation, "layer_norm_eps": 1e-5,
-        "bos_token_id": CLIP_BOS, "eos_token_id": CLIP_EOS, "pad_token_id": cfg.pad_token,
+        # What a plain `from_pretrained` computes in, whatever the weights' dtype: diffusers builds its
+        # models in float32 and casts fp16 weights up; transformers 5 would keep them fp16 without this,
+        # and the pipeline would then mix dtypes ("mat1 and mat2 must have the same dtype").
+        "dtype": "float32",
+        # CLIP vocabularies end with the start and end tokens (49406, 49407 in CLIP's own)
+        "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1, "pad_token_id": cfg.pad_token,
     }
     if cfg.projection_dim:
         out["projection_dim"] = cfg.projection_dim
@@ -364,13 +395,16 @@ def _unet_signature(c: Mapping) -> tuple:
     """The facts of a `UNet2DConditionModel` config that tell presets apart (diffusers defaults)."""
     channels = tuple(c.get("block_out_channels", (320, 640, 1280, 1280)))
     heads = _per_level(c.get("num_attention_heads") or c.get("attention_head_dim", 8), len(channels))
-    depth = _per_level(c.get("transformer_layers_per_block", 1), len(channels))
+    depth = [tuple(d) if isinstance(d, list) else d
+             for d in _per_level(c.get("transformer_layers_per_block", 1), len(channels))]
     attention = ["CrossAttn" in t for t in c["down_block_types"]]
     return (
-        c.get("in_channels", 4), c.get("out_channels", 4), channels, c.get("layers_per_block", 2),
+        c.get("in_channels", 4), c.get("out_channels", 4), channels, json.dumps(c.get("layers_per_block", 2)),
         c.get("cross_attention_dim", 1280), bool(c.get("use_linear_projection", False)),
         c.get("projection_class_embeddings_input_dim"),
         tuple((h, d) if a else None for a, h, d in zip(attention, heads, depth)), depth[-1],
+        json.dumps(c.get("reverse_transformer_layers_per_block")),
+        c.get("mid_block_type", "UNetMidBlock2DCrossAttn"), c.get("norm_num_groups", 32),
     )
 
 
@@ -383,7 +417,7 @@ def _folder_signature(configs: Mapping[str, Mapping]) -> tuple:
         for folder, c in configs.items() if folder.startswith("text_encoder")
     ))
     return (_unet_signature(configs["unet"]), tuple(vae["block_out_channels"]), vae["layers_per_block"],
-            vae["latent_channels"], encoders)
+            vae["latent_channels"], vae.get("norm_num_groups", 32), encoders)
 
 
 def _preset_configs(config: ModelConfig) -> dict[str, dict]:
@@ -426,10 +460,16 @@ def detect_diffusers(folder: str | Path, prediction: str | None = None) -> Model
     configs = {f: _read_json(folder / f / "config.json") for f in present}
     seen = _folder_signature(configs)
     matches = [p for p in PRESETS.values() if seen in _preset_signatures(p)]
+    wanted = prediction or _scheduler_prediction(folder)
+    if not matches:
+        try:
+            return folder_config(configs, wanted).config
+        except (KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{folder}: no preset matches, and its config.json files describe no "
+                                  f"SD-shaped model ({type(e).__name__}: {e})") from None
     if len({(p.family, p.unet, p.vae, p.text_encoders) for p in matches}) != 1:
         raise CheckpointError(f"{folder}: {len(matches)} presets match its config files "
-                              f"({', '.join(p.name for p in matches) or 'none'}); saw {seen}")
-    wanted = prediction or _scheduler_prediction(folder)
+                              f"({', '.join(p.name for p in matches)}); saw {seen}")
     same = [p for p in matches if p.prediction == wanted]
     return same[0] if same else replace(matches[0], prediction=wanted)
 

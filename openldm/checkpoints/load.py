@@ -28,12 +28,14 @@ from torch import nn
 from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.detect import detect
 from openldm.checkpoints.io import CheckpointError, read_state_dict
-from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, component_prefixes, split_state_dict
+from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, component_prefixes, model_files, split_state_dict
 from openldm.checkpoints.ldm_config import LdmConfig, check_against, read_ldm_config
 from openldm.checkpoints.openclip import openclip_to_hf
 from openldm.checkpoints.save import EMA_PREFIX, META_PREDICTION
+from openldm.checkpoints.vae_file import load_vae
 from openldm.config import CLIPTextConfig, ModelConfig, Prediction
 from openldm.models.clip import CLIPTextModel
+from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
 from openldm.models.unet import UNetModel
 from openldm.models.vae import AutoencoderKL
 
@@ -69,6 +71,8 @@ class Components:
     layout: Literal["single_file", "diffusers"] = "single_file"
     ema: bool = False  # the UNet holds the file's EMA weights
     prediction_from: str = "default"
+    tokenizers: list[CLIPTokenizer] = field(default_factory=list)  # one per text encoder
+    vae_file: tuple[str, str] | None = None  # (name, short hash) of a standalone VAE in place of the model's
 
 
 def build_component(name: str, config: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
@@ -99,17 +103,30 @@ def load_components(
     ema: bool | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    vae: str | Path | None = None,
 ) -> Components:
-    """Load a checkpoint file or diffusers folder; `ema=None` takes EMA weights when the file has them."""
-    path = Path(path)
-    sidecar = _sidecar(path, config_file)
+    """Load a model in any form (`layout.model_files`); `ema=None` takes the EMA weights a file has."""
+    path, tokenizer_folder = model_files(path)
+    sidecar = sidecar_for(path, config_file)
     if path.is_dir():
         if ema:
             raise CheckpointError(f"{path}: a diffusers folder holds no EMA weights")
-        return _load_folder(path, prediction, sidecar, dtype, device)
+        components = _load_folder(path, prediction, sidecar, dtype, device)
+    else:
+        components = _load_file(path, prediction, sidecar, ema, dtype, device)
+    components.tokenizers = find_tokenizers(components.config.text_encoders, tokenizer_folder,
+                                            components.metadata)
+    if vae is not None:  # A1111's "SD VAE": the model's own is replaced whole
+        loaded = load_vae(vae, components.config, dtype=dtype, device=device)
+        components.vae, components.vae_file = loaded.vae, (loaded.name, loaded.hash)
+    return components
+
+
+def _load_file(path: Path, prediction, sidecar: LdmConfig | None, ema, dtype, device) -> Components:
     tensors, metadata = read_state_dict(path)
-    chosen, source = _prediction(prediction, metadata, sidecar)
-    config = detect({k: tuple(v.shape) for k, v in tensors.items()}, prediction=chosen)
+    chosen, source = prediction_source(prediction, metadata, sidecar)
+    config = detect({k: tuple(v.shape) for k, v in tensors.items()}, prediction=chosen, metadata=metadata,
+                    hints=sidecar_hints(sidecar))
     if sidecar is not None:
         check_against(sidecar, config)
     where = _build_device(tensors.values())
@@ -120,7 +137,7 @@ def load_components(
 
 
 def _load_folder(folder: Path, prediction, sidecar: LdmConfig | None, dtype, device) -> Components:
-    chosen, source = _prediction(prediction, {}, sidecar)
+    chosen, source = prediction_source(prediction, {}, sidecar)
     if chosen is None and (folder / "scheduler" / "scheduler_config.json").exists():
         source = "scheduler"
     config, parts = dl.read_diffusers(folder, prediction=chosen)
@@ -142,7 +159,7 @@ def _components(modules, config, metadata, path, layout, used_ema, source) -> Co
 
 # --- prediction ----------------------------------------------------------------------------
 
-def _sidecar(path: Path, config_file: str | Path | None) -> LdmConfig | None:
+def sidecar_for(path: Path, config_file: str | Path | None) -> LdmConfig | None:
     """The yaml given, else `<name>.yaml` beside a checkpoint file."""
     if config_file is not None:
         return read_ldm_config(config_file)
@@ -153,6 +170,12 @@ def _sidecar(path: Path, config_file: str | Path | None) -> LdmConfig | None:
     return None
 
 
+def sidecar_hints(sidecar: LdmConfig | None) -> dict[str, object]:
+    """What a yaml says that shapes cannot: the UNet's head counts."""
+    heads = ("num_heads", "num_head_channels")
+    return {} if sidecar is None else {k: v for k, v in sidecar.unet.items() if k in heads}
+
+
 def _normalise(value: str, where: str) -> Prediction:
     try:
         return _PREDICTIONS[value.strip().lower().replace("-", "_")]
@@ -160,7 +183,7 @@ def _normalise(value: str, where: str) -> Prediction:
         raise CheckpointError(f"{where}: unknown prediction type {value!r} (expected eps or v)") from None
 
 
-def _prediction(explicit, metadata: Mapping[str, str], sidecar: LdmConfig | None) -> tuple:
+def prediction_source(explicit, metadata: Mapping[str, str], sidecar: LdmConfig | None) -> tuple:
     """(prediction or None, the source that set it) in the order of the module docstring."""
     if explicit is not None:
         return _normalise(explicit, "prediction="), "option"

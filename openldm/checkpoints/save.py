@@ -19,11 +19,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from openldm.checkpoints import diffusers_layout as dl
+from openldm.checkpoints.infer import config_metadata
 from openldm.checkpoints.io import CheckpointError, write_safetensors_atomic
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, join_state_dict, split_state_dict
 from openldm.checkpoints.openclip import hf_to_openclip, openclip_to_hf
 from openldm.config import WEIGHT_DTYPES, ModelConfig
-from openldm.models.tokenizer import CLIPTokenizer
+from openldm.models.tokenizer import CLIPTokenizer, tokenizer_metadata
 
 # Keys we add to the safetensors header so `openldm info` and loaders know what the keys cannot tell.
 META_PRESET = "openldm.preset"
@@ -36,7 +37,8 @@ Parts = dict[str, dict[str, torch.Tensor]]
 
 def model_metadata(config: ModelConfig) -> dict[str, str]:
     """The header entries that record which preset and parameterization a file holds."""
-    return {META_PRESET: config.name, META_FAMILY: config.family, META_PREDICTION: config.prediction}
+    return {META_PRESET: config.name, META_FAMILY: config.family, META_PREDICTION: config.prediction,
+            **config_metadata(config)}
 
 
 def _state(part) -> dict[str, torch.Tensor]:
@@ -97,7 +99,8 @@ def save_single_file(
     if _is_components(source):
         config = source.config
         state = single_file_state_dict(component_parts(source), config)
-        metadata = {**(getattr(source, "metadata", None) or {}), **(metadata or {})}
+        metadata = {**(getattr(source, "metadata", None) or {}), **tokenizer_metadata(source.tokenizers),
+                    **(metadata or {})}
     else:
         state = dict(source)
     if prune_ema:
@@ -121,7 +124,8 @@ def _write_json(path: Path, data: Mapping) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _write_component(root: Path, name: str, part: Mapping, config: ModelConfig, dtype, progress) -> None:
+def _write_component(root: Path, name: str, part: Mapping, config: ModelConfig, dtype, progress,
+                     tokenizers: list[CLIPTokenizer]) -> None:
     """One diffusers sub-folder: config.json and weights (plus the tokenizer beside an encoder)."""
     folder = root / dl.folder_names(config)[name]
     state = _cast_all(dl.to_diffusers(name, part, config), dtype, progress, folder.name)
@@ -129,7 +133,9 @@ def _write_component(root: Path, name: str, part: Mapping, config: ModelConfig, 
         encoder = config.text_encoders[TEXT_ENCODER_NAMES.index(name)]
         _write_json(folder / "config.json", dl.text_encoder_config_json(encoder))
         weights = folder / "model.safetensors"
-        CLIPTokenizer.for_config(encoder).save(root / folder.name.replace("text_encoder", "tokenizer"))
+        index = TEXT_ENCODER_NAMES.index(name)
+        tokenizer = tokenizers[index] if tokenizers else CLIPTokenizer.for_config(encoder)
+        tokenizer.save(root / folder.name.replace("text_encoder", "tokenizer"))
     else:
         _write_json(folder / "config.json", getattr(dl, f"{name}_config_json")(config))
         weights = folder / "diffusion_pytorch_model.safetensors"
@@ -160,7 +166,8 @@ def save_diffusers(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for name in dl.folder_names(config):
-            _write_component(tmp, name, parts[name], config, dtype, progress)
+            _write_component(tmp, name, parts[name], config, dtype, progress,
+                             getattr(source, "tokenizers", None) or [])
         _write_json(tmp / "scheduler" / "scheduler_config.json", dl.scheduler_config_json(config))
         _write_json(tmp / "model_index.json", dl.model_index_json(config))
         _replace_dir(tmp, folder)

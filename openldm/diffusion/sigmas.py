@@ -29,6 +29,14 @@ AYS_TABLES: dict[str, tuple[float, ...]] = {
     "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
 }
 
+# The table each family samples with; none was published for SD2, which shares SD1's schedule.
+AYS_FAMILY_TABLE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
+
+
+def schedule_options(name: str, family: str) -> dict[str, str]:
+    """What a schedule needs to know about the model: AYS takes its family's table."""
+    return {"model": AYS_FAMILY_TABLE[family]} if name == "ays" else {}
+
 
 def _finish(sigmas: torch.Tensor) -> torch.Tensor:
     """Append the final 0 and hand back float32."""

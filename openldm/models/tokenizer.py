@@ -26,7 +26,7 @@ import itertools
 import json
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 
+from openldm.checkpoints.errors import CheckpointError
 from openldm.config import CLIPTextConfig
 
 Cleaning = Literal["hf", "openclip"]
@@ -41,6 +42,7 @@ START, END = "<|startoftext|>", "<|endoftext|>"
 OPENCLIP_SPECIALS = ("<start_of_text>", "<end_of_text>")  # OpenCLIP's spelling of START, END
 NUM_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48894 merges: a 49408-token vocabulary
 VOCAB_GZ = "bpe_simple_vocab_16e6.txt.gz"
+TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves, often without vocab.json / merges.txt
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 _CACHE_LIMIT = 100_000
 
@@ -151,19 +153,43 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options) -> CLIPTokenizer:
-        """From a diffusers `tokenizer/` folder: `vocab.json` and `merges.txt`."""
+        """From a `tokenizer/` folder: `vocab.json` + `merges.txt`, else `tokenizer.json` (transformers 5)."""
         folder = Path(folder)
+        if not (folder / "vocab.json").is_file():
+            return cls.from_tokenizer_json(folder / TOKENIZER_JSON, **options)
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         return cls(vocab, merges, **options)
 
     @classmethod
+    def from_tokenizer_json(cls, path: str | Path, **options) -> CLIPTokenizer:
+        """The BPE vocabulary and merges of a Hugging Face `tokenizer.json` (merges as pairs or "a b")."""
+        try:
+            model = json.loads(Path(path).read_text(encoding="utf-8"))["model"]
+            if model.get("type") != "BPE":
+                raise ValueError(f"a {model.get('type')} model, not BPE")
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            return cls(dict(model["vocab"]), merges, **options)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a CLIP BPE tokenizer.json ({e})") from None
+
+    def check_fits(self, vocab_size: int, where: str) -> None:
+        """A tokenizer whose ids run past the embedding table would fail mid-sampling: fail at load."""
+        top = max(self.vocab.values()) + 1
+        if top > vocab_size or self.pad_id >= vocab_size:
+            raise CheckpointError(f"{where}: the tokenizer has {top} tokens but the text encoder's embedding "
+                                  f"table {vocab_size}; put the model's own tokenizer (vocab.json + "
+                                  "merges.txt, or tokenizer.json) in a tokenizer/ folder beside the weights")
+
+    @classmethod
     def for_config(cls, cfg: CLIPTextConfig, folder: str | Path | None = None) -> CLIPTokenizer:
         """The tokenizer an encoder was trained with: OpenCLIP-trained ones clean as OpenCLIP did."""
-        options = dict(cleaning="openclip" if cfg.openclip_layout else "hf", pad_token=cfg.pad_token,
-                       max_length=cfg.max_length)
-        return cls.from_folder(folder, **options) if folder else cls.from_vocab_gz(**options)
+        options = encoder_options(cfg)
+        tokenizer = cls.from_folder(folder, **options) if folder else cls.from_vocab_gz(**options)
+        tokenizer.check_fits(cfg.vocab_size, str(folder or "the standard CLIP tokenizer"))
+        return tokenizer
+
 
     def bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one pre-split word: merge the lowest-ranked adjacent pair everywhere, repeat."""
@@ -239,4 +265,87 @@ class CLIPTokenizer:
                   "do_lower_case": True, "add_prefix_space": False, "errors": "replace"}
         for name, data in (("special_tokens_map.json", special), ("tokenizer_config.json", config)):
             (folder / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tokenizer_json = json.dumps(self.tokenizer_json(), ensure_ascii=False, indent=2)
+        (folder / TOKENIZER_JSON).write_text(tokenizer_json, encoding="utf-8")
         return folder
+
+    def tokenizer_json(self) -> dict:
+        """`tokenizer.json` as transformers 5 writes it for a `CLIPTokenizer` of this vocabulary."""
+        def special(token: str) -> dict:
+            return {"id": self.vocab[token], "content": token, "single_word": False, "lstrip": False,
+                    "rstrip": False, "normalized": False, "special": True}
+
+        words = "|".join([re.escape(START), re.escape(END), *_CONTRACTIONS])
+        split = f"{words}|[\\p{{L}}]+|[\\p{{N}}]|[^\\s\\p{{L}}\\p{{N}}]+"
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": True}
+        return {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [special(START), special(END)],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+                {"type": "Lowercase"}]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": split}, "behavior": "Removed", "invert": True},
+                byte_level]},
+            "post_processor": {"type": "RobertaProcessing", "sep": [END, self.end_id],
+                               "cls": [START, self.start_id], "trim_offsets": False,
+                               "add_prefix_space": False},
+            "decoder": byte_level | {"add_prefix_space": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": END, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "</w>", "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": False, "vocab": dict(sorted(self.vocab.items(), key=lambda kv: kv[1])),
+                      "merges": [list(m) for m in self.merges]},
+        }
+
+    @property
+    def is_standard(self) -> bool:
+        """CLIP's own 49,408-token vocabulary (which every reader has; others must travel with the model)."""
+        return len(self.vocab) == NUM_MERGES + 514 and len(self.merges) == NUM_MERGES
+
+
+def encoder_options(cfg: CLIPTextConfig) -> dict:
+    """How an encoder's tokenizer cleans, pads and cuts: OpenCLIP-trained ones clean as OpenCLIP did."""
+    return dict(cleaning="openclip" if cfg.openclip_layout else "hf", pad_token=cfg.pad_token,
+                max_length=cfg.max_length)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer `CLIPTokenizer.from_folder` reads."""
+    return (folder / "vocab.json").is_file() or (folder / TOKENIZER_JSON).is_file()
+
+
+# --- where a model's tokenizers come from ---------------------------------------------------
+
+META_TOKENIZER = "openldm.tokenizer"  # an own vocabulary in a single file's header ("_2": 2nd encoder)
+
+
+def _meta_key(index: int) -> str:
+    return META_TOKENIZER + (f"_{index + 1}" if index else "")
+
+
+def tokenizer_metadata(tokenizers: Sequence[CLIPTokenizer]) -> dict[str, str]:
+    """Header entries carrying each non-standard tokenizer, so a single file is the whole model."""
+    return {_meta_key(i): json.dumps({"vocab": t.vocab, "merges": [" ".join(m) for m in t.merges]},
+                                     ensure_ascii=False)
+            for i, t in enumerate(tokenizers) if not t.is_standard}
+
+
+def find_tokenizers(configs: Sequence[CLIPTextConfig], folder: Path | None,
+                    metadata: Mapping[str, str]) -> list[CLIPTokenizer]:
+    """Each encoder's tokenizer: `folder/tokenizer[_N]` (or `folder`), the header, else standard CLIP."""
+    tokenizers = []
+    for i, cfg in enumerate(configs):
+        candidates = [] if folder is None else [folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")]
+        if folder is not None and i == 0:
+            candidates.append(folder)  # a model folder may keep its one tokenizer beside the weights
+        found = next((c for c in candidates if has_tokenizer(c)), None)
+        if found is None and _meta_key(i) in metadata:
+            stored = json.loads(metadata[_meta_key(i)])
+            merges = [tuple(m.split(" ")) for m in stored["merges"]]
+            tokenizer = CLIPTokenizer(stored["vocab"], merges, **encoder_options(cfg))
+            tokenizer.check_fits(cfg.vocab_size, f"the header's {_meta_key(i)}")
+        else:
+            tokenizer = CLIPTokenizer.for_config(cfg, found)
+        tokenizers.append(tokenizer)
+    return tokenizers

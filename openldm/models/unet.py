@@ -4,11 +4,11 @@ The state dict is the single-file checkpoint's `model.diffusion_model.*` with th
 so loading an original file is a prefix strip and a strict load. Its layout:
 
 - `time_embed`, and for SDXL `label_emb`: the timestep (and vector-conditioning) embedding.
-- `input_blocks.N`: block 0 is the input convolution; then, level by level, `num_res_blocks` blocks
+- `input_blocks.N`: block 0 is the input convolution; then, level by level, `res_blocks(level)` blocks
   of a ResBlock (`.0`) and, where the level has attention, a SpatialTransformer (`.1`), and between
   levels a block holding only a stride-2 downsampler (`.0.op`). Every block's output is kept.
-- `middle_block`: ResBlock, SpatialTransformer, ResBlock.
-- `output_blocks.N`: levels in reverse, `num_res_blocks + 1` blocks each, every one taking the
+- `middle_block`: ResBlock, SpatialTransformer, ResBlock (absent where a distilled model removed it).
+- `output_blocks.N`: levels in reverse, `res_blocks(level) + 1` blocks each, every one taking the
   latest kept input-block output concatenated on channels; the last block of each level but the
   first ends in a nearest-neighbour x2 upsampler (`.1.conv` or `.2.conv`).
 - `out`: GroupNorm, SiLU, convolution back to latent channels.
@@ -88,7 +88,7 @@ class UNetModel(nn.Module):
             self.label_emb = nn.Sequential(_mlp(cfg.adm_in_channels, emb_dim))
         self.input_blocks, skips = _input_blocks(cfg, emb_dim)
         top = skips[-1]
-        self.middle_block = Block(
+        self.middle_block = None if cfg.transformer_depth_middle is None else Block(
             ResBlock(top, emb_dim, top, cfg.norm_groups),
             _transformer(cfg, top, cfg.transformer_depth_middle),
             ResBlock(top, emb_dim, top, cfg.norm_groups),
@@ -120,7 +120,8 @@ class UNetModel(nn.Module):
         for block in self.input_blocks:
             h = block(h, emb, context)
             kept.append(h)
-        h = self.middle_block(h, emb, context)
+        if self.middle_block is not None:
+            h = self.middle_block(h, emb, context)
         if control is not None:
             if len(control) != len(kept) + 1:
                 raise ValueError(f"{len(control)} control residuals for a UNet that takes {len(kept) + 1}")
@@ -170,8 +171,8 @@ def _input_blocks(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, list[in
     """The encoder half, and the width of every block's output (each is kept for the decoder)."""
     ch = cfg.model_channels
     blocks, widths = [Block(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))], [ch]
-    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
-        for _ in range(cfg.num_res_blocks):
+    for level, (mult, depths) in enumerate(zip(cfg.channel_mult, cfg.input_depths())):
+        for depth in depths:
             layers: list[nn.Module] = [ResBlock(ch, emb_dim, cfg.model_channels * mult, cfg.norm_groups)]
             ch = cfg.model_channels * mult
             if depth:
@@ -188,14 +189,15 @@ def _output_blocks(cfg: UNetConfig, emb_dim: int, widths: list[int]) -> nn.Modul
     """The decoder half; `widths` are the kept encoder outputs, consumed last first."""
     widths = list(widths)
     ch, blocks = widths[-1], []
-    for level in reversed(range(len(cfg.channel_mult))):
+    levels = reversed(range(len(cfg.channel_mult)))
+    for level, depths in zip(levels, cfg.output_depths()):
         out = cfg.model_channels * cfg.channel_mult[level]
-        for i in range(cfg.num_res_blocks + 1):
+        for i, depth in enumerate(depths):
             layers: list[nn.Module] = [ResBlock(ch + widths.pop(), emb_dim, out, cfg.norm_groups)]
             ch = out
-            if cfg.transformer_depth[level]:
-                layers.append(_transformer(cfg, ch, cfg.transformer_depth[level]))
-            if level and i == cfg.num_res_blocks:
+            if depth:
+                layers.append(_transformer(cfg, ch, depth))
+            if level and i == len(depths) - 1:
                 layers.append(Upsample(ch))
             blocks.append(Block(*layers))
     return nn.ModuleList(blocks)

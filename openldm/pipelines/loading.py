@@ -10,23 +10,18 @@ import torch
 
 from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.load import Components, load_components
-from openldm.models.tokenizer import CLIPTokenizer
+from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
 from openldm.networks import NetworkLibrary, read_embeddings
 from openldm.pipelines.pipeline import Pipeline
 
 
 def default_tokenizers(components: Components, folder: Path | None = None) -> list[CLIPTokenizer]:
-    """Each text encoder's tokenizer: from `folder` or a diffusers folder if there, else standard CLIP."""
+    """Each text encoder's tokenizer: the loaded model's, else from `folder`, its header or standard CLIP."""
+    if folder is None and components.tokenizers:
+        return components.tokenizers
     if folder is None and components.layout == "diffusers" and components.source is not None:
         folder = Path(components.source)
-    tokenizers = []
-    for i, cfg in enumerate(components.config.text_encoders):
-        candidates = [] if folder is None else [folder / ("tokenizer" if i == 0 else f"tokenizer_{i + 1}")]
-        if folder is not None and i == 0:
-            candidates.append(folder)  # a model folder may keep its one tokenizer beside the weights
-        found = next((c for c in candidates if (c / "vocab.json").exists()), None)
-        tokenizers.append(CLIPTokenizer.for_config(cfg, found))
-    return tokenizers
+    return find_tokenizers(components.config.text_encoders, folder, components.metadata)
 
 
 MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single file plus its tokenizer
@@ -34,13 +29,15 @@ MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None,
-         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = ()) -> Pipeline:
+         lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = (),
+         vae: str | Path | None = None) -> Pipeline:
     """A checkpoint file, diffusers folder or model folder (`model.safetensors` + tokenizer), ready to use.
 
     `dtype=None` keeps the stored precision on accelerators and computes in float32 on the CPU,
     where half-precision kernels are slow or missing (fp16 files are upcast once, at load).
     Prompts may name the LoRA files under `lora_dirs` (`<lora:file_stem:weight>`) and the embeddings
     under `embedding_dirs` (the file stem); an embedding made for another model is skipped with a warning.
+    `vae` replaces the model's VAE with a standalone one (`checkpoints.vae_file`).
     """
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)  # fail before loading
     path = Path(path)
@@ -51,7 +48,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
         raise CheckpointError(f"{folder}: neither a diffusers folder (model_index.json) nor a model folder "
                               f"({MODEL_FILE})")
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
-                                 config_file=config_file, dtype=dtype, device=device)
+                                 config_file=config_file, dtype=dtype, device=device, vae=vae)
     pipe = Pipeline(components, default_tokenizers(components, folder))
     pipe.networks = networks
     for skipped in pipe.add_embeddings(embeddings):

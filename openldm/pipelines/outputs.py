@@ -37,20 +37,27 @@ class Rendered:
     networks: str = ""  # what the prompt's LoRA tags merged, as a printable report ("" for none)
 
 
-def result_infotext(result, model: str | None = None, model_hash: str | None = None) -> str:
-    """The A1111 infotext of a `Result` (its params hold the concrete seed and size)."""
+def result_infotext(result, model: str | None = None, model_hash: str | None = None,
+                    vae: tuple[str, str] | None = None) -> str:
+    """The A1111 infotext of a `Result` (its params hold the concrete seed and size); `vae`: (name, hash)."""
     p = result.params
     settings = infotext_settings(p, p.width or result.image.width, p.height or result.image.height,
                                  model, model_hash, result.mode)
+    if vae is not None:  # after the model, as A1111 writes them
+        keys = list(settings)
+        at = keys.index("Model") + 1
+        added = {"VAE hash": vae[1], "VAE": vae[0]}
+        settings = {k: settings[k] for k in keys[:at]} | added | {k: settings[k] for k in keys[at:]}
     settings |= getattr(result, "control", None) or {}  # "ControlNet 0: ..." as the A1111 extension writes
     return format_infotext(p.prompt, p.negative, settings)
 
 
-def result_png(result, model: str | None = None, model_hash: str | None = None) -> bytes:
+def result_png(result, model: str | None = None, model_hash: str | None = None,
+               vae: tuple[str, str] | None = None) -> bytes:
     """One `Result` as PNG bytes carrying both chunks."""
     exact = {"version": FORMAT_VERSION, "mode": result.mode, "model": model, "model_hash": model_hash,
-             "params": result.params.to_json()}
-    return png_bytes(result.image, result_infotext(result, model, model_hash), exact)
+             "params": result.params.to_json(), **({"vae": list(vae)} if vae else {})}
+    return png_bytes(result.image, result_infotext(result, model, model_hash, vae), exact)
 
 
 def save_result(result, path: str | Path, model: str | None = None, model_hash: str | None = None) -> Path:

@@ -25,7 +25,7 @@ from openldm.diffusion.denoisers import DiscreteDenoiser
 from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_noise
 from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
-from openldm.diffusion.sigmas import img2img_sigmas, switch_step
+from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
 from openldm.models.controlnet import ControlNet
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.networks import (
@@ -264,7 +264,8 @@ class Pipeline:
         """
         start = start or Start()  # None: from pure noise
         spec, schedule_name = resolve(run.params.sampler, run.params.schedule)
-        sigmas = spec.sigmas(schedule_name, run.params.steps, self.schedule).to(self.device)
+        options = schedule_options(schedule_name, self.config.family)
+        sigmas = spec.sigmas(schedule_name, run.params.steps, self.schedule, **options).to(self.device)
         if start.latent is not None:
             sigmas = img2img_sigmas(sigmas, start.strength)
         if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix

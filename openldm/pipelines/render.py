@@ -65,6 +65,7 @@ class Renderer:
     model_hash: str
     refiner: Pipeline | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
+    vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
@@ -74,7 +75,7 @@ class Renderer:
             dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
             image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
         )
-        return [Rendered(result_png(r, self.model_name, self.model_hash), r.params.seed,
+        return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks)) for r in results]
 
 
@@ -82,7 +83,7 @@ def load_renderer(
     path: Path, *, device: str | None = None, dtype: str | None = None, prediction: str | None = None,
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
-    log: Log = _stderr,
+    log: Log = _stderr, vae: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
@@ -95,7 +96,7 @@ def load_renderer(
     merged = [(load_network(file), weight) for file, weight in loras]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = DTYPES[dtype] if dtype else torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction)
+    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, vae=vae)
     pipe.progress, pipe.networks = True, networks
     for skipped in pipe.add_embeddings(embeddings):
         log(f"warning: {skipped}")
@@ -107,4 +108,4 @@ def load_renderer(
         second.progress = True
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
-                    tuple((network.name, weight) for network, weight in merged))
+                    tuple((network.name, weight) for network, weight in merged), pipe.components.vae_file)

@@ -244,7 +244,8 @@ class LDMTask:
     # --- export --------------------------------------------------------------------------------
     def export(self, output_dir: Path) -> list[Path]:
         output_dir = Path(output_dir)
-        components = replace(self.components, metadata={"openldm.trained_by": "openldm train ldm"})
+        components = replace(self.components, metadata={"openldm.trained_by": "openldm train ldm"},
+                             tokenizers=[self.tokenizer])  # an own vocabulary rides in the file's header too
         written = [save_single_file(components, output_dir / MODEL_FILE)]
         if self.own_vocab:
             written.append(self.tokenizer.save(output_dir / TOKENIZER_DIR))
