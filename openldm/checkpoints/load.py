@@ -10,7 +10,7 @@ Where the prediction type comes from, first found wins:
      `modelspec.prediction_type` ("epsilon" or "v");
   3. the original yaml: `config_file=`, else `<checkpoint>.yaml` beside the file;
   4. a diffusers folder's `scheduler/scheduler_config.json` `prediction_type`;
-  5. "eps".
+  5. the family's: "v" for the x4 upscaler, else "eps".
 """
 
 from __future__ import annotations

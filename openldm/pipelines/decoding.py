@@ -20,14 +20,15 @@ class NonFiniteError(ValueError):
     """Latents or decoded pixels hold NaN or inf: writing them would save a black or broken image."""
 
 
-def decode_finite(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
-    """Decode unscaled latents `z`; a half VAE that overflows is moved to float32 and decodes again."""
+def decode_finite(vae: AutoencoderKL, z: torch.Tensor, tile: int | None = None,
+                  overlap: int | None = None) -> torch.Tensor:
+    """Decode unscaled latents `z` (in tiles if given); a half VAE that overflows retries in float32."""
     if not torch.isfinite(z).all():
         raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "
                              "try float32 (--dtype fp32), another sampler or a lower CFG scale")
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():
-        pixels = vae.decode(z.to(dtype))
+        pixels = vae.decode(z.to(dtype), tile=tile, overlap=overlap)
         if torch.isfinite(pixels).all():
             return pixels
         if dtype not in HALF:
@@ -36,7 +37,7 @@ def decode_finite(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
         warnings.warn(f"the VAE overflowed in {dtype} ({_count(pixels)}): it runs in float32 from now on",
                       stacklevel=3)
         vae.float()
-        pixels = vae.decode(z.float())
+        pixels = vae.decode(z.float(), tile=tile, overlap=overlap)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) even in float32: "
                              "no image is written; the VAE's weights may be broken")

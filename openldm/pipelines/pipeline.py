@@ -28,6 +28,7 @@ from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
 from openldm.models.controlnet import ControlNet
 from openldm.models.tokenizer import CLIPTokenizer
+from openldm.models.vae import tiled
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
@@ -99,10 +100,19 @@ class Pipeline:
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
               concat: torch.Tensor | None = None, control: Any = None,
-              control_gate: torch.Tensor | None = None) -> torch.Tensor:
+              control_gate: torch.Tensor | None = None, tiles: tuple[int, int] | None = None) -> torch.Tensor:
         """The UNet as the denoiser sees it; inpainting models also get the mask and masked image.
 
-        `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent."""
+        `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent.
+        `tiles` (tile, overlap in latent pixels; the x4 upscaler's) runs it on blended tiles."""
+        if tiles is not None:
+            def model(xc: torch.Tensor) -> torch.Tensor:
+                latent, extra = xc[:, : x.shape[1]], xc[:, x.shape[1]:]
+                return self._unet(latent, t, context, y, extra if concat is not None else None, control,
+                                  control_gate)
+
+            inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+            return tiled(model, inputs, tile=tiles[0], overlap=tiles[1])
         t, context, y = t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype)
         residuals = None if control is None else control.residuals(x, t, context, y, control_gate)
         if concat is not None:
