@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from openldm import cli
 from openldm.checkpoints.detect import infer_shapes
 from openldm.checkpoints.save import save_diffusers
 from openldm.config import SD_X4_UPSCALER, TINY_X4_UPSCALER
@@ -169,3 +170,41 @@ def test_bad_inputs_fail_in_one_line(x4):
         upscale_x4(pipe, Image.new("RGB", (10, 16)), GenerationParams("a"))
     with pytest.raises(ValueError, match="x4 tiles"):
         X4Tiling(tile=20)
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def x4_file(tmp_path_factory):
+    """A random tiny x4 checkpoint as a user would write it (`openldm init`), and a 24x16 input."""
+    tmp = tmp_path_factory.mktemp("x4cli")
+    assert cli.main(["init", "tiny-x4-upscaler", str(tmp / "x4.safetensors"), "--seed", "3"]) == 0
+    _low_res_image().save(tmp / "small.png")
+    return tmp / "x4.safetensors", tmp / "small.png"
+
+
+def test_cli_upscale_writes_the_4x_image_and_info_names_the_model(x4_file, tmp_path, capsys):
+    model, small = x4_file
+    out = tmp_path / "big.png"
+    argv = ["upscale", small, "a castle", "--model", model, "--noise-level", "30", "--steps", "2",
+            "--tile", "16", "--tile-overlap", "4", "--seed", "7", "-o", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    big = Image.open(out)
+    assert big.size == (4 * (LOW + 8), 4 * LOW)
+    assert "Seed: 7" in big.info["parameters"]
+    capsys.readouterr()
+    assert cli.main(["info", str(model)]) == 0
+    assert "tiny-x4-upscaler" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["txt2img", "a castle"], "is an x4 upscaler: it only upscales"),
+    (["upscale", "{small}", "a castle", "--noise-level", "400"], "noise level must be in [0, 350]"),
+    (["upscale", "{small}", "a castle", "--tile", "20"], "x4 tiles must be a multiple of 8"),
+])
+def test_cli_bad_x4_input_is_one_line(x4_file, tmp_path, capsys, argv, message):
+    model, small = x4_file
+    argv = [a.format(small=small) for a in argv]
+    assert cli.main([*argv, "--model", str(model), "--steps", "1", "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1], err

@@ -24,6 +24,7 @@ from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import MODE_INPUTS, GenerationParams
 from openldm.pipelines.pipeline import Pipeline
+from openldm.pipelines.x4 import X4Settings, upscale_x4
 
 Log = Callable[[str], None]
 
@@ -68,13 +69,23 @@ class Renderer:
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-               mask: Image.Image | None = None, controls: Sequence[ControlUnit] = ()) -> list[Rendered]:
-        """`controls`: ControlNet units (the server's jobs would build them with `control.ControlUnit`)."""
+               mask: Image.Image | None = None, controls: Sequence[ControlUnit] = (),
+               x4: X4Settings | None = None) -> list[Rendered]:
+        """`controls`: ControlNet units (the server's jobs would build them with `control.ControlUnit`);
+        `x4`: how an x4-upscaler model upscales (its noise level and tiles)."""
         check_inputs(mode, params, image, mask)
-        results = self.pipe.generate(
-            dataclasses.replace(params, loras=self.loras), mode=mode, refiner=self.refiner,
-            image=image, mask=mask.convert("L") if mask is not None else None, controls=controls,
-        )
+        params = dataclasses.replace(params, loras=self.loras)
+        if self.pipe.config.low_res is not None:
+            if mode != "upscale" or image is None:
+                raise ValueError(f"{self.model_name} is an x4 upscaler: it only upscales an image "
+                                 "(openldm upscale IMAGE PROMPT)")
+            x4 = x4 or X4Settings()
+            results = upscale_x4(self.pipe, image, params, noise_level=x4.noise_level, tiling=x4.tiling)
+        else:
+            results = self.pipe.generate(
+                params, mode=mode, refiner=self.refiner, image=image,
+                mask=mask.convert("L") if mask is not None else None, controls=controls,
+            )
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks)) for r in results]
 

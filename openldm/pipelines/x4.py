@@ -49,6 +49,14 @@ class X4Tiling:
                              f"got tile {self.tile}, overlap {self.overlap}")
 
 
+@dataclass(frozen=True)
+class X4Settings:
+    """What an x4 run takes beside `GenerationParams`: the augmentation's noise level and the tiles."""
+
+    noise_level: int = DEFAULT_NOISE_LEVEL
+    tiling: X4Tiling = X4Tiling()
+
+
 def noise_augment(image: torch.Tensor, level: int, aug: NoiseAugmentation,
                   noise: torch.Tensor) -> torch.Tensor:
     """q_sample in the augmentation's schedule: sqrt(abar) x + sqrt(1 - abar) noise at timestep `level`."""
@@ -127,7 +135,7 @@ def upscale_x4(
             except Interrupted:
                 break
             pictures = decode_x4(pipe, x, tiling)
-            results += [Result(p, run.image_params(i), "x4", x[i : i + 1], applied.reports)
+            results += [Result(p, run.image_params(i), "txt2img", x[i : i + 1], applied.reports)
                         for i, p in enumerate(pictures)]
     return results
 
