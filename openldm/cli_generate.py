@@ -291,7 +291,10 @@ def _add_upscale(sub) -> None:
     _add_common(p, "upscale")
     g = p.add_argument_group("upscaling settings")
     g.add_argument("--scale", dest="upscale_by", type=float, help="enlargement factor (default 2)")
-    g.add_argument("--upscaler", choices=("latent", "lanczos"), help="how to enlarge (default latent)")
+    g.add_argument("--upscaler", choices=("latent", "lanczos", "x4"), help="how to enlarge (default latent; "
+                   "x4: the SD x4-upscaler model given by --hires-upscaler)")
+    g.add_argument("--hires-upscaler", type=Path, metavar="PATH", help="an SD x4-upscaler model (file or "
+                   "folder) to enlarge with; implies --upscaler x4")
     g.add_argument("--strength", dest="hires_strength", type=float, help="redraw strength (default 0.5)")
     g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
     x4 = p.add_argument_group("x4 upscaler (when --model is SD 2's x4-upscaler: 4x, no img2img pass)")
@@ -377,7 +380,8 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
 
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
-                         refiner=args.refiner, prompts=prompts, vae=args.vae)
+                         refiner=args.refiner, prompts=prompts, vae=args.vae,
+                         upscaler=getattr(args, "hires_upscaler", None))
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
@@ -397,7 +401,7 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
 _SERVER_SIDE = {  # options that choose or change the model: a server's own, given to `openldm serve`
     "--model": "model", "--prediction": "prediction", "--lora": "lora", "--lora-dir": "lora_dir",
     "--embeddings": "embeddings", "--device": "device", "--dtype": "dtype", "--refiner": "refiner",
-    "--vae": "vae",
+    "--vae": "vae", "--hires-upscaler": "hires_upscaler",
 }
 
 
@@ -421,6 +425,8 @@ def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], st
 
 @_clean_errors
 def _generate(args: argparse.Namespace) -> int:
+    if getattr(args, "hires_upscaler", None) is not None and args.upscaler is None:
+        args.upscaler = "x4"  # --hires-upscaler implies it
     jobs, png_hash = _settings(args)
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
     paths = iter(output_paths(args.out, total, args.command))

@@ -26,6 +26,7 @@ from tests.test_pipeline import (
     SEED,
     STEPS,
     _compare,
+    _decode,
     _diffusers_start,
     _with_scheduler,
 )
@@ -134,6 +135,8 @@ def test_upscale_matches_diffusers(x4, name, level):
         latents=latent_noise.clone()).images
     assert ours.image.size == (4 * (LOW + 8), 4 * LOW)
     _compare(f"x4 {name} noise level {level}", ours, ref, ref_latents)
+    pixel_err = np.abs(np.asarray(ours.image, dtype=np.float64) - _decode(ref, ref_latents)).max()
+    assert pixel_err <= 1, f"x4 {name} level {level}: pixel max abs err {pixel_err:.0f}/255 (the bar: 1/255)"
 
 
 def test_noise_level_and_seed_change_the_image(x4):
@@ -208,3 +211,21 @@ def test_cli_bad_x4_input_is_one_line(x4_file, tmp_path, capsys, argv, message):
     assert cli.main([*argv, "--model", str(model), "--steps", "1", "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err.strip().splitlines()[-1], err
+
+
+def test_hires_fix_with_the_x4_model_as_its_upscaler(x4_file, tmp_path, capsys):
+    """The hires fix of a tiny SD2 image, enlarged by the x4 model; without the model, one line."""
+    x4_model, _ = x4_file
+    base = tmp_path / "sd2.safetensors"
+    assert cli.main(["init", "tiny-sd2", str(base), "--seed", "1"]) == 0
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "in.png")
+    common = ["upscale", str(tmp_path / "in.png"), "a castle", "--model", str(base), "--steps", "2",
+              "--scale", "2"]
+    out = tmp_path / "big.png"
+    assert cli.main([*common, "--hires-upscaler", str(x4_model), "-o", str(out)]) == 0
+    big = Image.open(out)
+    assert big.size == (32, 32) and "Hires upscaler: x4" in big.info["parameters"]
+    assert cli.main([*common, "--upscaler", "x4", "-o", str(tmp_path / "o.png")]) == 2
+    assert "needs an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli.main([*common, "--hires-upscaler", str(base), "-o", str(tmp_path / "o.png")]) == 2
+    assert "is not an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]

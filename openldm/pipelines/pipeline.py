@@ -188,7 +188,7 @@ class Pipeline:
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         mode: str | None = None, hires: bool = False, callback: StepCallback | None = None,
         latents: torch.Tensor | None = None, refiner: Pipeline | None = None, extras: Sequence[Extra] = (),
-        controls: Sequence[ControlUnit] = (),
+        controls: Sequence[ControlUnit] = (), upscaler: Pipeline | None = None,
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size.
 
@@ -199,6 +199,7 @@ class Pipeline:
         `Interrupted` stops the run before the next model call: the batches already finished are returned.
         `extras` add conditioning to every model call of every mode (see `guidance.Extra`); `controls`
         are ControlNet units (`control.ControlUnit`), loaded once per file and added as one extra.
+        `upscaler` is the x4-upscaler model the hires fix's "x4" upscaler runs.
         """
         if controls:
             extras = (*extras, make_control(self, controls, self.controlnets))
@@ -213,7 +214,7 @@ class Pipeline:
         with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
             for batch in batch_params(params):
                 run = Run.of_batch(batch, width, height, mode, callback=callback, refiner=refiner,
-                                   latents=latents, extras=tuple(extras))
+                                   latents=latents, extras=tuple(extras), upscaler=upscaler)
                 try:
                     pictures, x = self._batch(run, image, mask)
                 except Interrupted:

@@ -67,6 +67,7 @@ class Renderer:
     refiner: Pipeline | None = None
     loras: tuple[tuple[str, float], ...] = ()  # LoRA files merged at load: recorded in every image
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
+    upscaler: Pipeline | None = None  # an x4-upscaler model: the hires fix's "x4" upscaler
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, controls: Sequence[ControlUnit] = (),
@@ -83,8 +84,8 @@ class Renderer:
             results = upscale_x4(self.pipe, image, params, noise_level=x4.noise_level, tiling=x4.tiling)
         else:
             results = self.pipe.generate(
-                params, mode=mode, refiner=self.refiner, image=image,
-                mask=mask.convert("L") if mask is not None else None, controls=controls,
+                params, mode=mode, refiner=self.refiner, image=image, controls=controls,
+                mask=mask.convert("L") if mask is not None else None, upscaler=self.upscaler,
             )
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks)) for r in results]
@@ -94,7 +95,7 @@ def load_renderer(
     path: Path, *, device: str | None = None, dtype: str | None = None, prediction: str | None = None,
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
-    log: Log = _stderr, vae: Path | None = None,
+    log: Log = _stderr, vae: Path | None = None, upscaler: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
@@ -117,6 +118,9 @@ def load_renderer(
     if refiner is not None:  # on the base model's device and in its dtype
         second = load(refiner, device=pipe.device, dtype=pipe.dtype)
         second.progress = True
+    x4 = None if upscaler is None else load(upscaler, device=pipe.device, dtype=pipe.dtype)
+    if x4 is not None and x4.config.low_res is None:
+        raise ValueError(f"--hires-upscaler {upscaler}: {x4.config.name} is not an x4-upscaler model")
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
-                    tuple((network.name, weight) for network, weight in merged), pipe.components.vae_file)
+                    tuple((network.name, weight) for network, weight in merged), pipe.components.vae_file, x4)
