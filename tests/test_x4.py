@@ -229,3 +229,44 @@ def test_hires_fix_with_the_x4_model_as_its_upscaler(x4_file, tmp_path, capsys):
     assert "needs an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli.main([*common, "--hires-upscaler", str(base), "-o", str(tmp_path / "o.png")]) == 2
     assert "is not an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --- full size: memory of a 512 px -> 2048 px upscale in tiles (slow) --------------------------
+
+_FULL_SIZE_RUN = """
+import resource, sys, time, torch
+from PIL import Image
+from openldm.checkpoints.load import Components, build_component
+from openldm.config import SD_X4_UPSCALER as C
+from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.pipeline import Pipeline
+from openldm.pipelines.x4 import X4Tiling, upscale_x4
+torch.manual_seed(0)
+parts = {n: build_component(n, C, "cpu").eval() for n in ("unet", "vae", "text_encoder")}
+pipe = Pipeline(Components(C, parts["unet"], parts["vae"], [parts["text_encoder"]]))
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+image = Image.new("RGB", (512, 512), (90, 120, 200))
+out = upscale_x4(pipe, image, GenerationParams("a lake", steps=1, cfg=1.0, seed=1), noise_level=20,
+                 tiling=X4Tiling(int(sys.argv[1]), 16))[0].image
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(out.size, loaded, peak, round(time.perf_counter() - start))
+"""
+
+
+@pytest.mark.slow
+def test_full_size_512_to_2048_fits_in_tiles(tmp_path):
+    """A random full-size x4 upscaler, 512x512 -> 2048x2048, one step without CFG, tiles of 128 px:
+    peak RSS stays within a few GiB of the weights (the untiled UNet and decode would need far more)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FULL_SIZE_RUN, "128"], capture_output=True, text=True,
+                          check=True)
+    size, loaded, peak, seconds = done.stdout.strip().rsplit("\n", 1)[-1].rsplit(" ", 3)
+    loaded_gib, peak_gib = int(loaded) / 2**20, int(peak) / 2**20
+    print(f"x4 512->2048 tiled: {size}, weights loaded {loaded_gib:.1f} GiB, peak RSS {peak_gib:.1f} GiB, "
+          f"{seconds} s")
+    assert size == "(2048, 2048)"
+    over = peak_gib - loaded_gib
+    assert over < 6, f"peak RSS {peak_gib:.1f} GiB, {over:.1f} GiB over the weights"
