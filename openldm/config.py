@@ -35,6 +35,10 @@ class UNetConfig:
     num_head_channels: int | None = None  # ... SD2 and SDXL fix the head width instead.
     use_linear_in_transformer: bool = False  # SD1: 1x1 conv proj_in/proj_out; SD2+: linear
     adm_in_channels: int | None = None  # SDXL: size of the vector conditioning `y`
+    num_classes: int | None = None  # x4 upscaler: `y` is a class label (its noise level), ldm's `num_classes`
+    # Per level: the transformers' first attention attends to the text instead of the pixels (ldm's
+    # `disable_self_attentions`, diffusers' `only_cross_attention`); the middle block's never does.
+    disable_self_attentions: tuple[bool, ...] | None = None
     norm_groups: int = 32  # GroupNorm groups (SD: 32); see VAEConfig.norm_groups
 
     def heads_at(self, channels: int) -> int:
@@ -48,6 +52,10 @@ class UNetConfig:
         """Res blocks of one level on the down path (the up path has one more)."""
         n = self.num_res_blocks
         return n if isinstance(n, int) else n[level]
+
+    def self_attends(self, level: int) -> bool:
+        """Whether level `level`'s transformers start with self-attention (all but the x4 upscaler's)."""
+        return not (self.disable_self_attentions and self.disable_self_attentions[level])
 
     def input_depths(self) -> tuple[tuple[int, ...], ...]:
         """Transformer depth of each down-path block, grouped by level."""
@@ -147,11 +155,27 @@ class LatentFormat:
 
 
 @dataclass(frozen=True)
+class NoiseAugmentation:
+    """The x4 upscaler's low-resolution input, noised to `noise_level` before the UNet sees it.
+
+    ldm's `ImageConcatWithNoiseAugmentation`: a DDPM schedule of its own in image space (betas from
+    `linear_start` to `linear_end` on a square-root scale, ldm's "linear"), and the noise level given
+    to the UNet as its class label. `factor` is how much larger the output is than the input.
+    """
+
+    linear_start: float = 0.0001
+    linear_end: float = 0.02
+    timesteps: int = 1000
+    max_noise_level: int = 350
+    factor: int = 4
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A whole latent diffusion model: what `detect()` returns and what loaders build."""
 
     name: str
-    family: Literal["sd1", "sd2", "sdxl", "sdxl_refiner"]
+    family: Literal["sd1", "sd2", "sdxl", "sdxl_refiner", "x4"]
     unet: UNetConfig
     vae: VAEConfig
     text_encoders: tuple[CLIPTextConfig, ...]
@@ -166,6 +190,8 @@ class ModelConfig:
     vector_conds: tuple[str, ...] = ()
     # The classifier-free guidance scale generation uses when none is given.
     guidance: float = 7.0
+    # The x4 upscaler's noise augmentation of its low-resolution input (None: a text-to-image model).
+    low_res: NoiseAugmentation | None = None
 
     @property
     def is_inpainting(self) -> bool:
@@ -242,6 +268,22 @@ SDXL_REFINER = ModelConfig(
     vector_conds=SDXL_REFINER_CONDS,
 )
 
+# SD 2's x4 upscaler (`x4-upscaling.yaml`): the latent concatenated with the noised low-resolution
+# image (4 + 3 channels), the noise level as a class label, no attention at the first level and only
+# cross-attention at the next two, an f=4 VAE, v-prediction on ldm's default (sqrt-scaled) schedule
+# from 0.0001 to 0.02. Latents are 1/4 of the output: the input image's own size.
+SD_X4_UPSCALER = ModelConfig(
+    name="sd-x4-upscaler", family="x4",
+    unet=UNetConfig(
+        in_channels=7, model_channels=256, channel_mult=(1, 2, 2, 4), transformer_depth=(0, 1, 1, 1),
+        context_dim=1024, num_heads=8, use_linear_in_transformer=True, num_classes=1000,
+        disable_self_attentions=(True, True, True, False),
+    ),
+    vae=VAEConfig(ch_mult=(1, 2, 4)), text_encoders=(OPENCLIP_H,),
+    latent_format=LatentFormat(scale_factor=0.08333), prediction="v", image_size=512,
+    linear_start=0.0001, linear_end=0.02, guidance=9.0, low_res=NoiseAugmentation(),
+)
+
 # --- tiny presets: the same structures at a size that runs in milliseconds on a CPU --------
 
 _TINY_CLIP = replace(CLIP_L, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4)
@@ -275,6 +317,15 @@ TINY_SDXL = ModelConfig(
                 projection_dim=32),
     ),
     latent_format=SDXL_LATENT, image_size=32, vector_conds=SDXL_SIZE_CONDS,
+)
+TINY_X4_UPSCALER = replace(
+    SD_X4_UPSCALER, name="tiny-x4-upscaler",
+    unet=UNetConfig(
+        in_channels=7, model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 1),
+        context_dim=32, num_heads=2, use_linear_in_transformer=True, num_classes=1000,
+        disable_self_attentions=(True, True, False),
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1), text_encoders=(_TINY_OPENCLIP,), image_size=64,
 )
 # The refiner's shape in small: one OpenCLIP-bigG-like encoder, no attention at the first level.
 TINY_SDXL_REFINER = ModelConfig(
@@ -356,6 +407,7 @@ PRESETS: dict[str, ModelConfig] = {
     for p in (
         SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER,
         TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL, TINY_SDXL_REFINER, SHAPES,
+        SD_X4_UPSCALER, TINY_X4_UPSCALER,
     )
 }
 FULL_SIZE_PRESETS = (SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER)

@@ -36,10 +36,13 @@ def checkpoint_shapes(config: str | ModelConfig) -> dict[str, tuple[int, ...]]:
 def extra_tensors(config: ModelConfig) -> dict[str, torch.Tensor]:
     """Non-weight tensors that real original checkpoints of this family carry."""
     out: dict[str, torch.Tensor] = {}
-    if config.family in ("sd1", "sd2"):  # ldm's DDPM registers its schedule as buffers
+    if config.family in ("sd1", "sd2", "x4"):  # ldm's DDPM registers its schedule as buffers
         betas = torch.linspace(config.linear_start**0.5, config.linear_end**0.5, config.timesteps) ** 2
         out["betas"] = betas
         out["alphas_cumprod"] = torch.cumprod(1 - betas, 0)
+    if config.low_res is not None:  # and the x4 upscaler's noise augmentation, its own
+        out["low_scale_model.betas"] = betas.clone()
+        out["low_scale_model.sqrt_one_minus_alphas_cumprod"] = (1 - torch.cumprod(1 - betas, 0)).sqrt()
     for name, encoder in zip(TEXT_ENCODER_NAMES, config.text_encoders):
         prefix = component_prefixes(config)[name]
         if encoder.openclip_layout:

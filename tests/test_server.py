@@ -186,7 +186,8 @@ def test_events_stream_steps_with_previews_then_done(server):
     names = [name for name, _ in events]
     steps = [data["step"] for name, data in events if name == "step"]
     assert names[-1] == "done" and names.count("image") == 2
-    assert steps == sorted(steps) and steps[-1] == 6 and len(steps) >= 2
+    # the stream polls the store, so a step the worker passed between two polls may not be sent; "done" is
+    assert steps == sorted(steps) and steps[0] >= 1 and steps[-1] <= 6 and len(steps) >= 2
     preview = next(data["preview"] for name, data in events if name == "step")
     side = 32 // TINY_SD1.vae.downsample_factor  # one preview pixel per latent pixel
     with Image.open(io.BytesIO(base64.b64decode(preview.split(",")[1]))) as im:

@@ -64,7 +64,8 @@ def infer_shapes(shapes: Shapes, *, prediction: Prediction | None = None, metada
     """`detect`, with where each fact the shapes cannot show came from."""
     _reject_partial(shapes)
     seen = checkpoint_facts(shapes)
-    wanted = prediction or "eps"
+    family = seen.get("family")  # unset: the family's own (eps, but v for the x4 upscaler)
+    wanted = prediction or (FAMILY_BASE[str(family)].prediction if family else "eps")
     stored = config_from_metadata(metadata or {})
     if stored is not None:
         wrong = {k: v for k, v in seen.items() if preset_facts(stored).get(k) != v}
@@ -162,10 +163,13 @@ def _strip(shapes: Shapes, prefix: str) -> dict[str, tuple[int, ...]]:
 
 
 def _family(shapes: Shapes) -> str | None:
-    """The family whose text-encoder prefixes are all present (None for a file without them)."""
+    """The family whose text-encoder prefixes are all present (None for a file without them).
+
+    The x4 upscaler stores its encoder where SD2 does; its noise-level embedding tells them apart."""
+    upscaler = UNET_PREFIX + "label_emb.weight" in shapes
     present = [
         family for family, prefixes in TEXT_ENCODER_PREFIXES.items()
-        if all(any(k.startswith(p) for k in shapes) for p in prefixes)
+        if all(any(k.startswith(p) for k in shapes) for p in prefixes) and (family == "x4") == upscaler
     ]
     return present[0] if len(present) == 1 else None
 
@@ -175,12 +179,16 @@ def _family(shapes: Shapes) -> str | None:
 _UNET_FIELDS = (
     "in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
     "transformer_depth", "transformer_depth_middle", "transformer_depth_input", "transformer_depth_output",
-    "context_dim", "use_linear_in_transformer", "adm_in_channels",
+    "context_dim", "use_linear_in_transformer", "adm_in_channels", "num_classes", "disable_self_attentions",
 )
 
 
 def _unet_config_facts(cfg: UNetConfig) -> Facts:
-    return {name: getattr(cfg, name) for name in _UNET_FIELDS}
+    facts = {name: getattr(cfg, name) for name in _UNET_FIELDS}
+    if cfg.disable_self_attentions:  # only levels with attention can show it
+        flags = tuple(d and depth > 0 for d, depth in zip(cfg.disable_self_attentions, cfg.transformer_depth))
+        facts["disable_self_attentions"] = flags if any(flags) else None
+    return facts
 
 
 def _blocks(shapes: Shapes, name: str) -> dict[int, dict[str, tuple[int, ...]]]:
@@ -246,7 +254,24 @@ def _unet_facts(shapes: Shapes) -> Facts:
     facts["use_linear_in_transformer"] = bool(proj_in) and len(proj_in[0]) == 2
     label = shapes.get("label_emb.0.0.weight")
     facts["adm_in_channels"] = label[1] if label else None
+    classes = shapes.get("label_emb.weight")  # the x4 upscaler's noise-level embedding
+    facts["num_classes"] = classes[0] if classes else None
+    facts["disable_self_attentions"] = _cross_only_levels(shapes)
     return facts
+
+
+def _cross_only_levels(shapes: Shapes) -> tuple[bool, ...] | None:
+    """Per down-path level, whether its `attn1` attends to the text (keys context_dim wide, not its own)."""
+    levels, new_level = [], True
+    for _, block in _blocks(shapes, "input_blocks").items():
+        if "0.in_layers.2.weight" in block:
+            if new_level:
+                levels.append(False)
+                new_level = False
+            to_k = block.get("1.transformer_blocks.0.attn1.to_k.weight")
+            levels[-1] = levels[-1] or (to_k is not None and to_k[0] != to_k[1])
+        new_level = new_level or "0.op.weight" in block
+    return tuple(levels) if any(levels) else None
 
 
 # --- VAE and text encoders -----------------------------------------------------------------

@@ -99,6 +99,8 @@ def _unet_table(cfg: UNetConfig) -> Table:
     if cfg.adm_in_channels is not None:  # SDXL's vector conditioning MLP
         rows["label_emb.0.0"] = ("add_embedding.linear_1", _SAME)
         rows["label_emb.0.2"] = ("add_embedding.linear_2", _SAME)
+    if cfg.num_classes is not None:  # the x4 upscaler's noise-level embedding
+        rows["label_emb"] = ("class_embedding", _SAME)
     return rows | _unet_down(cfg) | _unet_up(cfg)
 
 
@@ -290,6 +292,9 @@ def unet_config_json(config: ModelConfig) -> dict:
         "use_linear_projection": cfg.use_linear_in_transformer,
         "addition_embed_type": None, "addition_time_embed_dim": None,
         "projection_class_embeddings_input_dim": None,
+        "num_class_embeds": cfg.num_classes,
+        "only_cross_attention": [not cfg.self_attends(i) for i in range(len(channels))]
+        if cfg.disable_self_attentions else False,
     }
     if cfg.adm_in_channels is not None:
         out["addition_embed_type"] = "text_time"
@@ -348,6 +353,17 @@ def scheduler_config_json(config: ModelConfig) -> dict:
     }
 
 
+def low_res_scheduler_json(config: ModelConfig) -> dict:
+    """The x4 upscaler's noise augmentation as diffusers keeps it: a DDPM scheduler of its own."""
+    aug = config.low_res
+    assert aug is not None
+    return {
+        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": aug.timesteps, "beta_start": aug.linear_start, "beta_end": aug.linear_end,
+        "beta_schedule": "scaled_linear", "clip_sample": False, "variance_type": "fixed_small",
+    }
+
+
 def folder_names(config: ModelConfig) -> dict[str, str]:
     """Our component name -> diffusers folder. The refiner's only encoder is diffusers' second."""
     names = {"unet": "unet", "vae": "vae"}
@@ -360,6 +376,8 @@ def folder_names(config: ModelConfig) -> dict[str, str]:
 def _pipeline_class(config: ModelConfig) -> str:
     if config.family == "sdxl_refiner":
         return "StableDiffusionXLImg2ImgPipeline"
+    if config.family == "x4":
+        return "StableDiffusionUpscalePipeline"
     xl = "XL" if config.family == "sdxl" else ""
     return f"StableDiffusion{xl}{'Inpaint' if config.is_inpainting else ''}Pipeline"
 
@@ -372,6 +390,10 @@ def model_index_json(config: ModelConfig) -> dict:
     if config.family in ("sd1", "sd2"):
         out |= {"safety_checker": [None, None], "feature_extractor": [None, None],
                 "requires_safety_checker": False}
+    elif config.low_res is not None:
+        out |= {"low_res_scheduler": ["diffusers", "DDPMScheduler"],
+                "max_noise_level": config.low_res.max_noise_level, "safety_checker": [None, None],
+                "feature_extractor": [None, None], "watermarker": [None, None]}
     else:
         out |= {"text_encoder": [None, None], "tokenizer": [None, None]}
         out |= {"force_zeros_for_empty_prompt": True} if config.family == "sdxl" else {
@@ -405,6 +427,8 @@ def _unet_signature(c: Mapping) -> tuple:
         tuple((h, d) if a else None for a, h, d in zip(attention, heads, depth)), depth[-1],
         json.dumps(c.get("reverse_transformer_layers_per_block")),
         c.get("mid_block_type", "UNetMidBlock2DCrossAttn"), c.get("norm_num_groups", 32),
+        c.get("num_class_embeds"),
+        json.dumps(_per_level(c.get("only_cross_attention", False), len(channels))),
     )
 
 

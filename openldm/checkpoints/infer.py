@@ -18,6 +18,7 @@ from openldm.config import (
     PRESETS,
     SD2_BASE,
     SD15,
+    SD_X4_UPSCALER,
     SDXL_BASE,
     SDXL_REFINER,
     CLIPTextConfig,
@@ -29,8 +30,10 @@ from openldm.config import (
 )
 
 META_CONFIG = "openldm.config"  # the whole ModelConfig as JSON, for models no preset names
-FAMILY_BASE = {"sd1": SD15, "sd2": SD2_BASE, "sdxl": SDXL_BASE, "sdxl_refiner": SDXL_REFINER}
-FAMILY_TITLE = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL-refiner"}
+FAMILY_BASE = {"sd1": SD15, "sd2": SD2_BASE, "sdxl": SDXL_BASE, "sdxl_refiner": SDXL_REFINER,
+               "x4": SD_X4_UPSCALER}
+FAMILY_TITLE = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL-refiner",
+                "x4": "SD x4-upscaler"}
 HEAD_WIDTH = 64  # every CLIP text encoder SD uses, and the SD2/SDXL UNets
 _TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "max_length")
 HOW_TO_SUPPLY = ("give a sidecar yaml (--config, with num_heads or num_head_channels) or save the model "
@@ -160,6 +163,8 @@ def _per_level(value, levels: int) -> list:
 
 
 def _folder_family(unet: Mapping, configs: Mapping[str, Mapping]) -> str:
+    if unet.get("num_class_embeds"):
+        return "x4"
     if unet.get("addition_embed_type") == "text_time":
         return "sdxl" if "text_encoder" in configs else "sdxl_refiner"
     return "sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"
@@ -183,9 +188,16 @@ def _unet_heads(c: Mapping, widths: list[int], attends: list[bool], family: str)
                           "one width per head, which this UNet needs")
 
 
+def _cross_only(value, levels: int) -> tuple[bool, ...] | None:
+    flags = tuple(bool(v) for v in _per_level(value, levels))
+    return flags if any(flags) else None
+
+
 def unet_from_json(c: Mapping, family: str) -> UNetConfig:
     """`UNet2DConditionModel` config.json -> our UNet, refusing options SD never uses."""
-    odd = {k: c[k] for k, sd in _UNET_SD_VALUES.items() if k in c and c[k] != sd}
+    upscaler = family == "x4"  # its noise-level class embedding and cross-only levels are its own
+    odd = {k: c[k] for k, sd in _UNET_SD_VALUES.items() if k in c and c[k] != sd
+           and not (upscaler and k in ("num_class_embeds", "only_cross_attention"))}
     if odd:
         raise CheckpointError(f"unet/config.json sets {odd}, which SD-family UNets do not use")
     widths = list(c.get("block_out_channels", (320, 640, 1280, 1280)))
@@ -205,7 +217,8 @@ def unet_from_json(c: Mapping, family: str) -> UNetConfig:
         transformer_depth_middle=middle, context_dim=c.get("cross_attention_dim", 1280),
         use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
         adm_in_channels=c.get("projection_class_embeddings_input_dim") if text_time else None,
-        norm_groups=c.get("norm_num_groups", 32),
+        norm_groups=c.get("norm_num_groups", 32), num_classes=c.get("num_class_embeds"),
+        disable_self_attentions=_cross_only(c.get("only_cross_attention", False), levels),
         **_unet_heads(c, widths, [a or i == levels - 1 and middle is not None for i, a in enumerate(attends)],
                       family),
     )

@@ -26,6 +26,7 @@ TEXT_ENCODER_PREFIXES: dict[str, tuple[str, ...]] = {
     "sd2": ("cond_stage_model.model.",),
     "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
     "sdxl_refiner": ("conditioner.embedders.0.model.",),
+    "x4": ("cond_stage_model.model.",),
 }
 
 

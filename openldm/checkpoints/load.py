@@ -10,7 +10,7 @@ Where the prediction type comes from, first found wins:
      `modelspec.prediction_type` ("epsilon" or "v");
   3. the original yaml: `config_file=`, else `<checkpoint>.yaml` beside the file;
   4. a diffusers folder's `scheduler/scheduler_config.json` `prediction_type`;
-  5. "eps".
+  5. the family's: "v" for the x4 upscaler, else "eps".
 """
 
 from __future__ import annotations
@@ -41,13 +41,15 @@ from openldm.models.vae import AutoencoderKL
 
 # --- the allow-list ------------------------------------------------------------------------
 # Outside every component: ldm's DDPM schedule buffers (we recompute the schedule from the config),
-# sgm's sigma table, and the EMA bookkeeping counters.
+# sgm's sigma table, the EMA bookkeeping counters, and the x4 upscaler's `low_scale_model` schedule
+# (ldm's `AbstractLowScaleModel` buffers; its schedule is the config's `NoiseAugmentation`).
 _DDPM_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
-IGNORED_KEYS = frozenset({*_DDPM_BUFFERS, "denoiser.sigmas", "model_ema.decay", "model_ema.num_updates"})
+IGNORED_KEYS = frozenset({*_DDPM_BUFFERS, *(f"low_scale_model.{b}" for b in _DDPM_BUFFERS[:8]),
+                          "denoiser.sigmas", "model_ema.decay", "model_ema.num_updates"})
 # Inside a text encoder: the position-id buffer (we count positions), CLIP's contrastive temperature,
 # OpenCLIP's causal mask buffer, and the text projection of an encoder whose pooled output SD ignores.
 IGNORED_TEXT_KEYS = re.compile(r"(.*\.)?position_ids|logit_scale|attn_mask")

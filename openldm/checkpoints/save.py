@@ -169,6 +169,9 @@ def save_diffusers(
             _write_component(tmp, name, parts[name], config, dtype, progress,
                              getattr(source, "tokenizers", None) or [])
         _write_json(tmp / "scheduler" / "scheduler_config.json", dl.scheduler_config_json(config))
+        if config.low_res is not None:
+            low_res = dl.low_res_scheduler_json(config)
+            _write_json(tmp / "low_res_scheduler" / "scheduler_config.json", low_res)
         _write_json(tmp / "model_index.json", dl.model_index_json(config))
         _replace_dir(tmp, folder)
     except BaseException:

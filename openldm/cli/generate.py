@@ -283,10 +283,28 @@ def _add_upscale(sub) -> None:
     _add_common(p, "upscale")
     g = p.add_argument_group("upscaling settings")
     g.add_argument("--scale", dest="upscale_by", type=float, help="enlargement factor (default 2)")
-    g.add_argument("--upscaler", choices=("latent", "lanczos"), help="how to enlarge (default latent)")
+    g.add_argument("--upscaler", choices=("latent", "lanczos", "x4"), help="how to enlarge (default latent; "
+                   "x4: the SD x4-upscaler model given by --hires-upscaler)")
+    g.add_argument("--hires-upscaler", type=Path, metavar="PATH", help="an SD x4-upscaler model (file or "
+                   "folder) to enlarge with; implies --upscaler x4")
     g.add_argument("--strength", dest="hires_strength", type=float, help="redraw strength (default 0.5)")
     g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
+    x4 = p.add_argument_group("x4 upscaler (when --model is SD 2's x4-upscaler: 4x, no img2img pass)")
+    x4.add_argument("--noise-level", type=int, default=20, metavar="N",
+                    help="noise added to the input before upscaling, 0..350 (default 20): more invents more")
+    x4.add_argument("--tile", type=int, default=128, metavar="PX",
+                    help="process inputs larger than this in tiles of PX input pixels (default 128)")
+    x4.add_argument("--tile-overlap", type=int, default=16, metavar="PX", help="tile overlap (default 16)")
     p.set_defaults(run=_generate)
+
+
+def x4_settings(args: argparse.Namespace):
+    """The x4 upscaler's settings from `upscale`'s options (the defaults for other commands)."""
+    from openldm.pipelines.x4 import X4Settings, X4Tiling
+
+    if args.command != "upscale":
+        return X4Settings()
+    return X4Settings(args.noise_level, X4Tiling(args.tile, args.tile_overlap))
 
 
 def _add_png_info(sub) -> None:
@@ -355,7 +373,8 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
                          refiner=args.refiner, prompts=prompts, vae=args.vae,
-                         engine=args.engine or "eager", decoder=args.decoder)
+                         engine=args.engine or "eager", decoder=args.decoder,
+                         upscaler=getattr(args, "hires_upscaler", None))
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:
@@ -370,7 +389,8 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
         check_inputs(args.command, params, **inputs)
     controls = control_units(args)
     renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
-    render = functools.partial(renderer.render, args.command, controls=controls, **inputs)
+    render = functools.partial(renderer.render, args.command, controls=controls, x4=x4_settings(args),
+                               **inputs)
     return render, lambda: renderer.model_hash
 
 
@@ -396,6 +416,8 @@ def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], st
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if getattr(args, "hires_upscaler", None) is not None and args.upscaler is None:
+        args.upscaler = "x4"  # --hires-upscaler implies it
     jobs, png_hash = _settings(args)
     total = len(jobs) * jobs[0].batch_size * jobs[0].batch_count
     paths = iter(check_writable(output_paths(args.out, total, args.command)))

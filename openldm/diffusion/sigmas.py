@@ -30,7 +30,7 @@ AYS_TABLES: dict[str, tuple[float, ...]] = {
 }
 
 # The table each family samples with; none was published for SD2, which shares SD1's schedule.
-AYS_FAMILY_TABLE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sdxl_refiner": "sdxl"}
+AYS_FAMILY_TABLE = {"sd1": "sd15", "sd2": "sd15", "sdxl": "sdxl", "sdxl_refiner": "sdxl", "x4": "sd15"}
 
 
 def schedule_options(name: str, family: str) -> dict[str, str]:

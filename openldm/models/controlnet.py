@@ -65,7 +65,7 @@ class ControlNet(nn.Module):
         top = widths[-1]
         self.middle_block = Block(
             ResBlock(top, emb_dim, top, unet.norm_groups),
-            _transformer(unet, top, unet.transformer_depth_middle),
+            _transformer(unet, top, unet.transformer_depth_middle, self_attn=True),
             ResBlock(top, emb_dim, top, unet.norm_groups),
         )
         self.middle_block_out = _zero_conv(top)

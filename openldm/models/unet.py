@@ -3,7 +3,8 @@
 The state dict is the single-file checkpoint's `model.diffusion_model.*` with that prefix removed,
 so loading an original file is a prefix strip and a strict load. Its layout:
 
-- `time_embed`, and for SDXL `label_emb`: the timestep (and vector-conditioning) embedding.
+- `time_embed`, and for SDXL `label_emb`: the timestep (and vector-conditioning) embedding; the x4
+  upscaler's `label_emb` is an `nn.Embedding` of its noise level (ldm's `num_classes`: `label_emb.weight`).
 - `input_blocks.N`: block 0 is the input convolution; then, level by level, `res_blocks(level)` blocks
   of a ResBlock (`.0`) and, where the level has attention, a SpatialTransformer (`.1`), and between
   levels a block holding only a stride-2 downsampler (`.0.op`). Every block's output is kept.
@@ -82,15 +83,17 @@ class UNetModel(nn.Module):
         self.cfg = cfg
         ch, emb_dim = cfg.model_channels, 4 * cfg.model_channels
         self.time_embed = _mlp(ch, emb_dim)
-        self.label_emb = None
+        self.label_emb: nn.Module | None = None
         if cfg.adm_in_channels is not None:
             # ldm's "sequential" class embedding wraps the MLP in one more Sequential: `label_emb.0.0`.
             self.label_emb = nn.Sequential(_mlp(cfg.adm_in_channels, emb_dim))
+        elif cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
         self.input_blocks, skips = _input_blocks(cfg, emb_dim)
         top = skips[-1]
         self.middle_block = None if cfg.transformer_depth_middle is None else Block(
             ResBlock(top, emb_dim, top, cfg.norm_groups),
-            _transformer(cfg, top, cfg.transformer_depth_middle),
+            _transformer(cfg, top, cfg.transformer_depth_middle, self_attn=True),
             ResBlock(top, emb_dim, top, cfg.norm_groups),
         )
         self.output_blocks = _output_blocks(cfg, emb_dim, skips)
@@ -104,7 +107,8 @@ class UNetModel(nn.Module):
         control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x: (b, in_channels, h, w) latent; timesteps: (b,) floats in [0, 1000); context: (b, tokens,
-        context_dim); y: (b, adm_in_channels) for SDXL. Conditioning is cast to x's dtype.
+        context_dim); y: (b, adm_in_channels) for SDXL, (b,) noise levels for the x4 upscaler.
+        Conditioning is cast to x's dtype.
 
         `control` (ControlNet's residuals, `models.controlnet`): one per input block, added to its kept
         output before the decoder takes it, then one added to the middle block's output, as cldm's
@@ -113,7 +117,8 @@ class UNetModel(nn.Module):
         t_emb = timestep_embedding(timesteps.expand(x.shape[0]), self.cfg.model_channels)
         emb = self.time_embed(t_emb.to(x.dtype))
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y.to(x.dtype))
+            labels = y.round().long() if self.cfg.num_classes is not None else y.to(x.dtype)
+            emb = emb + self.label_emb(labels).to(x.dtype)
         context = context.to(x.dtype)
         kept = []
         h = x
@@ -159,12 +164,12 @@ def _mlp(dim_in: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
-def _transformer(cfg: UNetConfig, channels: int, depth: int) -> SpatialTransformer:
+def _transformer(cfg: UNetConfig, channels: int, depth: int, self_attn: bool) -> SpatialTransformer:
     heads = cfg.heads_at(channels)
     if channels % heads:
         raise ValueError(f"{channels} channels do not split into {heads} attention heads")
     return SpatialTransformer(channels, heads, depth, cfg.context_dim, cfg.use_linear_in_transformer,
-                              cfg.norm_groups)
+                              cfg.norm_groups, self_attn)
 
 
 def _input_blocks(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, list[int]]:
@@ -176,7 +181,7 @@ def _input_blocks(cfg: UNetConfig, emb_dim: int) -> tuple[nn.ModuleList, list[in
             layers: list[nn.Module] = [ResBlock(ch, emb_dim, cfg.model_channels * mult, cfg.norm_groups)]
             ch = cfg.model_channels * mult
             if depth:
-                layers.append(_transformer(cfg, ch, depth))
+                layers.append(_transformer(cfg, ch, depth, cfg.self_attends(level)))
             blocks.append(Block(*layers))
             widths.append(ch)
         if level < len(cfg.channel_mult) - 1:
@@ -196,7 +201,7 @@ def _output_blocks(cfg: UNetConfig, emb_dim: int, widths: list[int]) -> nn.Modul
             layers: list[nn.Module] = [ResBlock(ch + widths.pop(), emb_dim, out, cfg.norm_groups)]
             ch = out
             if depth:
-                layers.append(_transformer(cfg, ch, depth))
+                layers.append(_transformer(cfg, ch, depth, cfg.self_attends(level)))
             if level and i == len(depths) - 1:
                 layers.append(Upsample(ch))
             blocks.append(Block(*layers))

@@ -59,13 +59,18 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the context, feed-forward; each residual."""
+    """Pre-norm self-attention, cross-attention to the context, feed-forward; each residual.
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    `self_attn=False` (ldm's `disable_self_attn`, the x4 upscaler's outer levels): `attn1` attends to
+    the context too, so the block has two cross-attentions and no pixel-to-pixel attention.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int, self_attn: bool = True):
         super().__init__()
         self.gradient_checkpointing = False
+        self.self_attn = self_attn
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = CrossAttention(dim, heads)
+        self.attn1 = CrossAttention(dim, heads, None if self_attn else context_dim)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = CrossAttention(dim, heads, context_dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -75,7 +80,7 @@ class BasicTransformerBlock(nn.Module):
         return checkpointed(self.gradient_checkpointing, self._forward, x, context)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), None if self.self_attn else context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -88,7 +93,7 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool,
-                 groups: int = 32):
+                 groups: int = 32, self_attn: bool = True):
         super().__init__()
         self.use_linear = use_linear
         # The originals use eps 1e-6 here, 1e-5 elsewhere.
@@ -96,7 +101,7 @@ class SpatialTransformer(nn.Module):
         proj = nn.Linear if use_linear else lambda i, o: nn.Conv2d(i, o, 1)
         self.proj_in = proj(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)
+            BasicTransformerBlock(channels, heads, context_dim, self_attn) for _ in range(depth)
         )
         self.proj_out = zero_init(proj(channels, channels))
 

@@ -21,15 +21,19 @@ class NonFiniteError(ValueError):
 
 
 def decode_finite(vae: nn.Module, z: torch.Tensor,
-                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Decode latents `z` with `vae.decode` (or `decode`: an engine's runner, standing in for it);
-    a half VAE that overflows is moved to float32 and decodes again, eagerly."""
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, *, tile: int | None = None,
+                  overlap: int | None = None) -> torch.Tensor:
+    """Decode unscaled latents `z` with `vae.decode` (in tiles if given) or `decode` (an engine's runner
+    standing in for it); a half VAE that overflows is moved to float32 and decodes again, eagerly."""
     if not torch.isfinite(z).all():
         raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "
                              "try float32 (--dtype fp32), another sampler or a lower CFG scale")
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():
-        pixels = (decode or vae.decode)(z.to(dtype))
+        if decode is not None:
+            pixels = decode(z.to(dtype))
+        else:
+            pixels = _decode(vae, z.to(dtype), tile, overlap)
         if torch.isfinite(pixels).all():
             return pixels
         if dtype not in HALF:
@@ -38,11 +42,15 @@ def decode_finite(vae: nn.Module, z: torch.Tensor,
         warnings.warn(f"the VAE overflowed in {dtype} ({_count(pixels)}): it runs in float32 from now on",
                       stacklevel=3)
         vae.float()
-        pixels = vae.decode(z.float())
+        pixels = _decode(vae, z.float(), tile, overlap)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) even in float32: "
                              "no image is written; the VAE's weights may be broken")
     return pixels
+
+
+def _decode(vae: nn.Module, z: torch.Tensor, tile: int | None, overlap: int | None) -> torch.Tensor:
+    return vae.decode(z, tile=tile, overlap=overlap) if tile else vae.decode(z)  # a TAESD takes no tiles
 
 
 def _count(x: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ MODE_INPUTS = {  # the images each kind of run starts from
     "txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "outpaint": ("image",),
     "upscale": ("image",),
 }
-UPSCALERS = ("latent", "lanczos")
+UPSCALERS = ("latent", "lanczos", "x4")  # x4: an x4-upscaler model (--hires-upscaler)
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as A1111 draws them; -1 means "draw one"
 
 

@@ -31,6 +31,7 @@ from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
+from openldm.models.vae import tiled
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
@@ -125,10 +126,19 @@ class Pipeline:
 
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
               concat: torch.Tensor | None = None, control: Any = None,
-              control_gate: torch.Tensor | None = None) -> torch.Tensor:
+              control_gate: torch.Tensor | None = None, tiles: tuple[int, int] | None = None) -> torch.Tensor:
         """The UNet as the denoiser sees it; inpainting models also get the mask and masked image.
 
-        `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent."""
+        `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent.
+        `tiles` (tile, overlap in latent pixels; the x4 upscaler's) runs it on blended tiles."""
+        if tiles is not None:
+            def model(xc: torch.Tensor) -> torch.Tensor:
+                latent, extra = xc[:, : x.shape[1]], xc[:, x.shape[1]:]
+                return self._unet(latent, t, context, y, extra if concat is not None else None, control,
+                                  control_gate)
+
+            inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+            return tiled(model, inputs, tile=tiles[0], overlap=tiles[1])
         t, context, y = t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype)
         residuals = None if control is None else control.residuals(x, t, context, y, control_gate)
         if concat is not None:
@@ -206,7 +216,7 @@ class Pipeline:
         self, params: GenerationParams, *, image: Image.Image | None = None, mask: Image.Image | None = None,
         mode: str | None = None, hires: bool = False, callback: StepCallback | None = None,
         latents: torch.Tensor | None = None, refiner: Pipeline | None = None, extras: Sequence[Extra] = (),
-        controls: Sequence[ControlUnit] = (),
+        controls: Sequence[ControlUnit] = (), upscaler: Pipeline | None = None,
     ) -> list[Result]:
         """All images of a run (batch_count batches of batch_size), each with its exact seed and size.
 
@@ -217,6 +227,7 @@ class Pipeline:
         `Interrupted` stops the run before the next model call: the batches already finished are returned.
         `extras` add conditioning to every model call of every mode (see `guidance.Extra`); `controls`
         are ControlNet units (`control.ControlUnit`), loaded once per file and added as one extra.
+        `upscaler` is the x4-upscaler model the hires fix's "x4" upscaler runs.
         """
         if controls:
             extras = (*extras, make_control(self, controls, self.controlnets))
@@ -232,7 +243,7 @@ class Pipeline:
         with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
             for batch in batch_params(params):
                 run = Run.of_batch(batch, width, height, mode, callback=callback, refiner=refiner,
-                                   latents=latents, extras=tuple(extras))
+                                   latents=latents, extras=tuple(extras), upscaler=upscaler)
                 try:
                     pictures, x = self._batch(run, image, mask)
                 except Interrupted:

@@ -26,6 +26,7 @@ from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
 from openldm.pipelines.pipeline import Pipeline, StepCallback
+from openldm.pipelines.x4 import X4Settings, upscale_x4
 
 Log = Callable[[str], None]
 
@@ -76,18 +77,29 @@ class Renderer:
     domain: Domain | None = None  # a narrow model's words: its results carry the warning for others
     limits: Limits = LIMITS  # what one render may ask for
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
+    upscaler: Pipeline | None = None  # an x4-upscaler model: the hires fix's "x4" upscaler
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
-               callback: StepCallback | None = None, hires: bool = False) -> list[Rendered]:
-        """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`)."""
+               callback: StepCallback | None = None, hires: bool = False,
+               x4: X4Settings | None = None) -> list[Rendered]:
+        """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`);
+        `x4`: how an x4-upscaler model upscales (its noise level and tiles)."""
         check_inputs(mode, params, image, mask, self.limits)
         self.check_memory(mode, params, image, hires)
-        results = self.pipe.generate(
-            dataclasses.replace(params, loras=self.loras), mode="upscale" if hires else mode,
-            refiner=self.refiner, image=image, mask=mask.convert("L") if mask is not None else None,
-            controls=controls, callback=callback,
-        )
+        params = dataclasses.replace(params, loras=self.loras)
+        if self.pipe.config.low_res is not None:
+            if mode != "upscale" or image is None:
+                raise ValueError(f"{self.model_name} is an x4 upscaler: it only upscales an image "
+                                 "(openldm upscale IMAGE PROMPT)")
+            x4 = x4 or X4Settings()
+            results = upscale_x4(self.pipe, image, params, noise_level=x4.noise_level, tiling=x4.tiling)
+        else:
+            results = self.pipe.generate(
+                params, mode="upscale" if hires else mode, refiner=self.refiner, image=image,
+                mask=mask.convert("L") if mask is not None else None, controls=controls, callback=callback,
+                upscaler=self.upscaler,
+            )
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
@@ -137,6 +149,7 @@ def load_renderer(
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
     log: Log = _stderr, vae: Path | None = None, engine: str = "eager", decoder: Path | None = None,
+    upscaler: Path | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
@@ -163,7 +176,10 @@ def load_renderer(
     if refiner is not None:  # on the base model's device and in its dtype
         second = load(refiner, device=pipe.device, dtype=pipe.dtype)
         second.progress = True
+    x4 = None if upscaler is None else load(upscaler, device=pipe.device, dtype=pipe.dtype)
+    if x4 is not None and x4.config.low_res is None:
+        raise ValueError(f"--hires-upscaler {upscaler}: {x4.config.name} is not an x4-upscaler model")
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
                     tuple((network.name, weight) for network, weight in merged), domain,
-                    vae=pipe.components.vae_file)
+                    vae=pipe.components.vae_file, upscaler=x4)

@@ -70,6 +70,7 @@ class Run:
     refiner: Pipeline | None = None  # finishes sampling from `params.refiner_switch` on
     latents: torch.Tensor | None = None  # starting noise given instead of drawn from the seeds
     extras: tuple[Extra, ...] = ()  # conditioning beyond the prompts (see `guidance`)
+    upscaler: Pipeline | None = None  # the x4-upscaler model of a hires fix with upscaler "x4"
 
     @classmethod
     def of_batch(cls, params: GenerationParams, width: int, height: int, mode: str, **rest: object) -> Run:
