@@ -82,7 +82,7 @@ def browser_pixels(driver, name: str) -> np.ndarray:
 
 
 def test_generate_shows_progress_previews_and_the_served_pixels(page, server, shot):
-    fill(page, "a red circle on a blue background", steps=8)
+    fill(page, "a red circle on a blue background", steps=40)  # seen mid-run even when loaded
     css(page, "#prompt").send_keys(Keys.CONTROL, Keys.ENTER)  # Ctrl+Enter generates
     seen_steps, previews = set(), set()
     probe = "const j = document.querySelector('#jobs .job'); if (!j) return null; " \
