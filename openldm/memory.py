@@ -78,9 +78,11 @@ def gib(n: float) -> str:
 def estimate_peak(
     config: ModelConfig, *, width: int, height: int, batch: int = 1, dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", vae_tile: int | None = None, vae_sliced: bool = False,
-    guidance: bool = True, encode: bool = False, attention: Backend = "sdpa",
+    guidance: bool = True, encode: bool = False, attention: Backend = "sdpa", weights: int | None = None,
 ) -> MemoryEstimate:
-    """Peak memory of generating `batch` images of width x height; `vae_tile` in latent pixels."""
+    """Peak memory of generating `batch` images of width x height; `vae_tile` in latent pixels.
+
+    `weights`: the bytes of the weights when a loaded model knows them (else counted from the config)."""
     if width <= 0 or height <= 0 or batch <= 0:
         raise ValueError(f"width, height and batch must be positive, got {width}x{height}, batch {batch}")
     item = torch.empty((), dtype=dtype).element_size()
@@ -91,7 +93,7 @@ def estimate_peak(
     cpu = torch.device(device).type == "cpu"
     return MemoryEstimate(
         runtime=RUNTIME_CPU if cpu else 0,
-        weights=weight_bytes(config, item),
+        weights=weight_bytes(config, item) if weights is None else weights,
         text_encoder=sum(text_bytes(c, unet_batch, item) for c in config.text_encoders),
         unet=unet_bytes(config.unet, unet_batch, h, w, item, attention),
         vae_decode=vae_decode_bytes(config.vae, vae_batch, h, w, item, attention, tile=vae_tile,

@@ -116,8 +116,10 @@ class Renderer:
         if hires or mode == "upscale":  # the hires pass samples and decodes at the enlarged size
             width, height = round(width * params.upscale_by), round(height * params.upscale_by)
         cfg = config.guidance if params.cfg is None else params.cfg
+        modules = (self.pipe.unet, self.pipe.vae, *(e.model for e in self.pipe.text_encoders))  # loaded ones
+        weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         check_fits(config, width=width, height=height, batch=params.batch_size, dtype=self.pipe.dtype,
-                   device=self.pipe.device, guidance=cfg != 1, encode=image is not None)
+                   device=self.pipe.device, guidance=cfg != 1, encode=image is not None, weights=weights)
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
