@@ -7,7 +7,15 @@ from PIL import Image
 
 from openldm.diffusion.registry import SAMPLERS, SCHEDULE_DISPLAY, resolve
 from openldm.pipelines.infotext import format_infotext, parse_infotext, read_png, save_png
-from openldm.pipelines.params import _FROM_INFOTEXT, GenerationParams, infotext_settings, params_from_infotext
+from openldm.pipelines.params import (
+    INFOTEXT_KEYS,
+    UPSCALERS,
+    GenerationParams,
+    SettingsError,
+    infotext_settings,
+    params_from_infotext,
+    read_infotext,
+)
 
 SETTINGS = {
     "Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": 7.5, "Seed": 1234,
@@ -92,7 +100,7 @@ def test_unreadable_png_is_a_clear_error(tmp_path):
 
 _TRICKY = ["\n", ",", ":", '"', "\\", " ", "Negative prompt:", "Steps: 3, Seed: 1", '\\"', "\\u12", "\t", "é"]
 TEXT = st.lists(st.sampled_from(_TRICKY) | st.text(max_size=4), max_size=12).map("".join)
-_KEYS = [*_FROM_INFOTEXT, "Size", "Lora weights", "Model", "Model hash", "Steps"]
+_KEYS = [*INFOTEXT_KEYS, "Steps", "ENSD"]
 _VALUES = st.sampled_from(["1", "-2", "0.5", "nan", "inf", "1e999", "8x8", "1,2", "a: 1, b", "x", ""])
 INFOTEXTS = st.one_of(
     TEXT,
@@ -110,7 +118,7 @@ def test_any_text_parses_and_reads_as_settings_or_a_value_error(text):
     try:
         params = params_from_infotext(prompt, negative, pairs)
     except ValueError as e:
-        assert str(e).startswith("unreadable infotext value")
+        assert str(e).startswith("unreadable infotext value") or isinstance(e, SettingsError), e
         return
     numbers = (params.cfg, params.strength, params.hires_strength, params.upscale_by, params.refiner_switch)
     assert all(x is None or math.isfinite(x) for x in numbers)
@@ -130,8 +138,11 @@ PARAMS = st.builds(
     sampler=st.sampled_from(list(SAMPLERS)), schedule=st.none() | st.sampled_from(list(SCHEDULE_DISPLAY)),
     cfg=st.none() | st.floats(0, 30), guidance_rescale=_UNIT, seed=st.integers(0, 2**32 - 1),
     subseed=st.integers(0, 2**32 - 1), subseed_strength=_UNIT, clip_skip=st.none() | st.integers(1, 12),
-    strength=_UNIT, upscale_by=st.floats(1, 8), upscaler=st.sampled_from(["latent", "lanczos"]),
-    hires_steps=st.none() | st.integers(1, 150), hires_strength=_UNIT, original_size=st.none() | _SIZE,
+    strength=_UNIT, upscale_by=st.floats(1, 8), upscaler=st.sampled_from(UPSCALERS),
+    hires_steps=st.none() | st.integers(1, 150), hires_strength=_UNIT,
+    hires_width=st.integers(0, 4096), hires_height=st.integers(0, 4096), hires_prompt=TEXT, hires_negative=TEXT,
+    hires_sampler=st.none() | st.sampled_from(list(SAMPLERS)), hires_cfg=st.none() | st.floats(0, 30),
+    eta=st.none() | st.floats(0, 2), s_noise=st.none() | st.floats(0, 2), original_size=st.none() | _SIZE,
     crop_coords=st.tuples(st.integers(0, 4096), st.integers(0, 4096)), target_size=st.none() | _SIZE,
     outpaint=st.tuples(*[st.integers(0, 1024)] * 4), refiner_model=st.none() | TEXT, refiner_switch=_UNIT,
     loras=st.lists(st.tuples(LORA_NAME, _REAL), max_size=3).map(tuple),
@@ -149,14 +160,20 @@ def _kept(p: GenerationParams, mode: str, width: int, height: int) -> Generation
     if p.subseed_strength:
         kept |= {"subseed": p.subseed, "subseed_strength": p.subseed_strength}
     if mode == "upscale":
-        kept |= {"hires_strength": p.hires_strength, "upscale_by": p.upscale_by, "hires_steps": p.hires_steps,
-                 "upscaler": p.upscaler}
+        resized = p.hires_width or p.hires_height
+        kept |= {"hires": True, "hires_strength": p.hires_strength, "hires_steps": p.hires_steps,
+                 "upscaler": p.upscaler, "hires_prompt": p.hires_prompt, "hires_negative": p.hires_negative,
+                 "hires_sampler": p.hires_sampler and resolve(p.hires_sampler)[0].display,
+                 "hires_cfg": p.hires_cfg}
+        kept |= {"hires_width": p.hires_width, "hires_height": p.hires_height} if resized else {
+            "upscale_by": p.upscale_by}
     elif mode != "txt2img":
         kept["strength"] = p.strength
     if p.clip_skip is not None and p.clip_skip > 1:  # 1 is no skip, as in A1111
         kept["clip_skip"] = p.clip_skip
     if p.guidance_rescale:
         kept["guidance_rescale"] = p.guidance_rescale
+    kept |= {"eta": p.eta, "s_noise": p.s_noise}
     if p.refiner_model is not None:
         kept |= {"refiner_model": p.refiner_model, "refiner_switch": p.refiner_switch}
     return GenerationParams(p.prompt, negative=p.negative, **kept)
@@ -168,4 +185,4 @@ def test_any_settings_written_read_back_the_same(params, mode, width, height, mo
                            infotext_settings(params, width, height, model, model_hash, mode))
     prompt, negative, pairs = parse_infotext(text)
     assert (pairs["Model"], pairs["Model hash"]) == (model, model_hash)
-    assert params_from_infotext(prompt, negative, pairs) == _kept(params, mode, width, height)
+    assert read_infotext(prompt, negative, pairs) == (_kept(params, mode, width, height), ())

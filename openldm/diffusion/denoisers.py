@@ -232,14 +232,34 @@ class StepTracker:
             self.callback(info)
 
 
-class ScheduledDenoiser:
-    """Switches between denoisers (one per prompt text) as sampling passes each schedule boundary."""
+SIGMA_RTOL = 1e-4  # samplers recompute a schedule's sigmas (exp of log, t of sigma) within float error
 
-    def __init__(self, ends: Sequence[int], denoisers: Sequence[Denoiser], tracker: StepTracker):
-        self.ends, self.denoisers, self.tracker = list(ends), list(denoisers), tracker
+
+def step_index(sigmas: Sequence[float], sigma: float) -> int:
+    """The 0-based step of a schedule (`sigmas` descending to 0) that starts at or above noise level `sigma`.
+
+    A pure function of the noise level: a sub-step's model call (Heun's corrector at the next sigma,
+    DPM2's midpoint, an adaptive or restarting sampler's own levels) belongs to the step whose interval
+    holds it, however often the sampler calls back. Levels above the first are step 0.
+    """
+    threshold = sigma * (1 - SIGMA_RTOL)
+    started = sum(1 for level in sigmas[:-1] if level >= threshold)
+    return max(started - 1, 0)
+
+
+class ScheduledDenoiser:
+    """Switches between denoisers (one per prompt text) by the step that the evaluated sigma falls in.
+
+    `ends[k]` is the last step (0-based) of denoiser k, as A1111's schedules count; `sigmas` is the whole
+    run's schedule (a refiner's part is its tail, so steps count on through the hand-off).
+    """
+
+    def __init__(self, ends: Sequence[int], denoisers: Sequence[Denoiser], sigmas: torch.Tensor):
+        self.ends, self.denoisers = list(ends), list(denoisers)
+        self.sigmas = [float(s) for s in sigmas]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        step = self.tracker.step
+        step = step_index(self.sigmas, float(torch.as_tensor(sigma).max()))
         index = next((k for k, end in enumerate(self.ends) if end >= step), len(self.ends) - 1)
         return self.denoisers[index](x, sigma)
 

@@ -186,12 +186,14 @@ class PromptSteps:
     texts: list[list[str]]  # texts[k][b]: prompt of batch item b up to ends[k]
 
 
-def schedule_prompts(prompts: Sequence[str], steps: int) -> PromptSteps:
+def schedule_prompts(prompts: Sequence[str], steps: int, first_pass_steps: int = 0) -> PromptSteps:
     """Resolve prompt editing and alternation for every prompt of a batch over `steps` steps.
 
     Extra-network tags (`<lora:name:1>`) are taken out first, as in A1111: the text encoders never see them.
+    `first_pass_steps` > 0: a hires pass after that many steps (see `prompt_schedule`).
     """
-    schedules = [prompt_schedule(extract_networks(p)[0], steps) for p in prompts]
+    schedules = [prompt_schedule(extract_networks(p)[0], steps, first_pass_steps=first_pass_steps)
+                 for p in prompts]
     ends = sorted({end for schedule in schedules for end, _ in schedule})
     texts = [[next(t for e, t in schedule if e >= end) for schedule in schedules] for end in ends]
     return PromptSteps(ends, texts)

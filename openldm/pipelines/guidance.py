@@ -22,6 +22,8 @@ from openldm.pipelines.conditioning import (
 from openldm.pipelines.run import Interrupted, Run, Start, StepCallback
 
 if TYPE_CHECKING:
+    import torch
+
     from openldm.pipelines.pipeline import Pipeline
 
 
@@ -36,15 +38,16 @@ class Extra(Protocol):
              steps: int) -> dict[str, Any]: ...
 
 
-def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
+def guided_denoiser(pipe: Pipeline, run: Run, start: Start, sigmas: torch.Tensor,
                     offset: int) -> tuple[Denoiser, StepTracker]:
-    """Guidance per prompt-schedule segment, switched by step; masks applied around it.
+    """Guidance per prompt-schedule segment, switched by the step each sigma falls in; masks around it.
 
-    `steps` counts the whole run; this sampler starts at step `offset` (a refiner's, at the switch).
+    `sigmas` is the whole run's schedule; this sampler starts at step `offset` (a refiner's, at the switch).
+    A hires pass's schedule continues its first pass's count (`Run.first_pass_steps`).
     """
-    params, batch = run.params, len(run.seeds)
-    positive = schedule_prompts([params.prompt] * batch, steps)
-    negative = schedule_prompts([params.negative] * batch, steps)
+    params, batch, steps = run.params, len(run.seeds), len(sigmas) - 1
+    positive = schedule_prompts([params.prompt] * batch, steps, run.first_pass_steps)
+    negative = schedule_prompts([params.negative] * batch, steps, run.first_pass_steps)
     ends = sorted(set(positive.ends) | set(negative.ends))
     encoder = PromptEncoder(pipe.text_encoders, params.clip_skip)
     sizes = size_conditioning(params, run.width, run.height)
@@ -60,7 +63,7 @@ def guided_denoiser(pipe: Pipeline, run: Run, start: Start, steps: int,
         uncond = _cond(pipe, run, encoder(uncond_texts, count), sizes, start, params.negative_aesthetic_score,
                        dict(clock, uncond=True))
         denoisers.append(CFGDenoiser(pipe.denoiser, cond, uncond, params.cfg, params.guidance_rescale))
-    denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, tracker) if len(ends) > 1 else denoisers[0]
+    denoiser: Denoiser = ScheduledDenoiser(ends, denoisers, sigmas) if len(ends) > 1 else denoisers[0]
     if start.keep is not None:
         denoiser = MaskedDenoiser(denoiser, start.latent, start.keep)
     return denoiser, tracker

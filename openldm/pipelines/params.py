@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -16,12 +17,33 @@ MODE_INPUTS = {  # the images each kind of run starts from
     "txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "outpaint": ("image",),
     "upscale": ("image",),
 }
-UPSCALERS = ("latent", "lanczos", "x4")  # x4: an x4-upscaler model (--hires-upscaler)
+# The hires fix's upscalers: ours -> A1111's name (`hr_upscaler`, infotext `Hires upscaler`). The latent
+# modes resize the latents with torch's interpolation (`upscale.LATENT_MODES`); lanczos resizes pixels;
+# x4 is an x4-upscaler model (--hires-upscaler PATH), which A1111 does not have.
+UPSCALER_NAMES = {
+    "latent": "Latent", "latent_antialiased": "Latent (antialiased)", "latent_bicubic": "Latent (bicubic)",
+    "latent_bicubic_antialiased": "Latent (bicubic antialiased)", "latent_nearest": "Latent (nearest)",
+    "latent_nearest_exact": "Latent (nearest-exact)", "lanczos": "Lanczos", "x4": "x4",
+}
+UPSCALERS = tuple(UPSCALER_NAMES)
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as A1111 draws them; -1 means "draw one"
 
 
 class SettingsError(ValueError):
     """A generation setting that cannot make an image (or is over a `Limits` bound); the message names it."""
+
+
+class Unhonoured(ValueError):
+    """An infotext value we read but cannot make (an upscaler we do not have)."""
+
+
+def upscaler_key(name: str) -> str:
+    """Our upscaler name for ours or A1111's ("Latent (bicubic)", "lanczos"), case-insensitively."""
+    wanted = name.strip().lower()
+    for key, display in UPSCALER_NAMES.items():
+        if wanted in (key, display.lower()):
+            return key
+    raise Unhonoured(f"unknown upscaler {name!r}; one of {', '.join(UPSCALER_NAMES.values())}")
 
 
 @dataclass(frozen=True)
@@ -42,12 +64,13 @@ class Limits:
 
     def check(self, params: GenerationParams) -> None:
         """Raise `SettingsError` naming the first setting over a bound."""
-        for name in ("prompt", "negative"):
+        for name in ("prompt", "negative", "hires_prompt", "hires_negative"):
             if len(getattr(params, name)) > self.max_prompt_chars:
                 raise SettingsError(f"{name} of {len(getattr(params, name)):,} characters is over the limit "
                                     f"of {self.max_prompt_chars:,}")
         bounds = (("width", self.max_side), ("height", self.max_side), ("steps", self.max_steps),
-                  ("hires_steps", self.max_steps), ("upscale_by", self.max_upscale))
+                  ("hires_steps", self.max_steps), ("upscale_by", self.max_upscale),
+                  ("hires_width", self.max_side), ("hires_height", self.max_side))
         for name, bound in bounds:
             _at_most(name, getattr(params, name), bound)
         _at_most("batch_size", params.batch_size, self.max_batch_size, "images sampled together")
@@ -103,9 +126,16 @@ class GenerationParams:
     outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)  # pixels added (left, right, top, bottom): inpainted
     # hires fix / upscaling
     upscale_by: float = 2.0
-    upscaler: str = "latent"  # latent | lanczos
+    upscaler: str = "latent"  # one of UPSCALERS
     hires_steps: int | None = None  # None: the same number as `steps`
     hires_strength: float = 0.5
+    hires: bool = False  # txt2img finished by the hires fix (A1111's enable_hr)
+    hires_width: int = 0  # A1111's hr_resize_x/y: a target size instead of upscale_by (0: keep the aspect)
+    hires_height: int = 0
+    hires_prompt: str = ""  # the hires pass's prompts, sampler and scale ("" and None: the first pass's)
+    hires_negative: str = ""
+    hires_sampler: str | None = None
+    hires_cfg: float | None = None
     # SDXL: the size conditioning tells the model what picture it draws; None means the image's size.
     original_size: tuple[int, int] | None = None  # (width, height) the training image had
     crop_coords: tuple[int, int] = (0, 0)  # (top, left) of the crop taken from it, as sgm writes it
@@ -156,7 +186,8 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "width": (8, None), "height": (8, None), "clip_skip": (0, None), "only_masked_padding": (0, None),
     "cfg": (0, 100), "guidance_rescale": (0, 1), "subseed_strength": (0, 1), "strength": (0, 1),
     "hires_strength": (0, 1), "refiner_switch": (0, 1), "mask_blur": (0, 1024), "eta": (0, 100),
-    "s_noise": (0, 100), "aesthetic_score": (-1000, 1000), "negative_aesthetic_score": (-1000, 1000),
+    "s_noise": (0, 100), "hires_width": (0, None), "hires_height": (0, None), "hires_cfg": (0, 100),
+    "aesthetic_score": (-1000, 1000), "negative_aesthetic_score": (-1000, 1000),
 }
 _CHOICES = {"resize_mode": RESIZE_MODES, "masked_content": MASKED_CONTENT, "upscaler": UPSCALERS}
 _INT_TUPLES = {"outpaint": (4, 0), "crop_coords": (2, 0), "original_size": (2, 1), "target_size": (2, 1)}
@@ -252,14 +283,14 @@ def infotext_settings(
     if params.subseed_strength:
         settings |= {"Variation seed": params.subseed, "Variation seed strength": params.subseed_strength}
     if mode == "upscale":
-        settings |= {"Denoising strength": params.hires_strength, "Hires upscale": params.upscale_by,
-                     "Hires steps": params.hires_steps, "Hires upscaler": params.upscaler}
+        settings |= {"Denoising strength": params.hires_strength, **_hires_infotext(params)}
     elif mode != "txt2img":
         settings["Denoising strength"] = params.strength
     if params.clip_skip and params.clip_skip > 1:
         settings["Clip skip"] = params.clip_skip
     if params.guidance_rescale:
         settings["CFG Rescale phi"] = params.guidance_rescale
+    settings |= {"Eta": params.eta, "Sigma noise": params.s_noise}  # None (the sampler's own) is not written
     if params.loras:
         settings["Lora weights"] = ", ".join(f"{name}: {w}" for name, w in params.loras)
     for key, size in (("Original size", params.original_size), ("Target size", params.target_size)):
@@ -272,6 +303,19 @@ def infotext_settings(
     if params.refiner_model is not None:  # A1111's keys
         settings |= {"Refiner": params.refiner_model, "Refiner switch at": params.refiner_switch}
     return settings
+
+
+def _hires_infotext(params: GenerationParams) -> dict[str, Any]:
+    """A1111's keys of a hires pass; a target size is `Hires resize` instead of `Hires upscale`."""
+    from openldm.diffusion.registry import resolve
+
+    resized = params.hires_width or params.hires_height
+    size = {"Hires resize": f"{params.hires_width}x{params.hires_height}"} if resized else {
+        "Hires upscale": params.upscale_by}
+    sampler = params.hires_sampler and resolve(params.hires_sampler)[0].display
+    return size | {"Hires steps": params.hires_steps, "Hires upscaler": UPSCALER_NAMES[params.upscaler],
+                   "Hires prompt": params.hires_prompt or None, "Hires negative prompt": params.hires_negative
+                   or None, "Hires sampler": sampler, "Hires CFG Scale": params.hires_cfg}
 
 
 def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
@@ -300,37 +344,72 @@ def read_float(text: str) -> float:
     return value
 
 
-# A1111 infotext key -> (our field, how to read its value); the inverse of `infotext_settings`.
-_FROM_INFOTEXT = {
+# Every infotext key we know, in one table. A key with a reader is honoured: (our field, how to read its
+# value), the inverse of `infotext_settings`. IGNORED keys do not change the image, or name files that
+# other options choose (--model, --vae, --lora: the CLI notes a mismatch). Any other key may change
+# the image and cannot be honoured: `read_infotext` lists it, and `--from-png` refuses it.
+IGNORED = None
+INFOTEXT_KEYS: dict[str, tuple[str, Callable[[str], Any]] | None] = {
     "Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule", str),
     "CFG scale": ("cfg", read_float), "Seed": ("seed", int), "Denoising strength": ("strength", read_float),
     "Clip skip": ("clip_skip", int), "CFG Rescale phi": ("guidance_rescale", read_float),
     "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", read_float),
+    "Eta": ("eta", read_float), "Eta DDIM": ("eta", read_float), "Sigma noise": ("s_noise", read_float),
+    "Mask blur": ("mask_blur", read_float),
     "Hires upscale": ("upscale_by", read_float),
+    "Hires resize": ("hires_width", partial(read_ints, count=2, sep="x")),  # and hires_height
     "Hires steps": ("hires_steps", lambda v: int(v) or None),  # A1111's 0: as many as `steps`
-    "Hires upscaler": ("upscaler", str.lower),
+    "Hires upscaler": ("upscaler", upscaler_key),
+    "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative", str),
+    "Hires sampler": ("hires_sampler", str), "Hires CFG Scale": ("hires_cfg", read_float),
     "Original size": ("original_size", partial(read_ints, count=2, sep="x")),
     "Target size": ("target_size", partial(read_ints, count=2, sep="x")),
     "Crop coords": ("crop_coords", partial(read_ints, count=2)),
     "Outpaint": ("outpaint", partial(read_ints, count=4)),
     "Refiner": ("refiner_model", str), "Refiner switch at": ("refiner_switch", read_float),
+    "Size": ("width", partial(read_ints, count=2, sep="x")),  # and height
+    "Lora weights": ("loras", lambda v: tuple((n.strip(), read_float(w)) for n, w in
+                                             (item.rsplit(":", 1) for item in v.split(",")))),
+    "Model": IGNORED, "Model hash": IGNORED, "VAE": IGNORED, "VAE hash": IGNORED, "Lora hashes": IGNORED,
+    "TI hashes": IGNORED, "Hashes": IGNORED, "Version": IGNORED,
 }
+_PAIRS = {"width": "height", "hires_width": "hires_height"}  # "WxH" keys fill two fields
+
+
+def read_infotext(prompt: str, negative: str,
+                  settings: dict[str, str]) -> tuple[GenerationParams, tuple[str, ...]]:
+    """Settings from an A1111-style infotext (ours or A1111's own), and the keys we cannot honour.
+
+    Those keys ("Key: value") are left out of the settings: the caller decides whether that is an error.
+    """
+    values: dict[str, Any] = {}
+    unhonoured = []
+    for key, text in settings.items():
+        entry = INFOTEXT_KEYS.get(key, False)
+        if entry is IGNORED:
+            continue
+        if entry is False:
+            unhonoured.append(f"{key}: {_short(text, 40)}")
+            continue
+        name, read = entry
+        try:
+            value = read(text)
+        except Unhonoured as e:
+            unhonoured.append(f"{key}: {_short(text, 40)} ({e})")
+            continue
+        except ValueError as e:
+            raise ValueError(f"unreadable infotext value ({e})") from None
+        if name in _PAIRS:
+            values[name], values[_PAIRS[name]] = value
+        else:
+            values[name] = value
+    if "Hires upscale" in settings or "Hires resize" in settings:  # A1111's enable_hr
+        values["hires"] = True
+        if "strength" in values:  # A1111: the hires pass's strength
+            values["hires_strength"] = values.pop("strength")
+    return GenerationParams(prompt, negative=negative, **values), tuple(unhonoured)
 
 
 def params_from_infotext(prompt: str, negative: str, settings: dict[str, str]) -> GenerationParams:
-    """Settings from an A1111-style infotext (ours or A1111's own); keys we do not use are ignored."""
-    values: dict[str, Any] = {}
-    try:
-        for key, (name, read) in _FROM_INFOTEXT.items():
-            if key in settings:
-                values[name] = read(settings[key])
-        if "Size" in settings:
-            values["width"], values["height"] = read_ints(settings["Size"], 2, "x")
-        if "Lora weights" in settings:
-            pairs = (item.rsplit(":", 1) for item in settings["Lora weights"].split(","))
-            values["loras"] = tuple((name.strip(), read_float(w)) for name, w in pairs)
-    except ValueError as e:
-        raise ValueError(f"unreadable infotext value ({e})") from None
-    if "Hires upscale" in settings and "strength" in values:  # A1111: the hires pass's strength
-        values["hires_strength"] = values.pop("strength")
-    return GenerationParams(prompt, negative=negative, **values)
+    """Settings from an A1111-style infotext; keys we cannot honour are left out (see `read_infotext`)."""
+    return read_infotext(prompt, negative, settings)[0]

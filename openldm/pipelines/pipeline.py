@@ -348,7 +348,7 @@ class Pipeline:
         with torch.no_grad():
             for pipe, part_start, part, offset in parts:
                 if len(part) > 1:
-                    denoiser, tracker = guided_denoiser(pipe, run, part_start, steps, offset)
+                    denoiser, tracker = guided_denoiser(pipe, run, part_start, sigmas, offset)
                     x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
         return x
 

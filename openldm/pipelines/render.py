@@ -26,6 +26,7 @@ from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
 from openldm.pipelines.pipeline import Pipeline, StepCallback
+from openldm.pipelines.upscale import hires_size
 from openldm.pipelines.x4 import X4Settings, upscale_x4
 
 Log = Callable[[str], None]
@@ -48,6 +49,8 @@ def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None 
         problem = f"needs {' and '.join(missing)}" if missing else f"takes no {' or '.join(extra)}"
         raise ValueError(f"{mode} {problem}")
     resolve(params.sampler, params.schedule)
+    if params.hires_sampler is not None:
+        resolve(params.hires_sampler, params.schedule)
     if mode == "outpaint" and not any(params.outpaint):
         raise ValueError("nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM (pixels to add)")
     left, right, top, bottom = params.outpaint  # outpainting works on the image with its new borders
@@ -60,9 +63,8 @@ def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None 
                          "(--width/--height resize an input image)")
     if width and height:
         limits.check_size(width, height)
-        if mode == "upscale":
-            big = (round(width * params.upscale_by), round(height * params.upscale_by))
-            limits.check_size(*big, "upscaled size")
+        if mode == "upscale" or (mode == "txt2img" and params.hires):
+            limits.check_size(*hires_size(width, height, params).final, "upscaled size")
 
 
 @dataclass
@@ -113,8 +115,9 @@ class Renderer:
         config, (left, right, top, bottom) = self.pipe.config, params.outpaint
         width = params.width or (image.width + left + right if image is not None else config.image_size)
         height = params.height or (image.height + top + bottom if image is not None else config.image_size)
-        if hires or mode == "upscale":  # the hires pass samples and decodes at the enlarged size
-            width, height = round(width * params.upscale_by), round(height * params.upscale_by)
+        if hires or mode == "upscale" or (mode == "txt2img" and params.hires):  # sampled larger
+            big = hires_size(width, height, params)
+            width, height = big.width, big.height
         cfg = config.guidance if params.cfg is None else params.cfg
         modules = (self.pipe.unet, self.pipe.vae, *(e.model for e in self.pipe.text_encoders))  # loaded ones
         weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())

@@ -45,7 +45,9 @@ def run_mode(params: GenerationParams, image: Image.Image | None, mask: Image.Im
     Outpainting settings make any image run an outpainting one (the canvas grows, the new area is masked).
     """
     inferred = ("outpaint" if any(params.outpaint) else "inpaint" if mask is not None
-                else "img2img" if image is not None else "txt2img")
+                else "img2img" if image is not None else "upscale" if params.hires else "txt2img")
+    if mode == "txt2img" and inferred == "upscale":  # txt2img with the hires fix
+        return inferred
     if mode is None or mode == inferred or mode == "upscale":
         return mode or inferred
     if mode not in MODES:
@@ -71,6 +73,7 @@ class Run:
     latents: torch.Tensor | None = None  # starting noise given instead of drawn from the seeds
     extras: tuple[Extra, ...] = ()  # conditioning beyond the prompts (see `guidance`)
     upscaler: Pipeline | None = None  # the x4-upscaler model of a hires fix with upscaler "x4"
+    first_pass_steps: int = 0  # a hires pass's: prompt edits count on from its first pass
 
     @classmethod
     def of_batch(cls, params: GenerationParams, width: int, height: int, mode: str, **rest: object) -> Run:

@@ -1,13 +1,16 @@
 """The hires fix: generate at the base size (or take an image), enlarge, then img2img at `hires_strength`.
 
-The enlargement is the upscaler's: "latent" resizes the latents bilinearly, "lanczos" decodes, resizes
-the pixels and encodes again, "x4" decodes, runs the SD x4 upscaler model (`Run.upscaler`, see `x4`)
-with the same prompt and seed, resizes its 4x image to the target size and encodes again.
+The enlargement is the upscaler's (`params.UPSCALER_NAMES`): A1111's latent modes resize the latents
+with torch's interpolation, "lanczos" decodes, resizes the pixels and encodes again, "x4" decodes,
+runs the SD x4 upscaler model (`Run.upscaler`, see `x4`) with the same prompt and seed, resizes its
+4x image to the target size and encodes again. The target size follows A1111's hr_scale and
+hr_resize_x/y rules (`hires_size`); the second pass may have its own prompts, sampler and scale.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +24,45 @@ from openldm.pipelines.run import Run, Start
 if TYPE_CHECKING:
     from openldm.pipelines.pipeline import Pipeline
 
+# A1111's latent upscalers (modules/shared_items.py `latent_upscale_modes`): (interpolation, antialias)
+LATENT_MODES = {
+    "latent": ("bilinear", False), "latent_antialiased": ("bilinear", True),
+    "latent_bicubic": ("bicubic", False), "latent_bicubic_antialiased": ("bicubic", True),
+    "latent_nearest": ("nearest", False), "latent_nearest_exact": ("nearest-exact", False),
+}
+SIZE_STEP = 8  # the VAE's factor: A1111 sizes the latents `to // 8`, so a side is floored to a multiple of 8
+
+
+@dataclass(frozen=True)
+class HiresSize:
+    """The enlarged size, and the centred crop of it the hires pass samples (A1111's truncate_x/y)."""
+
+    width: int  # enlarged to, keeping the base image's aspect
+    height: int
+    crop_x: int = 0  # pixels cut off across the width, then the height (multiples of 8)
+    crop_y: int = 0
+
+    @property
+    def final(self) -> tuple[int, int]:
+        return self.width - self.crop_x, self.height - self.crop_y
+
+
+def hires_size(width: int, height: int, params: GenerationParams) -> HiresSize:
+    """A1111's hires size: `upscale_by`, or a target (hires_width/height) where 0 keeps the aspect and
+    two sides cover the target, then crop to it."""
+    to_w, to_h = params.hires_width, params.hires_height
+    if not (to_w or to_h):
+        return HiresSize(_floor8(width * params.upscale_by), _floor8(height * params.upscale_by))
+    if not to_h or (to_w and width / height < to_w / to_h):
+        cover_w, cover_h = to_w, to_w * height // width
+    else:
+        cover_w, cover_h = to_h * width // height, to_h
+    big = HiresSize(_floor8(cover_w), _floor8(cover_h))
+    if not (to_w and to_h):
+        return big
+    return dataclasses.replace(big, crop_x=(cover_w - to_w) // SIZE_STEP * SIZE_STEP,
+                               crop_y=(cover_h - to_h) // SIZE_STEP * SIZE_STEP)
+
 
 def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tensor:
     """The final latents of a hires-fix batch: base pass (or `image`), enlarged, then refined."""
@@ -30,19 +72,29 @@ def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tens
     else:
         base = pipe.encode_image(im.resize_image(image, run.width, run.height))
         base = base.expand(len(run.seeds), -1, -1, -1)
-    big_w, big_h = round8(run.width * params.upscale_by), round8(run.height * params.upscale_by)
-    start = enlarge(pipe, base, params.upscaler, big_w, big_h, run)
-    hires = dataclasses.replace(params, steps=params.hires_steps or params.steps)
-    big = dataclasses.replace(run, params=hires, width=big_w, height=big_h, latents=None)
+    size = hires_size(run.width, run.height, params)
+    start = crop(enlarge(pipe, base, params.upscaler, size.width, size.height, run), size, pipe)
+    width, height = size.final
+    big = dataclasses.replace(run, params=second_pass(params), width=width, height=height, latents=None,
+                              first_pass_steps=params.steps if image is None else 0)
     return pipe.sample(big, Start(start, params.hires_strength))
+
+
+def second_pass(params: GenerationParams) -> GenerationParams:
+    """The hires pass's settings: its steps, prompts, sampler and scale where they are given."""
+    return dataclasses.replace(
+        params, steps=params.hires_steps or params.steps, prompt=params.hires_prompt or params.prompt,
+        negative=params.hires_negative or params.negative, sampler=params.hires_sampler or params.sampler,
+        cfg=params.cfg if params.hires_cfg is None else params.hires_cfg)
 
 
 def enlarge(pipe: Pipeline, x: torch.Tensor, upscaler: str, width: int, height: int,
             run: Run | None = None) -> torch.Tensor:
     """Latents of the images `x` enlarged to width x height pixels by `upscaler` (x4: `run.upscaler`)."""
-    if upscaler == "latent":
+    if upscaler in LATENT_MODES:
+        mode, antialias = LATENT_MODES[upscaler]
         f = pipe.config.vae.downsample_factor
-        return F.interpolate(x, size=(height // f, width // f), mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=(height // f, width // f), mode=mode, antialias=antialias)
     if upscaler == "lanczos":
         pictures = [p.resize((width, height), im.LANCZOS) for p in pipe.decode(x)]
         return torch.cat([pipe.encode_image(p) for p in pictures])
@@ -52,6 +104,13 @@ def enlarge(pipe: Pipeline, x: torch.Tensor, upscaler: str, width: int, height: 
         return torch.cat([pipe.encode_image(p.resize((width, height), im.LANCZOS))
                           for p in _x4_pictures(run.upscaler, pipe.decode(x), run)])
     raise ValueError(f"unknown upscaler {upscaler!r}; choose {' or '.join(UPSCALERS)}")
+
+
+def crop(x: torch.Tensor, size: HiresSize, pipe: Pipeline) -> torch.Tensor:
+    """The centred crop of enlarged latents that a target of another aspect keeps (as A1111 cuts it)."""
+    f = pipe.config.vae.downsample_factor
+    cut_x, cut_y = size.crop_x // f, size.crop_y // f
+    return x[:, :, cut_y // 2 : x.shape[2] - (cut_y + 1) // 2, cut_x // 2 : x.shape[3] - (cut_x + 1) // 2]
 
 
 def _x4_pictures(model: Pipeline, pictures: list[Image.Image], run: Run) -> list[Image.Image]:
@@ -68,5 +127,6 @@ def _x4_pictures(model: Pipeline, pictures: list[Image.Image], run: Run) -> list
     return out
 
 
-def round8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
+def _floor8(value: float) -> int:
+    """A side as A1111 makes it, int() then down to a multiple of 8 (at least 8)."""
+    return max(SIZE_STEP, int(value) // SIZE_STEP * SIZE_STEP)
