@@ -33,8 +33,10 @@ from openldm.pipelines.params import (
     MASKED_CONTENT,
     MODE_INPUTS,
     RESIZE_MODES,
+    UPSCALER_NAMES,
     GenerationParams,
     read_ints,
+    upscaler_key,
 )
 from openldm.pipelines.run import batch_params
 
@@ -153,6 +155,13 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="batches run one after another (default 1)")
     g.add_argument("--clip-skip", type=int, metavar="N",
                    help="use the text encoder's n-th layer from the end")
+    g.add_argument("--cfg-rescale", dest="guidance_rescale", type=float, metavar="PHI",
+                   help="rescale guided predictions towards the conditional one's spread (0..1, default 0)")
+    g.add_argument("--eta", type=float, help="noise of ancestral and SDE samplers, DDIM's eta (default: the "
+                   "sampler's)")
+    g.add_argument("--s-noise", type=float, help="scale of the noise those samplers add (default 1)")
+    g.add_argument("--lenient", action="store_true", help="with --from-png: warn about stored settings "
+                   "openldm cannot honour (an unknown upscaler, an extension's key) instead of refusing")
     _add_control(p)
     xl = p.add_argument_group("SDXL settings")
     xl.add_argument("--original-size", type=_size_spec, metavar="WxH",
@@ -217,7 +226,37 @@ def _add_txt2img(sub) -> None:
                 "Generate images from a text prompt.",
                 'openldm txt2img "a red circle" --steps 20 --seed 1 -o a.png')
     _add_common(p, "txt2img")
+    g = p.add_argument_group("hires fix (A1111's: sample, enlarge, redraw at the larger size)")
+    g.add_argument("--hires", action="store_true", default=None, help="finish with the hires fix")
+    g.add_argument("--hires-width", type=int, metavar="PX", help="target width instead of --hires-scale (0 "
+                   "or unset with --hires-height: keep the aspect; both: enlarge to cover, crop the middle)")
+    g.add_argument("--hires-height", type=int, metavar="PX", help="target height (see --hires-width)")
+    _add_hires_options(g, "--hires-scale")
+    g.add_argument("--hires-prompt", help="prompt of the second pass (default: the prompt)")
+    g.add_argument("--hires-negative", help="negative prompt of the second pass (default: --negative)")
+    g.add_argument("--hires-sampler", metavar="NAME", help="sampler of the second pass (default: --sampler)")
+    g.add_argument("--hires-cfg", type=float, help="guidance scale of the second pass (default: --cfg)")
     p.set_defaults(run=_generate)
+
+
+def _add_hires_options(g: argparse._ArgumentGroup, scale: str) -> None:
+    """How the hires fix (txt2img --hires) and `upscale` enlarge and redraw."""
+    g.add_argument(scale, dest="upscale_by", type=float, help="enlargement factor (default 2)")
+    g.add_argument("--upscaler", type=_upscaler, metavar="NAME", help="how to enlarge: "
+                   f"{', '.join(UPSCALER_NAMES.values())} (or {', '.join(UPSCALER_NAMES)}); default Latent; "
+                   "x4: the SD x4-upscaler model given by --hires-upscaler")
+    g.add_argument("--hires-upscaler", type=Path, metavar="PATH", help="an SD x4-upscaler model (file or "
+                   "folder) to enlarge with; implies --upscaler x4")
+    g.add_argument("--strength", "--denoising-strength", dest="hires_strength", type=float,
+                   help="redraw strength (default 0.5)")
+    g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
+
+
+def _upscaler(text: str) -> str:
+    try:
+        return upscaler_key(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_img2img(sub) -> None:
@@ -281,14 +320,7 @@ def _add_upscale(sub) -> None:
                 "with img2img at --strength.", 'openldm upscale small.png "a castle" --scale 2 -o big.png')
     p.add_argument("image", type=Path, help="the image to enlarge")
     _add_common(p, "upscale")
-    g = p.add_argument_group("upscaling settings")
-    g.add_argument("--scale", dest="upscale_by", type=float, help="enlargement factor (default 2)")
-    g.add_argument("--upscaler", choices=("latent", "lanczos", "x4"), help="how to enlarge (default latent; "
-                   "x4: the SD x4-upscaler model given by --hires-upscaler)")
-    g.add_argument("--hires-upscaler", type=Path, metavar="PATH", help="an SD x4-upscaler model (file or "
-                   "folder) to enlarge with; implies --upscaler x4")
-    g.add_argument("--strength", dest="hires_strength", type=float, help="redraw strength (default 0.5)")
-    g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
+    _add_hires_options(p.add_argument_group("upscaling settings"), "--scale")
     x4 = p.add_argument_group("x4 upscaler (when --model is SD 2's x4-upscaler: 4x, no img2img pass)")
     x4.add_argument("--noise-level", type=int, default=20, metavar="N",
                     help="noise added to the input before upscaling, 0..350 (default 20): more invents more")
@@ -340,6 +372,11 @@ def read_prompt_file(path: Path) -> list[str]:
 def _settings(args: argparse.Namespace) -> tuple[list[GenerationParams], str | None]:
     """One concrete-seeded `GenerationParams` per prompt, and the hash of the model a PNG names."""
     stored = read_settings(args.from_png) if args.from_png else None
+    if stored and stored.unhonoured:
+        problem = f"{args.from_png}: settings openldm cannot honour: {'; '.join(stored.unhonoured)}"
+        if not args.lenient:
+            raise ValueError(f"{problem} (--lenient makes the image without them)")
+        print(f"warning: {problem}; made without them", file=sys.stderr)
     base = stored.params if stored else GenerationParams("")
     given = {name: value for name in _SETTINGS if (value := getattr(args, name, None)) is not None}
     base = dataclasses.replace(base, **given).with_seed()

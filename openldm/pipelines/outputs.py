@@ -13,7 +13,7 @@ from typing import Any
 
 from openldm.atomic import write_bytes_atomic
 from openldm.pipelines.infotext import format_infotext, parse_infotext, png_bytes, read_png
-from openldm.pipelines.params import GenerationParams, infotext_settings, params_from_infotext
+from openldm.pipelines.params import GenerationParams, infotext_settings, read_infotext
 
 FORMAT_VERSION = 1
 
@@ -26,6 +26,7 @@ class PngSettings:
     mode: str | None = None
     model: str | None = None
     model_hash: str | None = None
+    unhonoured: tuple[str, ...] = ()  # "Key: value" of an infotext that we cannot make (see `read_infotext`)
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,9 @@ def read_settings(path: str | Path) -> PngSettings:
     if text is None:
         raise ValueError(f"{path}: the PNG holds no generation parameters")
     prompt, negative, settings = parse_infotext(text)
-    return PngSettings(params_from_infotext(prompt, negative, settings), model=settings.get("Model"),
-                       model_hash=settings.get("Model hash"))
+    params, unhonoured = read_infotext(prompt, negative, settings)
+    return PngSettings(params, model=settings.get("Model"), model_hash=settings.get("Model hash"),
+                       unhonoured=unhonoured)
 
 
 def _from_exact(exact: dict[str, Any], path: str | Path) -> PngSettings:

@@ -318,6 +318,46 @@ def _hires_infotext(params: GenerationParams) -> dict[str, Any]:
                    or None, "Hires sampler": sampler, "Hires CFG Scale": params.hires_cfg}
 
 
+# The hires fix's size, A1111's rule (processing.py `init` of txt2img with enable_hr).
+SIZE_STEP = 8  # the VAE's factor: A1111 sizes the latents `to // 8`, so a side is floored to a multiple of 8
+
+
+@dataclass(frozen=True)
+class HiresSize:
+    """The enlarged size, and the centred crop of it the hires pass samples (A1111's truncate_x/y)."""
+
+    width: int  # enlarged to, keeping the base image's aspect
+    height: int
+    crop_x: int = 0  # pixels cut off across the width, then the height (multiples of 8)
+    crop_y: int = 0
+
+    @property
+    def final(self) -> tuple[int, int]:
+        return self.width - self.crop_x, self.height - self.crop_y
+
+
+def hires_size(width: int, height: int, params: GenerationParams) -> HiresSize:
+    """A1111's hires size: `upscale_by`, or a target (hires_width/height) where 0 keeps the aspect and
+    two sides cover the target, then crop to it."""
+    to_w, to_h = params.hires_width, params.hires_height
+    if not (to_w or to_h):
+        return HiresSize(_floor8(width * params.upscale_by), _floor8(height * params.upscale_by))
+    if not to_h or (to_w and width / height < to_w / to_h):
+        cover_w, cover_h = to_w, to_w * height // width
+    else:
+        cover_w, cover_h = to_h * width // height, to_h
+    big = HiresSize(_floor8(cover_w), _floor8(cover_h))
+    if not (to_w and to_h):
+        return big
+    return dataclasses.replace(big, crop_x=(cover_w - to_w) // SIZE_STEP * SIZE_STEP,
+                               crop_y=(cover_h - to_h) // SIZE_STEP * SIZE_STEP)
+
+
+def _floor8(value: float) -> int:
+    """A side as A1111 makes it, int() then down to a multiple of 8 (at least 8)."""
+    return max(SIZE_STEP, int(value) // SIZE_STEP * SIZE_STEP)
+
+
 def seeds_for(seed: int, count: int, offset: int = 0) -> list[int]:
     """Image i of a run uses seed + i (past 2**32 - 1 it wraps to 0), so any image can be regenerated alone.
 

@@ -24,9 +24,8 @@ from openldm.networks import NetworkLibrary, load_network, network_refs, read_em
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
-from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
+from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError, hires_size
 from openldm.pipelines.pipeline import Pipeline, StepCallback
-from openldm.pipelines.upscale import hires_size
 from openldm.pipelines.x4 import X4Settings, upscale_x4
 
 Log = Callable[[str], None]

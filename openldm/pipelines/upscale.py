@@ -10,7 +10,6 @@ hr_resize_x/y rules (`hires_size`); the second pass may have its own prompts, sa
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from openldm.pipelines import images as im
-from openldm.pipelines.params import UPSCALERS, GenerationParams
+from openldm.pipelines.params import UPSCALERS, GenerationParams, HiresSize, hires_size
 from openldm.pipelines.run import Run, Start
 
 if TYPE_CHECKING:
@@ -30,40 +29,6 @@ LATENT_MODES = {
     "latent_bicubic": ("bicubic", False), "latent_bicubic_antialiased": ("bicubic", True),
     "latent_nearest": ("nearest", False), "latent_nearest_exact": ("nearest-exact", False),
 }
-SIZE_STEP = 8  # the VAE's factor: A1111 sizes the latents `to // 8`, so a side is floored to a multiple of 8
-
-
-@dataclass(frozen=True)
-class HiresSize:
-    """The enlarged size, and the centred crop of it the hires pass samples (A1111's truncate_x/y)."""
-
-    width: int  # enlarged to, keeping the base image's aspect
-    height: int
-    crop_x: int = 0  # pixels cut off across the width, then the height (multiples of 8)
-    crop_y: int = 0
-
-    @property
-    def final(self) -> tuple[int, int]:
-        return self.width - self.crop_x, self.height - self.crop_y
-
-
-def hires_size(width: int, height: int, params: GenerationParams) -> HiresSize:
-    """A1111's hires size: `upscale_by`, or a target (hires_width/height) where 0 keeps the aspect and
-    two sides cover the target, then crop to it."""
-    to_w, to_h = params.hires_width, params.hires_height
-    if not (to_w or to_h):
-        return HiresSize(_floor8(width * params.upscale_by), _floor8(height * params.upscale_by))
-    if not to_h or (to_w and width / height < to_w / to_h):
-        cover_w, cover_h = to_w, to_w * height // width
-    else:
-        cover_w, cover_h = to_h * width // height, to_h
-    big = HiresSize(_floor8(cover_w), _floor8(cover_h))
-    if not (to_w and to_h):
-        return big
-    return dataclasses.replace(big, crop_x=(cover_w - to_w) // SIZE_STEP * SIZE_STEP,
-                               crop_y=(cover_h - to_h) // SIZE_STEP * SIZE_STEP)
-
-
 def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tensor:
     """The final latents of a hires-fix batch: base pass (or `image`), enlarged, then refined."""
     params = run.params
@@ -125,8 +90,3 @@ def _x4_pictures(model: Pipeline, pictures: list[Image.Image], run: Run) -> list
         out.append(upscale_x4(model, picture, params, noise_level=settings.noise_level,
                               tiling=settings.tiling)[0].image)
     return out
-
-
-def _floor8(value: float) -> int:
-    """A side as A1111 makes it, int() then down to a multiple of 8 (at least 8)."""
-    return max(SIZE_STEP, int(value) // SIZE_STEP * SIZE_STEP)

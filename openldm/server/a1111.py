@@ -17,21 +17,25 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
-from openldm.pipelines.params import MASKED_CONTENT, RESIZE_MODES, GenerationParams
+from openldm.pipelines.params import (
+    MASKED_CONTENT,
+    RESIZE_MODES,
+    UPSCALER_NAMES,
+    GenerationParams,
+    upscaler_key,
+)
 from openldm.server.jobs import FINISHED, Job
 from openldm.server.state import ServerState
 from openldm.server.submit import Refused, Submission, decode_image, enqueue, prepare, read_params
 
 WAIT_POLL_SECONDS = 0.05
-HR_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}  # A1111's "Latent (bicubic)" etc. start "latent"
 # Fields that change the image when not at these values, and that we do not implement.
 UNSUPPORTED = {
     "restore_faces": (False, None), "tiling": (False, None), "script_name": (None, ""),
     "styles": ([], None), "seed_resize_from_h": (0, -1, None), "seed_resize_from_w": (0, -1, None),
     "s_churn": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_tmax": (0, 0.0, None, float("inf")),
     "firstphase_width": (0, None), "firstphase_height": (0, None), "hr_checkpoint_name": (None, ""),
-    "hr_sampler_name": (None, ""), "hr_scheduler": (None, ""), "hr_prompt": ("", None),
-    "hr_negative_prompt": ("", None), "initial_noise_multiplier": (1, 1.0, None),
+    "hr_scheduler": (None, "", "Automatic", "automatic"), "initial_noise_multiplier": (1, 1.0, None),
     "include_init_images": (False, None), "refiner_checkpoint": (None, ""),
 }
 OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
@@ -67,6 +71,10 @@ class A1111Request(BaseModel):
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str | None = None
+    hr_cfg: float | None = None
     # img2img
     init_images: list[str] | None = None
     mask: str | None = None
@@ -140,21 +148,19 @@ def _img2img_settings(request: A1111Request) -> dict[str, Any]:
 
 
 def _hires_settings(request: A1111Request) -> dict[str, Any]:
-    upscaler = (request.hr_upscaler or "Latent").lower()
-    kind = next((ours for prefix, ours in HR_UPSCALERS.items() if upscaler.startswith(prefix)), None)
-    if kind is None:
-        raise Refused(422, f"hr_upscaler {request.hr_upscaler!r} is not supported; GET /sdapi/v1/upscalers",
-                      "hr_upscaler")
-    scale = request.hr_scale
-    if request.hr_resize_x or request.hr_resize_y:
-        scales = {size / base for size, base in ((request.hr_resize_x, request.width),
-                                                 (request.hr_resize_y, request.height)) if size}
-        if len(scales) != 1:
-            raise Refused(422, "hr_resize_x/hr_resize_y must keep the aspect ratio (one scale for both)",
-                          "hr_resize_x")
-        scale = scales.pop()
-    return {"upscale_by": scale, "upscaler": kind, "hires_steps": request.hr_second_pass_steps or None,
-            "hires_strength": 0.7 if request.denoising_strength is None else request.denoising_strength}
+    """A1111's hires fields as our settings: the one mapping; sizes and passes follow `upscale`."""
+    try:
+        upscaler = upscaler_key(request.hr_upscaler or "Latent")
+    except ValueError:
+        raise Refused(422, f"hr_upscaler {request.hr_upscaler!r} is not supported; GET /sdapi/v1/upscalers "
+                      "and /sdapi/v1/latent-upscale-modes", "hr_upscaler") from None
+    same_sampler = request.hr_sampler_name in (None, "", "Use same sampler")
+    return {"hires": True, "upscale_by": request.hr_scale, "upscaler": upscaler,
+            "hires_width": request.hr_resize_x, "hires_height": request.hr_resize_y,
+            "hires_steps": request.hr_second_pass_steps or None,
+            "hires_strength": 0.7 if request.denoising_strength is None else request.denoising_strength,
+            "hires_prompt": request.hr_prompt, "hires_negative": request.hr_negative_prompt,
+            "hires_sampler": None if same_sampler else request.hr_sampler_name, "hires_cfg": request.hr_cfg}
 
 
 def submit(state: ServerState, request: A1111Request, img2img: bool) -> Job:
@@ -343,7 +349,7 @@ def _add_listings(api: APIRouter, state: ServerState) -> None:
 
     @api.get("/latent-upscale-modes")
     def latent_modes() -> list[dict[str, str]]:
-        return [{"name": "Latent"}]
+        return [{"name": name} for key, name in UPSCALER_NAMES.items() if key.startswith("latent")]
 
     @api.get("/scripts")
     def scripts() -> dict[str, list[str]]:

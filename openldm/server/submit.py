@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from openldm.atomic import write_bytes_atomic
-from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.params import GenerationParams, hires_size
 from openldm.pipelines.render import check_inputs
 from openldm.server.config import ServerConfig, ServerLimits
 from openldm.server.jobs import Job, JobStore, QueueFull, new_job_id
@@ -96,7 +96,9 @@ def check_limits(mode: str, params: GenerationParams, hires: bool, images: dict[
     image = images.get("image")
     width = params.width or (image.width if image is not None else 0)
     height = params.height or (image.height if image is not None else 0)
-    scale = params.upscale_by if hires or mode == "upscale" else 1.0
+    scale = 1.0
+    if (hires or mode == "upscale" or params.hires) and width and height:
+        scale = hires_size(width, height, params).width / width  # the enlarged size, before a crop
     try:
         limits.generation().check(params)  # the rules a local run applies, at the server's bounds
     except ValueError as e:
