@@ -8,15 +8,20 @@ import torch
 from openldm.diffusion.denoisers import (
     CFGDenoiser,
     DiscreteDenoiser,
+    ScheduledDenoiser,
     bind,
     get_scalings,
     get_target,
     min_snr_weights,
+    step_index,
 )
-from openldm.diffusion.noise import BatchNoise
+from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise
+from openldm.diffusion.registry import SAMPLERS
 from openldm.diffusion.samplers import ancestral_step
 from openldm.diffusion.schedules import DiscreteSchedule
 from openldm.diffusion.sigmas import get_sigmas
+from openldm.prompts import prompt_schedule
+from tests.gaussian import Gaussian
 from tests.oracles import k_external
 
 SCHEDULE = DiscreteSchedule.stable_diffusion()
@@ -247,3 +252,40 @@ def test_cfg_rescale_euler_ancestral_reproduces_diffusers(prediction):
         x = x + (x - denoised) / sigma * (sigma_down - sigma) + noise() * sigma_up
     err = (x - latent).abs().max().item()
     assert err < 1e-5 * latent.abs().max().item(), f"{prediction}: max abs error {err}"
+
+
+# --- prompt schedules: which denoiser a model call uses is a function of its sigma -----------------
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_a_prompt_edit_switches_at_the_same_noise_level_for_every_sampler(name):
+    """`[a:b:0.5]` over 10 steps: a for steps 0-5, b from step 6 (A1111's count), wherever the sampler
+    evaluates. Heun's corrector at sigma_6, DPM2's midpoints, adaptive and restarting samplers included:
+    a counter of callbacks gets Heun's corrector (and every adaptive step) wrong."""
+    spec = SAMPLERS[name]
+    sigmas = spec.sigmas(spec.default_schedule, 10, SCHEDULE).double()
+    ends = [end for end, _ in prompt_schedule("[a:b:0.5]", 10)]
+    assert ends == [5, 10]
+    g, calls = Gaussian.make(), []
+
+    def recording(text):
+        def denoiser(x, sigma):
+            calls.append((float(sigma.max()), text))
+            return g.denoiser(x, sigma)
+        return denoiser
+
+    denoiser = ScheduledDenoiser(ends, [recording("a"), recording("b")], sigmas)
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    noise = BatchNoise((3,), (4,), dtype=torch.float64)
+    if spec.noise == "brownian":
+        noise = BrownianTreeNoise.for_sigmas((3,), (4,), sigmas)
+    spec(denoiser, x, sigmas, noise_sampler=noise)
+    switch = float(sigmas[6])  # step 6 starts here
+    wrong = [(round(s, 4), text) for s, text in calls if text != ("b" if s <= switch * (1 + 1e-4) else "a")]
+    assert not wrong, f"{name}: calls at these sigmas used the other prompt (switch at {switch:.4f}): {wrong}"
+    assert {text for _, text in calls} == {"a", "b"}
+
+
+def test_step_index_counts_the_steps_a_sigma_is_past():
+    sigmas = [10.0, 5.0, 2.0, 1.0, 0.0]
+    found = [step_index(sigmas, s) for s in (11.0, 10.0, 7.0, 5.0, 5.0 * (1 + 1e-6), 1.5, 1.0, 0.5, 0.0)]
+    assert found == [0, 0, 0, 1, 1, 2, 3, 3, 3]
