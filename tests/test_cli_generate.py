@@ -243,3 +243,73 @@ def test_samplers_lists_every_sampler_and_schedule_with_its_a1111_name(capsys):
         assert any(line.split()[:1] == [spec.name] and spec.display in line for line in lines), spec.name
     for name, display in SCHEDULE_DISPLAY.items():
         assert any(line.split()[:1] == [name] and line.endswith(display) for line in lines), name
+
+
+# --- the hires fix as A1111 has it, and A1111's PNGs read back ----------------------------------
+
+HIRES = ["--hires", "--hires-scale", 1.5, "--upscaler", "Latent (bicubic)", "--hires-steps", 3,
+         "--denoising-strength", 0.6, "--hires-prompt", "a blue circle", "--hires-cfg", 4, "--hires-sampler",
+         "DPM++ 2M"]
+
+
+def _a1111_png(path, text):
+    """A PNG as A1111 writes it: the `parameters` infotext chunk only."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_txt2img_hires_records_a1111s_keys(model, tmp_path):
+    out = tmp_path / "hires.png"
+    assert run("txt2img", "a red circle", "--model", model, *FAST, "--seed", 2, "--width", 16, "--height", 16,
+               *HIRES, "--eta", 0.5, "--s-noise", 0.9, "--cfg-rescale", 0.3, "-o", out) == 0
+    with Image.open(out) as image:
+        assert image.size == (24, 24)
+    text = settings(out)
+    for pair in ("Size: 16x16", "Denoising strength: 0.6", "Hires upscale: 1.5", "Hires steps: 3",
+                 "Hires upscaler: Latent (bicubic)", "Hires prompt: a blue circle", "Hires sampler: DPM++ 2M",
+                 "Hires CFG Scale: 4.0", "Eta: 0.5", "Sigma noise: 0.9", "CFG Rescale phi: 0.3"):
+        assert pair in text
+    resized = tmp_path / "resized.png"  # a target of another aspect: cover, then crop the middle
+    assert run("txt2img", "a red circle", "--model", model, *FAST, "--seed", 2, "--width", 16, "--height", 16,
+               "--hires", "--hires-width", 32, "--hires-height", 24, "-o", resized) == 0
+    with Image.open(resized) as image:
+        assert image.size == (32, 24)
+    assert "Hires resize: 32x24" in settings(resized)
+
+
+def test_from_png_of_an_a1111_hires_png_regenerates_it_with_hires(model, tmp_path, capsys):
+    explicit = tmp_path / "explicit.png"
+    assert run("txt2img", "a red circle", "--model", model, *FAST, "--seed", 2, "--width", 16, "--height", 16,
+               *HIRES, "-o", explicit) == 0
+    a1111 = _a1111_png(tmp_path / "a1111.png", (
+        "a red circle\nSteps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 5, Seed: 2, "
+        "Size: 16x16, Model hash: 0123abcd, Model: other, Denoising strength: 0.6, "
+        "Hires prompt: a blue circle, "
+        "Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (bicubic), Hires sampler: DPM++ 2M, "
+        "Hires CFG Scale: 4, Version: v1.10.1"))
+    again = tmp_path / "again.png"
+    assert run("txt2img", "--from-png", a1111, "--model", model, "-o", again) == 0
+    with Image.open(again) as image:
+        assert image.size == (24, 24)
+    assert np.array_equal(pixels(again), pixels(explicit))
+
+
+@pytest.mark.parametrize(("pair", "named"), [("ENSD: 31337", "ENSD: '31337'"),
+                                             ("Hires upscaler: R-ESRGAN 4x+", "Hires upscaler")])
+def test_from_png_refuses_what_it_cannot_honour_unless_lenient(model, tmp_path, capsys, pair, named):
+    png = _a1111_png(tmp_path / "a1111.png", "a red circle\nSteps: 2, CFG scale: 5, Seed: 2, Size: 16x16, "
+                     f"Denoising strength: 0.6, Hires upscale: 1.5, {pair}")
+    out = tmp_path / "out.png"
+    capsys.readouterr()
+    assert run("txt2img", "--from-png", png, "--model", model, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot honour" in err and named in err and "--lenient" in err
+    assert not out.exists()
+    assert run("txt2img", "--from-png", png, "--model", model, "--lenient", "-o", out) == 0
+    assert "warning:" in capsys.readouterr().err
+    with Image.open(out) as image:
+        assert image.size == (24, 24)

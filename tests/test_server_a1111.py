@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import webuiapi
 from PIL import Image
@@ -110,6 +114,32 @@ def test_fields_that_would_change_the_image_are_refused_by_name(served, field, v
             field: value}
     reply = served.http.post("/sdapi/v1/txt2img", json=body)
     assert reply.status_code == 422 and field in reply.json()["error"], reply.text
+
+
+def test_hires_fields_map_onto_the_cli_settings(served):
+    """hr_resize_x with hr_resize_y 0 keeps the aspect; the second pass's own prompt, sampler and scale."""
+    body = {"prompt": "a red circle", "width": 16, "height": 8, "seed": 7, "steps": 2, "cfg_scale": 5,
+            "enable_hr": True, "hr_resize_x": 32, "hr_resize_y": 0, "hr_upscaler": "Latent (nearest-exact)",
+            "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+    own = {"hr_prompt": "a blue circle", "hr_negative_prompt": "grey", "hr_sampler_name": "DPM++ 2M",
+           "hr_cfg": 4}
+
+    def txt2img(fields):
+        reply = served.http.post("/sdapi/v1/txt2img", json=fields)
+        assert reply.status_code == 200, reply.text
+        image = Image.open(io.BytesIO(base64.b64decode(reply.json()["images"][0])))
+        return np.asarray(image.convert("RGB"), dtype=int), json.loads(reply.json()["info"])["infotexts"][0]
+
+    hires, text = txt2img(body | own)
+    assert hires.shape == (16, 32, 3)
+    _, _, settings = parse_infotext(text)
+    assert {k: settings[k] for k in ("Size", "Hires resize", "Hires upscaler", "Hires prompt",
+                                     "Hires negative prompt", "Hires sampler", "Hires CFG Scale")} == {
+        "Size": "16x8", "Hires resize": "32x0", "Hires upscaler": "Latent (nearest-exact)",
+        "Hires prompt": "a blue circle", "Hires negative prompt": "grey", "Hires sampler": "DPM++ 2M",
+        "Hires CFG Scale": "4.0"}
+    same, text = txt2img(body | {"hr_sampler_name": "Use same sampler"})
+    assert "Hires sampler" not in text and np.abs(same - hires).max() > 0
 
 
 # --- load ------------------------------------------------------------------------------------------
