@@ -11,7 +11,7 @@ from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.io import CheckpointError, write_safetensors_atomic
 from openldm.checkpoints.load import load_components
 from openldm.checkpoints.save import parts_from_single_file, save_diffusers
-from openldm.config import SHAPES, TINY_SD1
+from openldm.config import SHAPES, TINY_SD1, get_preset
 from openldm.pipelines.params import GenerationParams
 from tests.helpers import checkpoint_state_dict, make_checkpoint
 
@@ -67,3 +67,24 @@ def test_infotext_records_vae_and_its_hash_after_the_model(files):
 
     text = result_infotext(Result(), "model", "0123456789", ("vae-ft-mse.safetensors", "abcdef0123"))
     assert "Model: model, VAE hash: abcdef0123, VAE: vae-ft-mse.safetensors" in text
+
+
+def test_a_vae_of_another_latent_scale_is_refused_in_one_line(files, tmp_path):
+    """tiny-sdxl's VAE has tiny-sd1's shapes but scales latents by 0.13025: its folder's config.json tells."""
+    model, _, _ = files
+    config = get_preset("tiny-sdxl")
+    save_diffusers(parts_from_single_file(checkpoint_state_dict(config, extras=False), config),
+                   tmp_path / "sdxl", config=config)
+    wanted = r"vae: a VAE for latents scaled by 0.13025 \(its config.json\); tiny-sd1's are scaled by 0.18"
+    with pytest.raises(CheckpointError, match=wanted):
+        load_components(model, vae=tmp_path / "sdxl" / "vae")
+
+
+def test_a_vae_with_other_latent_channels_is_refused_by_its_channels(files, tmp_path):
+    model, vae, _ = files
+    wide = dict(vae)
+    wide["post_quant_conv.weight"] = torch.zeros(8, 8, 1, 1)
+    write_safetensors_atomic(tmp_path / "wide.safetensors", wide)
+    with pytest.raises(CheckpointError, match="wide.safetensors: a VAE with 8 latent channels; tiny-sd1's "
+                       "latents have 4"):
+        load_components(model, vae=tmp_path / "wide.safetensors")

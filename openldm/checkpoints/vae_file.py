@@ -8,6 +8,8 @@ the model's VAE config exactly (strict load), so one made for another latent spa
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,27 @@ def _vae_state(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_latent_space(path: Path, state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Refuse a VAE of another latent space in one line: its latent channels, and (a diffusers folder's
+    config.json says it) its scaling factor. An original-layout file does not record its scale: an SDXL
+    VAE (0.13025) has SD1's shapes (0.18215), so only the folder form can be told apart."""
+    wanted = config.latent_format
+    conv = state.get("post_quant_conv.weight")
+    if conv is not None and conv.ndim == 4 and conv.shape[1] != wanted.channels:
+        raise CheckpointError(f"{path}: a VAE with {conv.shape[1]} latent channels; {config.name}'s latents "
+                              f"have {wanted.channels}")
+    settings = path / "config.json"
+    if not settings.is_file():
+        return
+    try:
+        scale = json.loads(settings.read_text(encoding="utf-8")).get("scaling_factor")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{settings}: not a readable diffusers VAE config") from None
+    if isinstance(scale, (int, float)) and not math.isclose(scale, wanted.scale_factor, rel_tol=1e-4):
+        raise CheckpointError(f"{path}: a VAE for latents scaled by {scale} (its config.json); "
+                              f"{config.name}'s are scaled by {wanted.scale_factor}")
+
+
 def load_vae(path: str | Path, config: ModelConfig, *, dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu") -> VAEFile:
     """A standalone VAE for `config`'s latent space, loaded strictly."""
@@ -50,6 +73,7 @@ def load_vae(path: str | Path, config: ModelConfig, *, dtype: torch.dtype | None
     if not path.exists():
         raise CheckpointError(f"{path}: no such VAE file or folder")
     state = _vae_state(path, config)
+    _check_latent_space(path, state, config)
     vae = AutoencoderKL(config.vae)
     expected = vae.state_dict()
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
