@@ -74,10 +74,12 @@ from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.save import parts_from_single_file, save_diffusers
 from openldm.cli.generate import read_prompt_file
 from openldm.config import get_preset
-from openldm.diffusion.noise import initial_noise
+from openldm.diffusion.noise import BatchNoise, initial_noise
 from openldm.diffusion.registry import resolve
+from openldm.pipelines import images as im
 from openldm.pipelines import pipeline as pl
 from openldm.pipelines.infotext import read_png
+from openldm.pipelines.inpaint import MASKED_NOISE_SEED_OFFSET
 from openldm.pipelines.outputs import read_settings, save_result
 from openldm.pipelines.params import GenerationParams
 from tests.helpers import checkpoint_state_dict
@@ -292,6 +294,54 @@ def test_inpaint_matches_diffusers(models, name, strength):
     ref_latents = inpaint(**REF_ARGS, image=ref_init, mask_image=mask, masked_image_latents=_posterior_mean(
         ref, masked), strength=strength, height=SIZE, width=SIZE, generator=_generator()).images
     _compare(f"inpaint tiny-sd1-inpaint {name} strength {strength}", ours, ref, ref_latents)
+
+
+@pytest.mark.parametrize("content", ["fill", "latent_noise", "latent_nothing"])
+def test_inpaint_masked_content_matches_diffusers_from_the_same_start(models, content):
+    """Each masked-content mode, run through the pipeline, against diffusers' inpainting given the start
+    that mode defines: the filled picture (fill), or the image latent with the masked area replaced by
+    the fill noise stream (latent noise) or by zeros (latent nothing), which diffusers takes as `image`."""
+    pipe, ref = models("tiny-sd1-inpaint")
+    image, mask, sampler = _test_image(), _test_mask(), SAMPLERS["euler"]
+    settings = {"strength": STRENGTH, "mask_blur": 0, "overlay": False, "masked_content": content}
+    ours = _ours(pipe, sampler, initial_noise(SEED, _latent_shape(pipe))[None], image=image, mask=mask,
+                 params=settings)
+    inpaint = _with_scheduler(_sibling(ref, diffusers.AutoPipelineForInpainting), sampler)
+    binary = inpaint.mask_processor.preprocess(mask)
+    if content == "fill":
+        start = im.fill_masked(image, mask)
+        masked = inpaint.image_processor.preprocess(start) * (binary < 0.5)
+        start = _reference_latent(pipe, ref, start)
+    else:
+        masked = inpaint.image_processor.preprocess(image) * (binary < 0.5)
+        latent = _reference_latent(pipe, ref, image)
+        small = torch.nn.functional.interpolate(binary.round(), size=latent.shape[-2:], mode="nearest")
+        fill = torch.zeros_like(latent)
+        if content == "latent_noise":  # the mode's own stream: seed + MASKED_NOISE_SEED_OFFSET
+            fill = BatchNoise([SEED + MASKED_NOISE_SEED_OFFSET], latent.shape[1:])()
+        start = latent * (1 - small) + fill * small
+    ref_latents = inpaint(**REF_ARGS, image=start, mask_image=mask, masked_image_latents=_posterior_mean(
+        ref, masked), strength=STRENGTH, height=SIZE, width=SIZE, generator=_generator()).images
+    _compare(f"inpaint {content} tiny-sd1-inpaint", ours, ref, ref_latents)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd1", "tiny-sd1-inpaint"])
+def test_inpaint_only_masked_repaints_a_crop_and_pastes_it_back(models, preset):
+    """A1111's "only masked": the region around the mask is redrawn at full size and pasted back, so
+    every pixel away from the mask and its padding is the input's own."""
+    pipe, _ = models(preset)
+    image = _test_image(64)
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((40, 40, 55, 55), fill=255)
+    settings = dict(width=SIZE, height=SIZE, steps=2, seed=SEED, strength=0.9, mask_blur=0)
+    crop = pipe.generate(GenerationParams(PROMPT, only_masked=True, only_masked_padding=4, **settings),
+                         image=image, mask=mask)[0]
+    whole = pipe.generate(GenerationParams(PROMPT, **settings), image=image, mask=mask)[0]
+    got, original = np.asarray(crop.image, dtype=np.int16), np.asarray(image, dtype=np.int16)
+    assert crop.image.size == (64, 64) and crop.mode == "inpaint"
+    assert np.array_equal(got[:30], original[:30]) and np.array_equal(got[:, :30], original[:, :30])
+    assert np.abs(got[40:56, 40:56] - original[40:56, 40:56]).max() > 0
+    assert np.abs(got - np.asarray(whole.image.resize((64, 64)), dtype=np.int16)).max() > 0
 
 
 # --- our own guarantees -----------------------------------------------------------------------
