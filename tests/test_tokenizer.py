@@ -282,3 +282,27 @@ def test_tokenizer_json_we_write_is_what_transformers_writes(tmp_path):
     HFTokenizer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf")
     theirs = json.loads((tmp_path / "hf" / "tokenizer.json").read_text(encoding="utf-8"))
     assert json.loads((tmp_path / "written.json").read_text(encoding="utf-8")) == theirs
+
+
+@pytest.mark.parametrize("config_file", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_the_pad_token_comes_from_the_tokenizer_folder(ours_hf, tmp_path, config_file):
+    """A folder that pads with "!" (id 0, as OpenCLIP does) pads so, whatever the family default says."""
+    folder = ours_hf.save(tmp_path / "tokenizer")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = json.loads((folder / name).read_text())
+        if name == config_file:
+            data["pad_token"] = {"content": "!", "lstrip": False} if name == "tokenizer_config.json" else "!"
+        else:
+            data.pop("pad_token")
+        (folder / name).write_text(json.dumps(data))
+    tokenizer = CLIPTokenizer.from_folder(folder, pad_token=ours_hf.end_id)
+    assert tokenizer.pad_id == 0 and tokenizer("a cat", 6)[0].tolist()[-2:] == [0, 0]
+    (folder / "vocab.json").unlink()  # transformers 5's form: tokenizer.json beside the configs
+    assert CLIPTokenizer.from_folder(folder, pad_token=ours_hf.end_id).pad_id == 0
+
+
+def test_a_pad_token_outside_the_vocabulary_is_refused(ours_hf, tmp_path):
+    folder = ours_hf.save(tmp_path / "tokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|pad|>"}))
+    with pytest.raises(tk.CheckpointError, match=r"the pad token '<\|pad\|>' of its tokenizer config"):
+        CLIPTokenizer.from_folder(folder)

@@ -156,11 +156,19 @@ class CLIPTokenizer:
         """From a `tokenizer/` folder: `vocab.json` + `merges.txt`, else `tokenizer.json` (transformers 5)."""
         folder = Path(folder)
         if not (folder / "vocab.json").is_file():
-            return cls.from_tokenizer_json(folder / TOKENIZER_JSON, **options)
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return cls(vocab, merges, **options)
+            tokenizer = cls.from_tokenizer_json(folder / TOKENIZER_JSON, **options)
+        else:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+            tokenizer = cls(vocab, merges, **options)
+        pad = folder_pad_token(folder)
+        if pad is not None:  # the folder says how its model pads: it knows better than the family default
+            if pad not in tokenizer.vocab:
+                raise CheckpointError(f"{folder}: the pad token {pad!r} of its tokenizer config is not in "
+                                      "its vocabulary")
+            tokenizer.pad_id = tokenizer.vocab[pad]
+        return tokenizer
 
     @classmethod
     def from_tokenizer_json(cls, path: str | Path, **options) -> CLIPTokenizer:
@@ -302,6 +310,22 @@ class CLIPTokenizer:
     def is_standard(self) -> bool:
         """CLIP's own 49,408-token vocabulary (which every reader has; others must travel with the model)."""
         return len(self.vocab) == NUM_MERGES + 514 and len(self.merges) == NUM_MERGES
+
+
+def folder_pad_token(folder: Path) -> str | None:
+    """The pad token a tokenizer folder names (tokenizer_config.json, else special_tokens_map.json)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: not a readable tokenizer config") from None
+        pad = pad.get("content") if isinstance(pad, dict) else pad  # transformers' AddedToken form
+        if isinstance(pad, str):
+            return pad
+    return None
 
 
 def encoder_options(cfg: CLIPTextConfig) -> dict:
