@@ -232,24 +232,25 @@ def _add_txt2img(sub) -> None:
                    "or unset with --hires-height: keep the aspect; both: enlarge to cover, crop the middle)")
     g.add_argument("--hires-height", type=int, metavar="PX", help="target height (see --hires-width)")
     _add_hires_options(g, "--hires-scale")
-    g.add_argument("--hires-prompt", help="prompt of the second pass (default: the prompt)")
-    g.add_argument("--hires-negative", help="negative prompt of the second pass (default: --negative)")
+    g.add_argument("--hires-prompt", metavar="TEXT", help="prompt of the second pass (default: the prompt)")
+    g.add_argument("--hires-negative", metavar="TEXT", help="negative prompt of the second pass (default: --negative)")
     g.add_argument("--hires-sampler", metavar="NAME", help="sampler of the second pass (default: --sampler)")
-    g.add_argument("--hires-cfg", type=float, help="guidance scale of the second pass (default: --cfg)")
+    g.add_argument("--hires-cfg", type=float, metavar="SCALE", help="guidance scale of the second pass (default: --cfg)")
     p.set_defaults(run=_generate)
 
 
 def _add_hires_options(g: argparse._ArgumentGroup, scale: str) -> None:
     """How the hires fix (txt2img --hires) and `upscale` enlarge and redraw."""
-    g.add_argument(scale, dest="upscale_by", type=float, help="enlargement factor (default 2)")
+    g.add_argument(scale, dest="upscale_by", type=float, metavar="F", help="enlargement factor (default 2)")
     g.add_argument("--upscaler", type=_upscaler, metavar="NAME", help="how to enlarge: "
                    f"{', '.join(UPSCALER_NAMES.values())} (or {', '.join(UPSCALER_NAMES)}); default Latent; "
                    "x4: the SD x4-upscaler model given by --hires-upscaler")
     g.add_argument("--hires-upscaler", type=Path, metavar="PATH", help="an SD x4-upscaler model (file or "
                    "folder) to enlarge with; implies --upscaler x4")
-    g.add_argument("--strength", "--denoising-strength", dest="hires_strength", type=float,
+    g.add_argument("--strength", "--denoising-strength", dest="hires_strength", type=float, metavar="S",
                    help="redraw strength (default 0.5)")
-    g.add_argument("--hires-steps", type=int, help="steps of the redraw (default: --steps)")
+    g.add_argument("--hires-steps", type=int, metavar="N", help="steps of the redraw (default: --steps; "
+                   "A1111's 0 too)")
 
 
 def _upscaler(text: str) -> str:
