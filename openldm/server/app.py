@@ -132,7 +132,8 @@ def create_app(config: ServerConfig, start_workers: bool = True) -> FastAPI:
     """The app over `config.data_dir`'s job store; jobs a crash left running are queued again first."""
     store = JobStore(config.database)
     requeued = store.recover()
-    state = ServerState(config, store, ModelCatalog(config.default_model, config.models_dir), requeued)
+    catalog = ModelCatalog(config.default_model, config.models_dir, config.controlnets)
+    state = ServerState(config, store, catalog, requeued)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -60,7 +60,7 @@ class Worker:
     def __init__(self, config: ServerConfig, store: JobStore, name: str = "worker-0",
                  device: str | None = None) -> None:
         self.config, self.store, self.name = config, store, name
-        self.catalog = ModelCatalog(config.default_model, config.models_dir)
+        self.catalog = ModelCatalog(config.default_model, config.models_dir, config.controlnets)
         self.models = ModelCache(config, device, config.keep_models)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
