@@ -137,6 +137,23 @@ def test_a_disabled_unit_changes_nothing(served, api):
     assert "ControlNet" not in off.info["infotexts"][0]
 
 
+def test_an_img2img_unit_without_an_image_takes_the_init_image(api):
+    """As the extension does; a txt2img unit without one is refused by name."""
+    picture = _drawing().rotate(90)
+    given = webuiapi.ControlNetUnit(image=picture, module="invert", model="control_tiny_scribble",
+                                    resize_mode="Just Resize")
+    missing = webuiapi.ControlNetUnit(module="invert", model="control_tiny_scribble",
+                                      resize_mode="Just Resize")
+    runs = [api.img2img(images=[picture], prompt="a tree", width=SIZE, height=SIZE, seed=5,
+                        denoising_strength=0.6, controlnet_units=[unit], alwayson_scripts={})
+            for unit in (given, missing)]
+    assert np.abs(_pixels(runs[0].image) - _pixels(runs[1].image)).max() == 0
+    assert "ControlNet 0: \"Module: invert" in runs[1].info["infotexts"][0]
+    with pytest.raises(RuntimeError, match="a txt2img ControlNet unit needs an image"):
+        api.txt2img(prompt="a tree", width=SIZE, height=SIZE, controlnet_units=[missing],
+                    alwayson_scripts={})
+
+
 def test_a_native_job_with_two_units(served, renderer, folders):
     drawing = b64_png(_drawing())
     controls = [
@@ -170,8 +187,11 @@ def test_a_native_job_with_two_units(served, renderer, folders):
     ({"model": "../ControlNet/control_tiny_canny"}, 404, "no ControlNet '../ControlNet/control_tiny_canny'"),
     ({"preprocessor": "depth"}, 422, "controls.0: preprocessor 'depth' needs model weights"),
     ({"start": 0.8, "end": 0.2}, 422, "controls.0: control start 0.8 and end 0.2"),
+    ({"copies": 5}, 422, "5 ControlNet units is over max_controls=4"),
 ])
 def test_bad_native_units_are_refused_before_queueing(served, change, status, message):
+    copies = change.get("copies", 1)
     unit = {"model": "control_tiny_canny", "image": b64_png(_drawing())} | change
-    reply = served.http.post("/v1/jobs", json={"params": {"prompt": "x"}, "controls": [unit]})
+    unit.pop("copies", None)
+    reply = served.http.post("/v1/jobs", json={"params": {"prompt": "x"}, "controls": [unit] * copies})
     assert reply.status_code == status and message in reply.json()["error"], reply.text

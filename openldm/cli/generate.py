@@ -400,7 +400,8 @@ _SERVER_SIDE = add_model_options(argparse.ArgumentParser(add_help=False))  # fla
 def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], str]]:
     """The server renders; the inputs travel as their files' bytes."""
     if args.control:
-        raise ValueError("--control runs here only: the server does not take ControlNet units yet")
+        raise ValueError("--control runs here only: a server names its ControlNets itself; send "
+                         "`controls` to its POST /v1/jobs (docs/server.md)")
     given = [flag for flag, name in _SERVER_SIDE.items() if getattr(args, name, None) not in (None, [])]
     if given:
         raise ValueError(f"{', '.join(given)}: the server's model settings; give them to `openldm serve`, "

@@ -20,6 +20,7 @@ class ServerLimits:
     max_queue: int = 256  # jobs queued and not yet running
     max_upload_pixels: int = 4096 * 4096  # an input image or mask, checked before it is decoded
     max_upload_bytes: int = 32 * 2**20
+    max_controls: int = 4  # ControlNet units of one job (each one more network call per step)
 
     def generation(self) -> Limits:
         """This server's values as the `params.Limits` that settings are checked against (one owner)."""

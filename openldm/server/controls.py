@@ -151,6 +151,7 @@ class ControlRequest(BaseModel):
 def native_units(requests: list[ControlRequest], catalog: ControlNetCatalog,
                  limits: ServerLimits) -> tuple[ControlUnit, ...]:
     """The `controls` of a native job; an unknown ControlNet is a 404, as an unknown model is."""
+    _check_count(len(requests), limits, "controls")
     units = []
     for i, r in enumerate(requests):
         where = f"controls.{i}"
@@ -161,6 +162,12 @@ def native_units(requests: list[ControlRequest], catalog: ControlNetCatalog,
                            weight=r.weight, start=r.start, end=r.end, resize_mode=r.resize_mode,
                            mode=r.control_mode, guess=r.guess_mode))
     return tuple(units)
+
+
+def _check_count(count: int, limits: ServerLimits, where: str) -> None:
+    """Before any image is decoded: each unit costs a ControlNet call per model call."""
+    if count > limits.max_controls:
+        raise Refused(422, f"{count} ControlNet units is over max_controls={limits.max_controls}", where)
 
 
 def _unit(where: str, model: str, image: Image.Image, preprocessor: str, thresholds: Thresholds,
@@ -190,6 +197,8 @@ def unit_from_json(data: dict[str, Any], model: Path, image: Image.Image) -> Con
 def a1111_units(args: list[Any], init_image: Image.Image | None, catalog: ControlNetCatalog,
                 limits: ServerLimits) -> tuple[ControlUnit, ...]:
     """`alwayson_scripts.controlnet.args`: the enabled units, each refused (422) by the field it breaks."""
+    _check_count(sum(isinstance(a, dict) and a.get("enabled", True) is not False for a in args), limits,
+                 "alwayson_scripts.controlnet.args")
     units = []
     for i, arg in enumerate(args):
         where = f"alwayson_scripts.controlnet.args.{i}"
