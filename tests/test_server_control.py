@@ -195,3 +195,17 @@ def test_bad_native_units_are_refused_before_queueing(served, change, status, me
     unit.pop("copies", None)
     reply = served.http.post("/v1/jobs", json={"params": {"prompt": "x"}, "controls": [unit] * copies})
     assert reply.status_code == status and message in reply.json()["error"], reply.text
+
+
+def test_controlnet_names_titles_and_file_names_resolve_only_in_the_folder(folders):
+    from openldm.server.controls import ControlNetCatalog
+    from openldm.server.models import UnknownModel
+
+    catalog = ControlNetCatalog(folders / "ControlNet")
+    entry = catalog.get("control_tiny_canny")
+    assert entry.family == "sd1" and entry.title.startswith("control_tiny_canny [")
+    for name in (entry.title, "control_tiny_canny [d14c016b]", "control_tiny_canny.safetensors"):
+        assert catalog.get(name) == entry, name
+    for name in ("../tiny", str(entry.path), "tiny", "control_tiny"):
+        with pytest.raises(UnknownModel, match="no ControlNet"):
+            catalog.get(name)

@@ -79,7 +79,8 @@ class ControlNetCatalog:
 
     def get(self, name: str) -> ControlNetEntry:
         """The entry for a name, a filename or a "name [hash]" title; `UnknownModel` otherwise."""
-        for attempt in (name, (_TITLE.match(name) or re.match("(.*)", name)).group(1)):
+        title = _TITLE.match(name)  # "name [hash]": the hash may be another tool's, so the name decides
+        for attempt in dict.fromkeys((name, title.group(1) if title else name)):
             if attempt in self.entries:
                 return self.entries[attempt]
             for entry in self.entries.values():
