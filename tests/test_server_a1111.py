@@ -105,9 +105,30 @@ def test_webuiapi_progress_interrupt_and_wait_for_ready(api, served):
     assert time.perf_counter() - started < 60
 
 
+def test_skip_ends_only_the_batch_it_is_on(api, served):
+    """n_iter 3: a skip in the first batch drops its image; the second and third batches still run."""
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault(
+        "result", api.txt2img(prompt="skip me", width=32, height=32, steps=80, seed=20, n_iter=3)))
+    thread.start()
+    deadline = time.time() + 60
+    while (progress := api.get_progress())["state"]["sampling_step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    assert progress["state"]["sampling_step"] < 40, "the first batch was nearly over before the skip"
+    assert api.skip() == {}
+    thread.join(120)
+    result = done["result"]
+    assert result.info["all_seeds"] == [21, 22] and len(result.images) == 2, result.info["all_seeds"]
+    job = served.http.get(f"/v1/jobs/{result.info['job_id']}").json()
+    assert job["state"] == "done" and job["step"] == job["total"] == 240
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("restore_faces", True), ("tiling", True), ("script_name", "x/y/z plot"), ("styles", ["anime"]),
-    ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}), ("hr_upscaler", "R-ESRGAN 4x+"),
+    ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}),  # a unit without a model
+    ("alwayson_scripts", {"ADetailer": {"args": [True, {"ad_model": "face_yolov8n.pt"}]}}),
+    ("hr_upscaler", "R-ESRGAN 4x+"),
 ])
 def test_fields_that_would_change_the_image_are_refused_by_name(served, field, value):
     body = {"prompt": "a", "steps": 1, "width": 32, "height": 32, "enable_hr": field == "hr_upscaler",

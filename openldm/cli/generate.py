@@ -233,9 +233,11 @@ def _add_txt2img(sub) -> None:
     g.add_argument("--hires-height", type=int, metavar="PX", help="target height (see --hires-width)")
     _add_hires_options(g, "--hires-scale")
     g.add_argument("--hires-prompt", metavar="TEXT", help="prompt of the second pass (default: the prompt)")
-    g.add_argument("--hires-negative", metavar="TEXT", help="negative prompt of the second pass (default: --negative)")
+    g.add_argument("--hires-negative", metavar="TEXT",
+                   help="negative prompt of the second pass (default: --negative)")
     g.add_argument("--hires-sampler", metavar="NAME", help="sampler of the second pass (default: --sampler)")
-    g.add_argument("--hires-cfg", type=float, metavar="SCALE", help="guidance scale of the second pass (default: --cfg)")
+    g.add_argument("--hires-cfg", type=float, metavar="SCALE",
+                   help="guidance scale of the second pass (default: --cfg)")
     p.set_defaults(run=_generate)
 
 
@@ -438,7 +440,8 @@ _SERVER_SIDE = add_model_options(argparse.ArgumentParser(add_help=False))  # fla
 def _render_on_server(args: argparse.Namespace) -> tuple[Render, Callable[[], str]]:
     """The server renders; the inputs travel as their files' bytes."""
     if args.control:
-        raise ValueError("--control runs here only: the server does not take ControlNet units yet")
+        raise ValueError("--control runs here only: a server names its ControlNets itself; send "
+                         "`controls` to its POST /v1/jobs (docs/server.md)")
     given = [flag for flag, name in _SERVER_SIDE.items() if getattr(args, name, None) not in (None, [])]
     if given:
         raise ValueError(f"{', '.join(given)}: the server's model settings; give them to `openldm serve`, "

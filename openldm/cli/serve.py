@@ -28,6 +28,8 @@ def add_commands(sub) -> None:
     g.add_argument("--model", type=Path, metavar="PATH", help="the default model: a checkpoint file, "
                    f"diffusers folder or model folder (default: the embedded model, {default_model_path()})")
     g.add_argument("--models-dir", type=Path, metavar="DIR", help="folder of models a job may name")
+    g.add_argument("--controlnet-dir", type=Path, metavar="DIR", help="folder of ControlNets jobs may name "
+                   "(default: <models-dir>/ControlNet)")
     g.add_argument("--lora-dir", type=Path, action="append", default=[], metavar="DIR",
                    help="folder of LoRA files prompts name as <lora:NAME:W> (repeatable)")
     g.add_argument("--embeddings", type=Path, action="append", default=[], metavar="DIR",
@@ -67,12 +69,15 @@ def server_config(args: argparse.Namespace):
         raise ValueError(f"model not found: {model}")
     if args.models_dir is not None and not args.models_dir.is_dir():
         raise ValueError(f"--models-dir {args.models_dir} is not a folder")
+    if args.controlnet_dir is not None and not args.controlnet_dir.is_dir():
+        raise ValueError(f"--controlnet-dir {args.controlnet_dir} is not a folder")
     if args.workers < 1 or args.keep_models < 1:
         raise ValueError("--workers and --keep-models must be at least 1")
     devices = tuple(d.strip() for d in args.devices.split(",") if d.strip()) if args.devices else ()
     return ServerConfig(
         data_dir=args.data_dir.resolve(), default_model=model.resolve(),
         models_dir=args.models_dir.resolve() if args.models_dir else None,
+        controlnet_dir=args.controlnet_dir.resolve() if args.controlnet_dir else None,
         lora_dirs=tuple(p.resolve() for p in args.lora_dir),
         embedding_dirs=tuple(p.resolve() for p in args.embeddings), keep_models=args.keep_models,
         workers=args.workers, devices=devices, dtype=args.dtype, threads=args.threads,

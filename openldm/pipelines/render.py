@@ -94,7 +94,8 @@ class Renderer:
                 raise ValueError(f"{self.model_name} is an x4 upscaler: it only upscales an image "
                                  "(openldm upscale IMAGE PROMPT)")
             x4 = x4 or X4Settings()
-            results = upscale_x4(self.pipe, image, params, noise_level=x4.noise_level, tiling=x4.tiling)
+            results = upscale_x4(self.pipe, image, params, noise_level=x4.noise_level, tiling=x4.tiling,
+                                 callback=callback)
         else:
             results = self.pipe.generate(
                 params, mode="upscale" if hires else mode, refiner=self.refiner, image=image,

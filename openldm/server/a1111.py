@@ -7,7 +7,6 @@ a message naming it (`UNSUPPORTED` and `_check_unsupported` are the whole list).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -24,11 +23,11 @@ from openldm.pipelines.params import (
     GenerationParams,
     upscaler_key,
 )
+from openldm.server.controls import a1111_units, module_list
 from openldm.server.jobs import FINISHED, Job
 from openldm.server.state import ServerState
 from openldm.server.submit import Refused, Submission, decode_image, enqueue, prepare, read_params
 
-WAIT_POLL_SECONDS = 0.05
 # Fields that change the image when not at these values, and that we do not implement.
 UNSUPPORTED = {
     "restore_faces": (False, None), "tiling": (False, None), "script_name": (None, ""),
@@ -39,6 +38,7 @@ UNSUPPORTED = {
     "include_init_images": (False, None), "refiner_checkpoint": (None, ""),
 }
 OVERRIDES = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"}
+CONTROLNET_SCRIPT = "controlnet"  # the sd-webui-controlnet extension's script, matched case-insensitively
 
 
 class A1111Request(BaseModel):
@@ -96,10 +96,24 @@ def _check_unsupported(request: A1111Request) -> None:
         if name not in OVERRIDES:
             raise Refused(422, f"override_settings.{name} is not supported by openldm",
                           f"override_settings.{name}")
-    active = [name for name, script in (request.alwayson_scripts or {}).items() if _script_on(script)]
+    active = [name for name, script in (request.alwayson_scripts or {}).items()
+              if _script_on(script) and name.lower() != CONTROLNET_SCRIPT]
     if active:
         raise Refused(422, f"alwayson_scripts {', '.join(active)}: openldm has no such extension",
                       "alwayson_scripts")
+
+
+def _control_args(request: A1111Request) -> list[Any]:
+    """The ControlNet extension's units (webuiapi sends the script as "ControlNet")."""
+    scripts = request.alwayson_scripts or {}
+    script = next((v for k, v in scripts.items() if k.lower() == CONTROLNET_SCRIPT), None)
+    if script is None or not _script_on(script):
+        return []
+    args = script.get("args", []) if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        raise Refused(422, "alwayson_scripts.controlnet.args must be a list of units",
+                      "alwayson_scripts.controlnet.args")
+    return args
 
 
 def _script_on(script: Any) -> bool:
@@ -177,17 +191,21 @@ def submit(state: ServerState, request: A1111Request, img2img: bool) -> Job:
         if request.mask is not None:
             images["mask"] = decode_image(request.mask, "mask", state.config.limits)
             mode = "inpaint"
+    controls = a1111_units(_control_args(request), images.get("image"), state.controlnets,
+                           state.config.limits)
     model = (request.override_settings or {}).get("sd_model_checkpoint") or state.default_model()
     submission: Submission = prepare("a1111", mode, params, state.model(model).name, hires, images,
-                                     state.catalog, state.config)
+                                     state.catalog, state.config, controls=controls,
+                                     controlnets=state.controlnets)
     job, _ = enqueue(submission, state.store, state.config)
     return job
 
 
 async def wait(state: ServerState, job: Job) -> Job:
-    """Poll without holding a thread: many A1111 callers may wait at once."""
+    """Wait without holding a thread (many A1111 callers may wait at once), woken by the store's changes."""
+    seen = state.store.changes.version
     while job.state not in FINISHED:
-        await asyncio.sleep(WAIT_POLL_SECONDS)
+        seen = await state.next_change(seen)
         job = state.store.get(job.id)
     return job
 
@@ -241,7 +259,8 @@ def _progress(state: ServerState) -> dict[str, Any]:
     preview = state.store.preview(job.id) if job is not None else None
     return {
         "progress": progress, "eta_relative": (job.eta or 0.0) if job is not None else 0.0,
-        "state": {"skipped": False, "interrupted": bool(job and job.cancel), "job": job.id if job else "",
+        "state": {"skipped": bool(job and job.skip), "interrupted": bool(job and job.cancel),
+                  "job": job.id if job else "",
                   "job_count": counts["queued"] + counts["running"], "job_timestamp": "0",
                   "job_no": 0, "sampling_step": job.step if job else 0,
                   "sampling_steps": job.total if job else 0},
@@ -265,15 +284,41 @@ def router(state: ServerState) -> APIRouter:
     def progress() -> dict[str, Any]:
         return _progress(state)
 
+    @api.post("/interrupt")
     def interrupt() -> dict[str, Any]:
         """Stops the running generations; each returns early with the images finished so far."""
         for job in state.store.running():
             state.store.cancel(job.id)
         return {}
 
-    api.post("/interrupt")(interrupt)
-    api.post("/skip")(interrupt)
+    @api.post("/skip")
+    def skip() -> dict[str, Any]:
+        """Ends the batch each running generation is on (its images are dropped); the next one starts."""
+        for job in state.store.running():
+            state.store.skip(job.id)
+        return {}
+
     _add_listings(api, state)
+    return api
+
+
+def controlnet_router(state: ServerState) -> APIRouter:
+    """The ControlNet extension's discovery routes, at its own prefix (`/controlnet`)."""
+    api = APIRouter(prefix="/controlnet", tags=["a1111"])
+
+    @api.get("/version")
+    def version() -> dict[str, int]:
+        return {"version": 2}
+
+    @api.get("/model_list")
+    def model_list() -> dict[str, list[str]]:
+        state.controlnets.refresh()
+        return {"model_list": [e.title for e in state.controlnets.entries.values()]}
+
+    @api.get("/module_list")
+    def modules() -> dict[str, Any]:
+        return {"module_list": module_list(), "module_detail": {}}
+
     return api
 
 

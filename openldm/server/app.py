@@ -7,7 +7,6 @@ endpoints with their JSON.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import multiprocessing
@@ -26,14 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from openldm.server import a1111, worker
 from openldm.server.auth import auth_middleware
 from openldm.server.config import ServerConfig
+from openldm.server.controls import ControlNetCatalog, ControlRequest, native_units
 from openldm.server.jobs import FINISHED, STATES, Job, JobStore
 from openldm.server.models import ModelCatalog
 from openldm.server.state import ServerState
-from openldm.server.submit import Refused, decode_image, enqueue, prepare, read_params
+from openldm.server.submit import Refused, decode_image, enqueue, prepare, read_params, x4_settings
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-\d{4}\.png$")
-EVENT_POLL_SECONDS = 0.1
 
 
 class JobRequest(BaseModel):
@@ -44,6 +43,10 @@ class JobRequest(BaseModel):
     image: str | None = Field(None, description="the input image file, base64")
     mask: str | None = Field(None, description="the mask file, base64 (inpaint)")
     hires: bool = Field(False, description="txt2img finished by the hires fix (upscale_by, hires_steps ...)")
+    controls: list[ControlRequest] = Field([], description="ControlNet units, applied together")
+    noise_level: int | None = Field(None, description="x4-upscaler models: the low-res noise level (20)")
+    tile: int | None = Field(None, description="x4-upscaler models: tile side in input pixels (None: whole)")
+    tile_overlap: int | None = Field(None, description="x4-upscaler models: tile overlap (16)")
 
 
 class Submitted(BaseModel):
@@ -79,6 +82,7 @@ class JobView(BaseModel):
     error: str | None
     worker: str | None
     params: dict[str, Any]
+    extras: dict[str, Any]  # "controls": the ControlNet units; "x4": an x4 upscale's noise level, tiles
 
 
 class JobPage(BaseModel):
@@ -104,7 +108,7 @@ def job_view(job: Job, store: JobStore) -> JobView:
                    model_hash=job.model_hash, state=job.state, position=store.position(job), step=job.step,
                    total=job.total, eta=job.eta, created=job.created, started=job.started,
                    finished=job.finished, images=images, error=job.error, worker=job.worker,
-                   params=job.params)
+                   params=job.params, extras=job.extras)
 
 
 def _start_workers(config: ServerConfig, store: JobStore) -> list:
@@ -132,7 +136,9 @@ def create_app(config: ServerConfig, start_workers: bool = True) -> FastAPI:
     """The app over `config.data_dir`'s job store; jobs a crash left running are queued again first."""
     store = JobStore(config.database)
     requeued = store.recover()
-    state = ServerState(config, store, ModelCatalog(config.default_model, config.models_dir), requeued)
+    catalog = ModelCatalog(config.default_model, config.models_dir, config.controlnets)
+    state = ServerState(config, store, catalog, ControlNetCatalog(config.controlnets), requeued,
+                        live=start_workers and config.workers <= 1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -150,6 +156,7 @@ def create_app(config: ServerConfig, start_workers: bool = True) -> FastAPI:
     _add_catalog(app, state)
     if config.a1111:
         app.include_router(a1111.router(state))
+        app.include_router(a1111.controlnet_router(state))
     app.mount("/", StaticFiles(directory=STATIC, html=True), name="static")
     return app
 
@@ -186,8 +193,11 @@ def _add_jobs(app: FastAPI, state: ServerState) -> None:
         params = read_params(request.params)
         images = {name: decode_image(data, name, limits)
                   for name, data in (("image", request.image), ("mask", request.mask)) if data is not None}
+        controls = native_units(request.controls, state.controlnets, limits)
+        x4 = x4_settings(request.noise_level, request.tile, request.tile_overlap)
         submission = prepare("v1", request.mode, params, request.model or state.default_model(),
-                             request.hires, images, state.catalog, state.config)
+                             request.hires, images, state.catalog, state.config, controls=controls,
+                             controlnets=state.controlnets, x4=x4)
         job, position = enqueue(submission, store, state.config)
         return Submitted(id=job.id, position=position, state=job.state)
 
@@ -220,7 +230,7 @@ def _add_jobs(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: queued, step (with preview), done")
     async def events(job_id: str):
         _job_or_404(state, job_id)
-        return StreamingResponse(_events(store, job_id), media_type="text/event-stream",
+        return StreamingResponse(_events(state, job_id), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/images/{name}", summary="an output PNG, exactly as written")
@@ -235,10 +245,12 @@ def _sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _events(store: JobStore, job_id: str):
-    """Poll the store and send what changed; a client that goes away only stops its own stream."""
+async def _events(state: ServerState, job_id: str):
+    """Send what changed at each change of the store; a client that goes away only stops its own stream."""
+    store = state.store
     last: tuple | None = None
     sent_images = 0
+    seen = store.changes.version
     while True:
         job = store.get(job_id)
         position = store.position(job)
@@ -261,7 +273,7 @@ async def _events(store: JobStore, job_id: str):
             yield _sse(job.state, {"id": job_id, "state": job.state, "error": job.error,
                                    "images": [o["name"] for o in job.outputs]})
             return
-        await asyncio.sleep(EVENT_POLL_SECONDS)
+        seen = await state.next_change(seen)
 
 
 def _data_url(jpeg: bytes | None) -> str | None:
@@ -276,6 +288,12 @@ def _add_catalog(app: FastAPI, state: ServerState) -> None:
             {"name": e.name, "hash": e.hash, "sha256": e.sha256, "family": e.family, "filename": e.filename,
              "size": e.native_size, "default": e.name == state.default_model()}
             for e in state.catalog.entries.values()]}
+
+    @app.get("/v1/controlnets", summary="the ControlNets under --controlnet-dir")
+    def controlnets() -> dict[str, Any]:
+        state.controlnets.refresh()
+        return {"controlnets": [{"name": e.name, "title": e.title, "sha256": e.sha256, "family": e.family,
+                                 "filename": e.filename} for e in state.controlnets.entries.values()]}
 
     @app.get("/v1/samplers")
     def samplers() -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ class ServerLimits:
     max_queue: int = 256  # jobs queued and not yet running
     max_upload_pixels: int = 4096 * 4096  # an input image or mask, checked before it is decoded
     max_upload_bytes: int = 32 * 2**20
+    max_controls: int = 4  # ControlNet units of one job (each one more network call per step)
 
     def generation(self) -> Limits:
         """This server's values as the `params.Limits` that settings are checked against (one owner)."""
@@ -40,6 +41,7 @@ class ServerConfig:
     data_dir: Path
     default_model: Path  # the model used when a job names none (the embedded one unless --model)
     models_dir: Path | None = None
+    controlnet_dir: Path | None = None  # None: <models_dir>/ControlNet, A1111's folder name
     lora_dirs: tuple[Path, ...] = ()
     embedding_dirs: tuple[Path, ...] = ()
     keep_models: int = 1  # models kept loaded by each worker, most recently used first
@@ -51,6 +53,13 @@ class ServerConfig:
     api_key: str | None = None
     a1111: bool = True
     limits: ServerLimits = field(default_factory=ServerLimits)
+
+    @property
+    def controlnets(self) -> Path | None:
+        """The one folder ControlNet names resolve in (kept out of the models listing)."""
+        if self.controlnet_dir is not None:
+            return self.controlnet_dir
+        return self.models_dir / "ControlNet" if self.models_dir is not None else None
 
     @property
     def outputs(self) -> Path:

@@ -7,8 +7,10 @@ A job's outputs are listed only after their files are complete (the worker write
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -43,7 +45,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     preview BLOB,
-    model_hash TEXT
+    model_hash TEXT,
+    extras TEXT NOT NULL DEFAULT '{}',
+    skip INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
 CREATE TABLE IF NOT EXISTS options (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,6 +78,8 @@ class Job:
     worker: str | None
     attempts: int
     model_hash: str | None
+    extras: dict[str, Any]  # what a run takes beside its settings: "controls" (ControlNet units), "x4"
+    skip: bool  # A1111's skip: the running batch ends without its images, the next one starts
 
     @property
     def eta(self) -> float | None:
@@ -88,14 +94,63 @@ _COLUMNS = [name for name in Job.__dataclass_fields__]
 
 def _job(row: sqlite3.Row) -> Job:
     values = {name: row[name] for name in _COLUMNS}
-    for name in ("params", "inputs", "outputs"):
+    for name in ("params", "inputs", "outputs", "extras"):
         values[name] = json.loads(values[name])
-    values["hires"], values["cancel"] = bool(values["hires"]), bool(values["cancel"])
+    for name in ("hires", "cancel", "skip"):
+        values[name] = bool(values[name])
     return Job(**values)
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+_ADDED = {"extras": "TEXT NOT NULL DEFAULT '{}'", "skip": "INTEGER NOT NULL DEFAULT 0"}  # since the first
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """A store written before a column existed gets it, so an upgraded server keeps its queue."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for name, kind in _ADDED.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+
+
+class Changes:
+    """A counter the store bumps after each write, so that event streams in this process wait on it
+    instead of polling SQLite. Writes from worker processes do not reach it: streams poll then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.version = 0
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
+
+    def bump(self) -> None:
+        with self._lock:
+            self.version += 1
+            waiters, self._waiters = self._waiters, set()
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait(self, seen: int, timeout: float) -> int:
+        """The version once it differs from `seen`, or after `timeout` seconds (a safety net)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if self.version != seen:
+                return self.version
+            self._waiters.add((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            with self._lock:
+                self._waiters.discard((loop, future))
+        return self.version
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class QueueFull(Exception):
@@ -107,11 +162,13 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.changes = Changes()
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer; kept in the file
             db.executescript(_SCHEMA)
+            _add_columns(db)
         finally:
             db.close()
 
@@ -131,21 +188,28 @@ class JobStore:
         finally:
             db.close()
 
+    @contextmanager
+    def _write(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction; once it is committed, this process's event streams are woken."""
+        with self._connect(immediate) as db:
+            yield db
+        self.changes.bump()
+
     # --- submitting and reading ----------------------------------------------------------------
 
     def submit(self, source: str, mode: str, params: dict[str, Any], *, model: str | None = None,
                hires: bool = False, inputs: dict[str, str] | None = None, max_queue: int | None = None,
-               job_id: str | None = None) -> tuple[Job, int]:
+               job_id: str | None = None, extras: dict[str, Any] | None = None) -> tuple[Job, int]:
         """Queue a job; (the job, its 0-based place in the queue). `QueueFull` past `max_queue`."""
         job_id = job_id or new_job_id()
-        with self._connect(immediate=True) as db:
+        with self._write(immediate=True) as db:
             waiting = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
             if max_queue is not None and waiting >= max_queue:
                 raise QueueFull(f"the queue is full ({waiting} jobs waiting, limit max_queue={max_queue})")
-            db.execute("INSERT INTO jobs (id, source, mode, hires, model, params, inputs, created) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO jobs (id, source, mode, hires, model, params, inputs, extras, created) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (job_id, source, mode, int(hires), model, json.dumps(params),
-                        json.dumps(inputs or {}), time.time()))
+                        json.dumps(inputs or {}), json.dumps(extras or {}), time.time()))
         return self.get(job_id), waiting
 
     def get(self, job_id: str) -> Job | None:
@@ -195,16 +259,30 @@ class JobStore:
 
     def cancel(self, job_id: str) -> Job | None:
         """A queued job is cancelled at once; a running one is flagged and stops before its next step."""
-        with self._connect(immediate=True) as db:
+        with self._write(immediate=True) as db:
             db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, cancel = 1 "
                        "WHERE id = ? AND state = 'queued'", (time.time(), job_id))
             db.execute("UPDATE jobs SET cancel = 1 WHERE id = ? AND state = 'running'", (job_id,))
         return self.get(job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
+        return self.requests(job_id)[0]
+
+    def skip(self, job_id: str) -> None:
+        """A1111's skip: the running job drops the batch it is on and goes on with the next."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET skip = 1 WHERE id = ? AND state = 'running'", (job_id,))
+
+    def requests(self, job_id: str) -> tuple[bool, bool]:
+        """(cancel, skip) asked for a running job: one read per step."""
         with self._connect() as db:
-            row = db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return bool(row and row[0])
+            row = db.execute("SELECT cancel, skip FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return (bool(row[0]), bool(row[1])) if row is not None else (False, False)
+
+    def skipped(self, job_id: str) -> None:
+        """The worker dropped its batch: the next skip request is for the next batch."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET skip = 0 WHERE id = ?", (job_id,))
 
     # --- the worker's side ---------------------------------------------------------------------
 
@@ -216,17 +294,18 @@ class JobStore:
                 return None
             db.execute("UPDATE jobs SET state = 'running', worker = ?, started = ?, attempts = attempts + 1, "
                        "step = 0 WHERE id = ?", (worker, time.time(), row[0]))
+        self.changes.bump()
         return self.get(row[0])
 
     def progress(self, job_id: str, step: int, total: int, preview: bytes | None = None) -> None:
-        with self._connect() as db:
+        with self._write() as db:
             db.execute("UPDATE jobs SET step = ?, total = ?, preview = COALESCE(?, preview) WHERE id = ?",
                        (step, total, preview, job_id))
 
     def add_output(self, job_id: str, name: str, seed: int, model_hash: str, *, networks: str = "",
                    warning: str = "") -> None:
         """Record one finished image, its LoRA report and domain warning: called once its file is complete."""
-        with self._connect(immediate=True) as db:
+        with self._write(immediate=True) as db:
             row = db.execute("SELECT outputs FROM jobs WHERE id = ?", (job_id,)).fetchone()
             output = {"name": name, "seed": seed, "networks": networks, "warning": warning}
             outputs = [*json.loads(row[0]), output]
@@ -234,7 +313,7 @@ class JobStore:
                        (json.dumps(outputs), model_hash, job_id))
 
     def finish(self, job_id: str, state: str, error: str | None = None) -> None:
-        with self._connect() as db:
+        with self._write() as db:
             db.execute("UPDATE jobs SET state = ?, error = ?, finished = ? WHERE id = ?",
                        (state, error, time.time(), job_id))
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openldm.checkpoints.hashing import SHORT, sha256
+from openldm.config import ModelConfig
 from openldm.pipelines.pipeline import MODEL_FILE
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -21,20 +22,16 @@ class ModelEntry:
     path: Path
     filename: str  # relative to the models folder (A1111's title)
     sha256: str
-    preset: str | None  # the preset its header matches; None when that cannot be told cheaply
+    config: ModelConfig | None  # what its header or config.json files describe; None: not told cheaply
 
     @property
     def family(self) -> str | None:
-        from openldm.config import PRESETS
-
-        return PRESETS[self.preset].family if self.preset else None
+        return self.config.family if self.config is not None else None
 
     @property
     def native_size(self) -> int | None:
-        """The side its preset was trained at (the page's size presets); None when unknown."""
-        from openldm.config import PRESETS
-
-        return PRESETS[self.preset].image_size if self.preset else None
+        """The side its config was trained at (the page's size presets); None when unknown."""
+        return self.config.image_size if self.config is not None else None
 
     @property
     def hash(self) -> str:
@@ -50,11 +47,11 @@ class UnknownModel(LookupError):
 
 
 class ModelCatalog:
-    """Scans the models folder when asked (`refresh`); hashes are cached per (path, size, mtime)."""
+    """Scans the models folder when asked (`refresh`); hashes and configs cached by (path, size, mtime)."""
 
-    def __init__(self, default: Path, folder: Path | None = None) -> None:
-        self.default, self.folder = default, folder
-        self._hashes: dict[tuple[str, int, int], str] = {}
+    def __init__(self, default: Path, folder: Path | None = None, skip: Path | None = None) -> None:
+        self.default, self.folder, self.skip = default, folder, skip  # skip: the ControlNet folder
+        self._seen: dict[tuple[str, int, int], tuple[str, ModelConfig | None]] = {}
         self.entries: dict[str, ModelEntry] = {}
         self.refresh()
 
@@ -62,17 +59,18 @@ class ModelCatalog:
         found = {_name(self.default): self.default}
         if self.folder is not None and self.folder.is_dir():
             for path in sorted(self.folder.rglob("*")):
-                if _is_model(path) and not _inside_model_folder(path, self.folder):
+                skipped = self.skip is not None and path.is_relative_to(self.skip)
+                if _is_model(path) and not skipped and not _inside_model_folder(path, self.folder):
                     found.setdefault(_name(path), path)
         self.entries = {name: self._entry(name, path) for name, path in found.items()}
 
     def _entry(self, name: str, path: Path) -> ModelEntry:
         stat = path.stat()
         key = (str(path), stat.st_size if path.is_file() else 0, int(stat.st_mtime))
-        if key not in self._hashes:
-            self._hashes[key] = sha256(path)
+        if key not in self._seen:
+            self._seen[key] = sha256(path), model_config(path)
         base = self.folder if self.folder is not None and path.is_relative_to(self.folder) else path.parent
-        return ModelEntry(name, path, path.relative_to(base).as_posix(), self._hashes[key], _preset(path))
+        return ModelEntry(name, path, path.relative_to(base).as_posix(), *self._seen[key])
 
     @property
     def default_name(self) -> str:
@@ -105,18 +103,30 @@ def _inside_model_folder(path: Path, root: Path) -> bool:
     return any(_is_model(parent) for parent in path.parents if parent != root and parent.is_relative_to(root))
 
 
-def _preset(path: Path) -> str | None:
-    """The preset a safetensors header matches (keys and shapes only, no tensor is read)."""
-    file = path / MODEL_FILE if path.is_dir() else path
-    if file.suffix != ".safetensors" or not file.is_file():
+def model_config(path: Path) -> ModelConfig | None:
+    """The config a model shows without building it: a safetensors header, a pickle's shapes (a
+    `weights_only` load, memory-mapped for zip files) or a diffusers folder's config.json files."""
+    from openldm.checkpoints.detect import detect
+    from openldm.checkpoints.diffusers_layout import detect_diffusers
+    from openldm.checkpoints.io import read_state_dict
+
+    file = path / MODEL_FILE if path.is_dir() and (path / MODEL_FILE).is_file() else path
+    try:
+        if file.is_dir():
+            return detect_diffusers(file)
+        if file.suffix == ".safetensors":
+            shapes, metadata = _header(file)
+        else:
+            tensors, metadata = read_state_dict(file)
+            shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+        return detect(shapes, metadata=metadata)
+    except Exception:  # a model we cannot classify: the load will say why, if anyone asks for it
         return None
+
+
+def _header(file: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     from safetensors import safe_open
 
-    from openldm.checkpoints.detect import detect
-
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        return detect(shapes).name
-    except Exception:  # a header we cannot classify: the load will say why, if anyone asks for it
-        return None
+    with safe_open(str(file), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        return shapes, dict(f.metadata() or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 from dataclasses import dataclass, field
@@ -11,10 +12,13 @@ from openldm.pipelines.infotext import parse_infotext, read_png
 from openldm.pipelines.outputs import PngSettings, read_settings
 from openldm.pipelines.params import GenerationParams
 from openldm.server.config import ServerConfig
+from openldm.server.controls import ControlNetCatalog
 from openldm.server.jobs import JobStore
 from openldm.server.models import ModelCatalog, ModelEntry, UnknownModel
 from openldm.server.submit import Refused, decode_image
 
+POLL_SECONDS = 0.1  # worker processes write from elsewhere: waiters read the store this often
+FALLBACK_SECONDS = 2.0  # an in-process worker wakes waiters itself; this is only a safety net
 DEFAULT_MODEL_OPTION = "sd_model_checkpoint"  # A1111's option name, kept in the store across restarts
 
 
@@ -23,8 +27,18 @@ class ServerState:
     config: ServerConfig
     store: JobStore
     catalog: ModelCatalog
+    controlnets: ControlNetCatalog
     requeued: list[str] = field(default_factory=list)  # jobs a crash left running, queued again at start
+    live: bool = False  # the worker writes from this process: waiters are woken by `store.changes`
     _tokenizers: dict[str, Any] = field(default_factory=dict)
+
+    async def next_change(self, seen: int) -> int:
+        """Wait for the job store to change after version `seen`: woken by this process's writes when the
+        worker runs in it (no SQLite polling), else after the poll interval."""
+        if self.live:
+            return await self.store.changes.wait(seen, FALLBACK_SECONDS)
+        await asyncio.sleep(POLL_SECONDS)
+        return self.store.changes.version
 
     def default_model(self) -> str:
         name = self.store.option(DEFAULT_MODEL_OPTION)
@@ -76,15 +90,14 @@ class ServerState:
 
     def _tokenizer(self, entry: ModelEntry):
         if entry.sha256 not in self._tokenizers:
-            from openldm.config import PRESETS
             from openldm.models.tokenizer import CLIPTokenizer
 
-            if entry.preset is None:
+            if entry.config is None:
                 raise Refused(422, f"cannot tell the tokenizer of {entry.name} from its header", "model")
             folder = next((f for f in (entry.path / "tokenizer", entry.path)
                            if entry.path.is_dir() and (f / "vocab.json").is_file()), None)
             self._tokenizers[entry.sha256] = CLIPTokenizer.for_config(
-                PRESETS[entry.preset].text_encoders[0], folder)
+                entry.config.text_encoders[0], folder)
         return self._tokenizers[entry.sha256]
 
 

@@ -12,16 +12,23 @@ import binascii
 import dataclasses
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from openldm.atomic import write_bytes_atomic
+from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.params import GenerationParams, hires_size
 from openldm.pipelines.render import check_inputs
+from openldm.pipelines.x4 import X4Settings, X4Tiling
 from openldm.server.config import ServerConfig, ServerLimits
 from openldm.server.jobs import Job, JobStore, QueueFull, new_job_id
 from openldm.server.models import ModelCatalog, ModelEntry, UnknownModel
+
+if TYPE_CHECKING:
+    from openldm.server.controls import ControlNetCatalog
+
+CONTROL_FAMILIES = ("sd1", "sd2", "sdxl")  # the base models ControlNets exist for
 
 
 class Refused(Exception):
@@ -42,6 +49,8 @@ class Submission:
     model: ModelEntry
     hires: bool = False
     images: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+    controls: tuple[ControlUnit, ...] = ()  # each `model` a ControlNet name, each image preprocessed
+    x4: X4Settings | None = None  # an x4-upscaler model's noise level and tiles
 
 
 def read_params(data: Any) -> GenerationParams:
@@ -91,13 +100,15 @@ def decode_image(data: Any, name: str, limits: ServerLimits) -> Image.Image:
 
 
 def check_limits(mode: str, params: GenerationParams, hires: bool, images: dict[str, Image.Image],
-                 limits: ServerLimits) -> None:
-    """The server's own bounds, each refusal naming the limit it broke."""
+                 limits: ServerLimits, x4: bool = False) -> None:
+    """The server's own bounds, each refusal naming the limit it broke (`x4`: the output is 4x the input)."""
     image = images.get("image")
     width = params.width or (image.width if image is not None else 0)
     height = params.height or (image.height if image is not None else 0)
     scale = 1.0
-    if (hires or mode == "upscale" or params.hires) and width and height:
+    if x4:
+        scale = 4.0
+    elif (hires or mode == "upscale" or params.hires) and width and height:
         scale = hires_size(width, height, params).width / width  # the enlarged size, before a crop
     try:
         limits.generation().check(params)  # the rules a local run applies, at the server's bounds
@@ -129,21 +140,65 @@ def check_networks(params: GenerationParams, config: ServerConfig) -> None:
         raise Refused(404, f"no LoRA named {missing[0]!r} in the server's LoRA folders", "prompt")
 
 
+def check_x4(entry: ModelEntry, mode: str, hires: bool, x4: X4Settings | None) -> X4Settings | None:
+    """An x4-upscaler model only upscales; its noise level must be one its schedule has."""
+    if entry.family != "x4":
+        if x4 is not None:
+            raise Refused(422, f"noise_level and tiles are for an x4-upscaler model, not {entry.name}",
+                          "noise_level")
+        return None
+    if mode != "upscale" or hires:
+        raise Refused(422, f"model {entry.name} is an x4 upscaler: it only runs upscale jobs", "model")
+    x4 = x4 or X4Settings()
+    top = entry.config.low_res.max_noise_level
+    if not 0 <= x4.noise_level <= top:
+        raise Refused(422, f"noise_level must be in [0, {top}] for {entry.name}, got {x4.noise_level}",
+                      "noise_level")
+    return x4
+
+
+def x4_settings(noise_level: int | None, tile: int | None, overlap: int | None) -> X4Settings | None:
+    """A request's x4 fields as `X4Settings` (None when it gives none of them)."""
+    if noise_level is None and tile is None and overlap is None:
+        return None
+    try:
+        tiling = X4Tiling(tile, X4Tiling.overlap if overlap is None else overlap)
+    except ValueError as e:
+        raise Refused(422, str(e), "tile") from None
+    return X4Settings(X4Settings.noise_level if noise_level is None else noise_level, tiling)
+
+
+def check_controls(units: tuple[ControlUnit, ...], entry: ModelEntry, controlnets: ControlNetCatalog) -> None:
+    """Units steer a model of their own family; the names were resolved by the API that read them."""
+    if units and entry.family not in (*CONTROL_FAMILIES, None):
+        raise Refused(422, f"model {entry.name} ({entry.family}) takes no ControlNet units", "controls")
+    for i, unit in enumerate(units):
+        family = controlnets.get(str(unit.model)).family
+        if None not in (family, entry.family) and family != entry.family:
+            raise Refused(422, f"ControlNet {unit.model} is for {family} models, not {entry.name} "
+                          f"({entry.family})", f"controls.{i}.model")
+
+
 def prepare(source: str, mode: str, params: GenerationParams, model: str | None, hires: bool,
-            images: dict[str, Image.Image], catalog: ModelCatalog, config: ServerConfig) -> Submission:
+            images: dict[str, Image.Image], catalog: ModelCatalog, config: ServerConfig, *,
+            controls: tuple[ControlUnit, ...] = (), controlnets: ControlNetCatalog | None = None,
+            x4: X4Settings | None = None) -> Submission:
     """Every check a request passes before it is queued, in the order that costs least first."""
     try:
         entry = catalog.get(model)
     except UnknownModel as e:
         raise Refused(404, str(e), "model") from None
-    check_limits(mode, params, hires, images, config.limits)
+    x4 = check_x4(entry, mode, hires, x4)
+    if controls:
+        check_controls(controls, entry, controlnets)
+    check_limits(mode, params, hires, images, config.limits, x4=x4 is not None)
     check_networks(params, config)
     try:
         check_inputs(mode, params, images.get("image"), images.get("mask"))
     except ValueError as e:
         message = str(e).splitlines()[0]
         raise Refused(422, message, _field_of(message)) from None
-    submission = Submission(source, mode, params.with_seed(), entry, hires, images)
+    submission = Submission(source, mode, params.with_seed(), entry, hires, images, controls, x4)
     check_memory_budget(submission)
     return submission
 
@@ -151,8 +206,9 @@ def prepare(source: str, mode: str, params: GenerationParams, model: str | None,
 def enqueue(submission: Submission, store: JobStore, config: ServerConfig) -> tuple[Job, int]:
     """Write the inputs, then the job row: a worker never sees a job whose files are missing."""
     job_id = new_job_id()
+    images = submission.images | {f"control-{i}": u.image for i, u in enumerate(submission.controls)}
     inputs = {}
-    for name, image in submission.images.items():
+    for name, image in images.items():
         out = io.BytesIO()
         image.save(out, format="PNG")
         write_bytes_atomic(config.inputs / f"{job_id}-{name}.png", out.getvalue())
@@ -160,8 +216,22 @@ def enqueue(submission: Submission, store: JobStore, config: ServerConfig) -> tu
     try:
         return store.submit(submission.source, submission.mode, submission.params.to_json(),
                             model=submission.model.name, hires=submission.hires, inputs=inputs,
-                            max_queue=config.limits.max_queue, job_id=job_id)
+                            max_queue=config.limits.max_queue, job_id=job_id, extras=_extras(submission))
     except QueueFull as e:
         for file in inputs.values():
             (config.inputs / file).unlink(missing_ok=True)
         raise Refused(429, str(e)) from None
+
+
+def _extras(submission: Submission) -> dict[str, Any]:
+    """The job record's `extras`: the ControlNet units (images by input name) and the x4 settings."""
+    from openldm.server.controls import unit_json
+
+    extras: dict[str, Any] = {}
+    if submission.controls:
+        extras["controls"] = [unit_json(u, f"control-{i}") for i, u in enumerate(submission.controls)]
+    if submission.x4 is not None:
+        x4 = submission.x4
+        extras["x4"] = {"noise_level": x4.noise_level, "tile": x4.tiling.tile,
+                        "tile_overlap": x4.tiling.overlap}
+    return extras

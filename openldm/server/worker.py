@@ -17,10 +17,13 @@ from pathlib import Path
 from PIL import Image
 
 from openldm.atomic import write_bytes_atomic
+from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.params import GenerationParams
 from openldm.pipelines.render import Renderer, load_renderer
 from openldm.pipelines.run import batch_params
+from openldm.pipelines.x4 import X4Settings, X4Tiling
 from openldm.server.config import ServerConfig
+from openldm.server.controls import ControlNetCatalog, unit_from_json
 from openldm.server.jobs import Job, JobStore
 from openldm.server.models import ModelCatalog, ModelEntry
 from openldm.server.previews import preview_jpeg
@@ -30,6 +33,10 @@ POLL_SECONDS = 0.05  # an idle worker's look at the queue
 
 class JobCancelled(Exception):
     """Raised from the step callback when the job's cancel flag is set."""
+
+
+class BatchSkipped(Exception):
+    """Raised from the step callback when the job's skip flag is set: this batch ends, the next starts."""
 
 
 class ModelCache:
@@ -60,7 +67,8 @@ class Worker:
     def __init__(self, config: ServerConfig, store: JobStore, name: str = "worker-0",
                  device: str | None = None) -> None:
         self.config, self.store, self.name = config, store, name
-        self.catalog = ModelCatalog(config.default_model, config.models_dir)
+        self.catalog = ModelCatalog(config.default_model, config.models_dir, config.controlnets)
+        self.controlnets = ControlNetCatalog(config.controlnets)
         self.models = ModelCache(config, device, config.keep_models)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -102,19 +110,39 @@ class Worker:
         entry = self._entry(job.model)
         renderer = self.models.get(entry)
         params = GenerationParams.from_json(job.params)
-        inputs = {name: _open(self.config.inputs / file, name) for name, file in job.inputs.items()}
+        inputs = {name: _open(self.config.inputs / file, name) for name, file in job.inputs.items()
+                  if name in ("image", "mask")}
+        extras = {"controls": self._controls(job), "x4": _x4(job), "hires": job.hires}
         runs = batch_params(params)
         done = len(job.outputs)
         for b, batch in enumerate(runs):
             if b * params.batch_size < done:  # finished before a restart (never, today: recover clears)
                 continue
             callback = self._callback(job, renderer, b, len(runs))
-            for image in renderer.render(job.mode, batch, **inputs, callback=callback, hires=job.hires):
+            try:
+                images = renderer.render(job.mode, batch, **inputs, callback=callback, **extras)
+            except BatchSkipped:
+                self.store.skipped(job.id)
+                continue
+            for image in images:
                 name = f"{job.id}-{done + 1:04d}.png"
                 write_bytes_atomic(self.config.outputs / name, image.png)
                 self.store.add_output(job.id, name, image.seed, renderer.model_hash, networks=image.networks,
                                       warning=image.warning)
                 done += 1
+
+    def _controls(self, job: Job) -> list[ControlUnit]:
+        """The job's ControlNet units with their files (a ControlNet removed since: the job fails)."""
+        units = []
+        for data in job.extras.get("controls", []):
+            try:
+                path = self.controlnets.get(data["model"]).path
+            except LookupError:
+                self.controlnets.refresh()
+                path = self.controlnets.get(data["model"]).path
+            image = _open(self.config.inputs / job.inputs[data["image"]], data["image"])
+            units.append(unit_from_json({k: v for k, v in data.items() if k != "image"}, path, image))
+        return units
 
     def _callback(self, job: Job, renderer: Renderer, batch: int, batches: int):
         latent_format = renderer.pipe.config.latent_format
@@ -122,10 +150,18 @@ class Worker:
         def on_step(step: int, total: int, denoised) -> None:
             self.store.progress(job.id, batch * total + step, batches * total,
                                 preview_jpeg(denoised, latent_format))
-            if self.store.cancel_requested(job.id):
+            cancel, skip = self.store.requests(job.id)
+            if cancel:
                 raise JobCancelled(job.id)
+            if skip:
+                raise BatchSkipped(job.id)
 
         return on_step
+
+
+def _x4(job: Job) -> X4Settings | None:
+    x4 = job.extras.get("x4")
+    return None if x4 is None else X4Settings(x4["noise_level"], X4Tiling(x4["tile"], x4["tile_overlap"]))
 
 
 def _open(path: Path, name: str) -> Image.Image:

@@ -1,0 +1,64 @@
+"""The job store's change counter: in-process event streams wait on it instead of polling SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+
+from openldm.server.jobs import JobStore
+
+
+def test_every_write_bumps_the_counter_and_reads_do_not(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    versions = [store.changes.version]
+    job, _ = store.submit("v1", "txt2img", {"prompt": "x"})
+    versions.append(store.changes.version)
+    store.get(job.id), store.position(job), store.counts(), store.preview(job.id)
+    versions.append(store.changes.version)
+    assert store.claim("w") is not None and store.claim("w") is None  # an empty claim writes nothing
+    versions.append(store.changes.version)
+    store.progress(job.id, 1, 2)
+    store.add_output(job.id, "a.png", 1, "h")
+    store.finish(job.id, "done")
+    versions.append(store.changes.version)
+    assert versions == [0, 1, 1, 2, 5], versions
+
+
+def test_a_waiter_wakes_at_the_write_not_at_its_timeout(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.submit("v1", "txt2img", {"prompt": "x"})
+    seen = store.changes.version
+    writer = threading.Timer(0.05, store.progress, (job.id, 1, 2))
+
+    async def wait() -> tuple[int, float]:
+        start = time.perf_counter()
+        writer.start()
+        version = await store.changes.wait(seen, timeout=30)
+        return version, time.perf_counter() - start
+
+    version, waited = asyncio.run(wait())
+    assert version == seen + 1 and waited < 10, f"woken after {waited:.2f} s"
+    timed_out = asyncio.run(store.changes.wait(version, timeout=0.05))
+    assert timed_out == version  # nothing changed: back after the timeout with the same version
+
+
+def test_a_store_from_before_the_extras_and_skip_columns_gets_them(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    db = sqlite3.connect(path)
+    columns = ("seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, source TEXT NOT NULL, "
+               "mode TEXT NOT NULL, hires INTEGER NOT NULL DEFAULT 0, model TEXT, params TEXT NOT NULL, "
+               "inputs TEXT NOT NULL DEFAULT '{}', state TEXT NOT NULL DEFAULT 'queued', "
+               "step INTEGER NOT NULL DEFAULT 0, total INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL, "
+               "started REAL, finished REAL, outputs TEXT NOT NULL DEFAULT '[]', error TEXT, "
+               "cancel INTEGER NOT NULL DEFAULT 0, worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, "
+               "preview BLOB, model_hash TEXT")  # the first schema
+    db.execute(f"CREATE TABLE jobs ({columns})")
+    db.execute("INSERT INTO jobs (id, source, mode, params, created) VALUES ('old', 'v1', 'txt2img', "
+               "'{\"prompt\": \"x\"}', 1.0)")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    job = store.claim("w")
+    assert (job.id, job.extras, job.skip) == ("old", {}, False)
