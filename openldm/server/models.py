@@ -6,10 +6,11 @@ A job names a model; the name is looked up in this listing and never joined onto
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from openldm.checkpoints.hashing import SHORT, sha256
+from openldm.config import PRESETS, ModelConfig
 from openldm.pipelines.pipeline import MODEL_FILE
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -21,20 +22,23 @@ class ModelEntry:
     path: Path
     filename: str  # relative to the models folder (A1111's title)
     sha256: str
-    preset: str | None  # the preset its header matches; None when that cannot be told cheaply
+    # The config its header or config files describe, read without the weights; None when that cannot
+    # be told cheaply (a .ckpt is a pickle: only loading it reads it).
+    config: ModelConfig | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def preset(self) -> str | None:
+        """The preset it matches; None for other shapes or an unknown config."""
+        return self.config.name if self.config is not None and self.config.name in PRESETS else None
 
     @property
     def family(self) -> str | None:
-        from openldm.config import PRESETS
-
-        return PRESETS[self.preset].family if self.preset else None
+        return self.config.family if self.config is not None else None
 
     @property
     def native_size(self) -> int | None:
-        """The side its preset was trained at (the page's size presets); None when unknown."""
-        from openldm.config import PRESETS
-
-        return PRESETS[self.preset].image_size if self.preset else None
+        """The side its config was trained at (the page's size presets); None when unknown."""
+        return self.config.image_size if self.config is not None else None
 
     @property
     def hash(self) -> str:
@@ -55,6 +59,7 @@ class ModelCatalog:
     def __init__(self, default: Path, folder: Path | None = None) -> None:
         self.default, self.folder = default, folder
         self._hashes: dict[tuple[str, int, int], str] = {}
+        self._configs: dict[tuple[str, int, int], ModelConfig | None] = {}
         self.entries: dict[str, ModelEntry] = {}
         self.refresh()
 
@@ -71,8 +76,10 @@ class ModelCatalog:
         key = (str(path), stat.st_size if path.is_file() else 0, int(stat.st_mtime))
         if key not in self._hashes:
             self._hashes[key] = sha256(path)
+            self._configs[key] = header_config(path)
         base = self.folder if self.folder is not None and path.is_relative_to(self.folder) else path.parent
-        return ModelEntry(name, path, path.relative_to(base).as_posix(), self._hashes[key], _preset(path))
+        filename = path.relative_to(base).as_posix()
+        return ModelEntry(name, path, filename, self._hashes[key], self._configs[key])
 
     @property
     def default_name(self) -> str:
@@ -105,18 +112,26 @@ def _inside_model_folder(path: Path, root: Path) -> bool:
     return any(_is_model(parent) for parent in path.parents if parent != root and parent.is_relative_to(root))
 
 
-def _preset(path: Path) -> str | None:
-    """The preset a safetensors header matches (keys and shapes only, no tensor is read)."""
+def header_config(path: Path) -> ModelConfig | None:
+    """The config of a safetensors file or model folder (from its header: keys, shapes and metadata, no
+    tensor is read) or of a diffusers folder (its config.json files); None for what cannot be read so."""
+    from openldm.checkpoints.detect import detect
+    from openldm.checkpoints.diffusers_layout import detect_diffusers
+    from openldm.checkpoints.io import read_metadata
+
+    if path.is_dir() and (path / "model_index.json").is_file():
+        try:
+            return detect_diffusers(path)
+        except Exception:  # config files we cannot classify: the load will say why, if anyone asks
+            return None
     file = path / MODEL_FILE if path.is_dir() else path
     if file.suffix != ".safetensors" or not file.is_file():
         return None
     from safetensors import safe_open
 
-    from openldm.checkpoints.detect import detect
-
     try:
         with safe_open(str(file), framework="pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        return detect(shapes).name
+        return detect(shapes, metadata=read_metadata(file))
     except Exception:  # a header we cannot classify: the load will say why, if anyone asks for it
         return None

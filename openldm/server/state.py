@@ -76,15 +76,14 @@ class ServerState:
 
     def _tokenizer(self, entry: ModelEntry):
         if entry.sha256 not in self._tokenizers:
-            from openldm.config import PRESETS
             from openldm.models.tokenizer import CLIPTokenizer
 
-            if entry.preset is None:
+            if entry.config is None:
                 raise Refused(422, f"cannot tell the tokenizer of {entry.name} from its header", "model")
             folder = next((f for f in (entry.path / "tokenizer", entry.path)
                            if entry.path.is_dir() and (f / "vocab.json").is_file()), None)
             self._tokenizers[entry.sha256] = CLIPTokenizer.for_config(
-                PRESETS[entry.preset].text_encoders[0], folder)
+                entry.config.text_encoders[0], folder)
         return self._tokenizers[entry.sha256]
 
 
