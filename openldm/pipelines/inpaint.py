@@ -55,16 +55,22 @@ def outpaint_canvas(
         return image, mask
     if image is None:
         raise ValueError("outpainting extends an image: give one")
+    outpaint_size(params.outpaint, image.size)
     left, right, top, bottom = params.outpaint
-    if min(params.outpaint) < 0:
-        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {params.outpaint} is negative")
-    canvas, new_area = im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom,
-                                        mask=mask)
-    if canvas.width % 8 or canvas.height % 8:
-        raise ValueError(f"outpainting {image.width}x{image.height} by (left, right, top, bottom) "
-                         f"{params.outpaint} makes {canvas.width}x{canvas.height}: choose the pixels added "
-                         "so that the new size is a multiple of 8")
-    return canvas, new_area
+    return im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom, mask=mask)
+
+
+def outpaint_size(outpaint: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The canvas an image of `size` grows to; it is what is sampled, so a multiple of 8 (even when
+    --width/--height then resize it), else a one-line error before anything is loaded."""
+    left, right, top, bottom = outpaint
+    if min(outpaint) < 0:
+        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {outpaint} is negative")
+    width, height = size[0] + left + right, size[1] + top + bottom
+    if width % 8 or height % 8:
+        raise ValueError(f"outpainting {size[0]}x{size[1]} by (left, right, top, bottom) {outpaint} makes "
+                         f"{width}x{height}: choose the pixels added so that the new size is a multiple of 8")
+    return width, height
 
 
 def prepare_inpaint(params: GenerationParams, image: Image.Image, mask: Image.Image, width: int,

@@ -24,6 +24,7 @@ from openldm.models.domain import Domain
 from openldm.models.taesd import load_taesd
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.control import ControlUnit
+from openldm.pipelines.inpaint import outpaint_size
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError
@@ -52,6 +53,8 @@ def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None 
     resolve(params.sampler, params.schedule)
     if mode == "outpaint" and not any(params.outpaint):
         raise ValueError("nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM (pixels to add)")
+    if any(params.outpaint) and image is not None:
+        outpaint_size(params.outpaint, image.size)
     left, right, top, bottom = params.outpaint  # outpainting works on the image with its new borders
     width = params.width or (image.width + left + right if image is not None else None)
     height = params.height or (image.height + top + bottom if image is not None else None)
