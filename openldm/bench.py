@@ -8,6 +8,7 @@ busy host slows both alike: read the ratios. The benchmark reports; nothing here
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import resource
 import statistics
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from openldm.memory import MemoryEstimate
 from openldm.pipelines.params import GenerationParams
 from openldm.pipelines.pipeline import Pipeline
 
@@ -58,6 +60,7 @@ class Stages:
     total_s: float  # load + generate + png write (+ imports, for the first openldm run)
     it_per_s: float  # sampling steps per second of UNet time
     peak_rss_gib: float  # of the process so far: runs share one process
+    estimated_peak_gib: float | None = None  # `openldm.memory`'s estimate of this run (openldm runs only)
 
 
 def peak_rss_gib() -> float:
@@ -122,7 +125,15 @@ def run_openldm(model: Path, params: GenerationParams, engine: str, imports_s: f
     png_s = png_write_s(images)
     stages = _stages(f"openldm ({engine})", load_s, text_s, unet, sum(decode), generate_s, png_s,
                      imports_s + load_s + generate_s + png_s, params.steps)
-    return stages, pipe
+    return dataclasses.replace(stages, estimated_peak_gib=estimated_peak(pipe, params).total / 2**30), pipe
+
+
+def estimated_peak(pipe: Pipeline, params: GenerationParams) -> MemoryEstimate:
+    """What `openldm.memory` expects this run to peak at: the estimate a run is admitted by, unbounded."""
+    from openldm.pipelines.render import check_run_memory, pipeline_weights
+
+    return check_run_memory(pipe.config, "txt2img", params, dtype=pipe.dtype, device=pipe.device,
+                            budget=2**62, weights=pipeline_weights(pipe))
 
 
 def png_write_s(images: list) -> float:

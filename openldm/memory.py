@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from openldm.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from openldm.models.vae_tiling import VAETiling
 from openldm.nn.attention import Backend
 
 MiB, GiB = 2**20, 2**30
@@ -33,8 +34,7 @@ RUNTIME_CPU = 280 * MiB
 # What a stage holds beside its activations and the largest conv weight's blocked copy, which oneDNN
 # makes on every call (118 MiB for SD's 2560 -> 1280 UNet conv): kernel scratch, allocator slack.
 SCRATCH = 16 * MiB
-# The VAE tile (latent pixels; 512 image pixels for SD) that `--vae-tiling on` uses unless told.
-DEFAULT_VAE_TILE = 64
+WHOLE = VAETiling("off")  # a VAE that decodes whole: what `check_fits` counts unless told
 MATH_ATTENTION_COPIES = 2.3  # scores, softmax: measured 591 MiB for a 256 MiB matrix
 
 
@@ -52,6 +52,7 @@ class MemoryEstimate:
     unet: int
     vae_decode: int
     vae_encode: int = 0  # img2img and inpainting only
+    vae_tile: int | None = None  # the tile the VAE stages are counted in (latent pixels); None: whole
 
     @property
     def stages(self) -> dict[str, int]:
@@ -100,6 +101,7 @@ def estimate_peak(
                                     images=batch),
         vae_encode=vae_encode_bytes(config.vae, vae_batch, h, w, item, attention, tile=vae_tile)
         if encode else 0,
+        vae_tile=vae_tile if vae_tile is not None and max(h, w) > vae_tile else None,
     )
 
 
@@ -111,6 +113,11 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
 
     return {name: sum(p.numel() for p in build_component(name, config).parameters())
             for name in component_prefixes(config)}
+
+
+def module_bytes(*modules: torch.nn.Module) -> int:
+    """The bytes of loaded modules' parameters: a loaded model's `weights` for `estimate_peak`."""
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def weight_bytes(config: ModelConfig, item: int) -> int:
@@ -241,36 +248,45 @@ def memory_budget(device: str | torch.device = "cpu") -> int:
 
 def check_fits(
     config: ModelConfig, *, width: int, height: int, batch: int = 1, dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu", vae_tile: int | None = None, budget: int | None = None,
-    **options,
+    device: str | torch.device = "cpu", tiling: VAETiling = WHOLE, budget: int | None = None, **options,
 ) -> MemoryEstimate:
     """The estimate if it fits `budget` (default: `memory_budget(device)`), else MemoryLimitError.
 
-    `vae_tile` is the tile the run would use when tiling is on or chosen automatically; None means
-    the run decodes whole. `options` go to `estimate_peak` (vae_sliced, guidance, encode, attention).
+    `tiling` is the run's VAE setting: `auto` counts the tiled VAE only if the whole one does not
+    fit, and the estimate returned says which (`MemoryEstimate.vae_tile`). `options` go to
+    `estimate_peak` (guidance, encode, attention).
     """
     budget = memory_budget(device) if budget is None else budget
+    tile = tiling.tile_size if tiling.mode != "off" else None
 
-    def estimate(size: tuple[int, int], n: int, tile: int | None = vae_tile) -> MemoryEstimate:
+    def estimate(size: tuple[int, int], n: int, tile: int | None = tile) -> MemoryEstimate:
         return estimate_peak(config, width=size[0], height=size[1], batch=n, dtype=dtype, device=device,
-                             vae_tile=tile, **options)
+                             vae_tile=tile, vae_sliced=tiling.sliced, **options)
 
-    found = estimate((width, height), batch)
+    found = estimate((width, height), batch, None if tiling.mode == "auto" else tile)
+    if found.total > budget and tiling.mode == "auto":
+        found = estimate((width, height), batch)
     if found.total <= budget:
         return found
+    ways = _ways_out(estimate, config, (width, height), batch, budget, tiling)
+    raise MemoryLimitError(f"{width}x{height}, batch {batch} needs about {found} but {device} has "
+                           f"{gib(budget)}; {ways}")
+
+
+def _ways_out(estimate, config: ModelConfig, size: tuple[int, int], batch: int, budget: int,
+              tiling: VAETiling) -> str:
+    """What would fit: a smaller size, tiling (if the run may not tile), fewer images at a time."""
     ways = []
     side = _largest_fitting_side(lambda s: estimate((s, s), batch).total <= budget,
                                  config.vae.downsample_factor * 8)
     if side:
         ways.append(f"{side}x{side} at this batch")
-    if vae_tile is None and estimate((width, height), batch, DEFAULT_VAE_TILE).total <= budget:
+    if tiling.mode == "off" and estimate(size, batch, tiling.tile_size).total <= budget:
         ways.append("--vae-tiling on")
-    fewer = next((n for n in range(batch - 1, 0, -1) if estimate((width, height), n).total <= budget), None)
+    fewer = next((n for n in range(batch - 1, 0, -1) if estimate(size, n).total <= budget), None)
     if fewer:
         ways.append(f"--batch-size {fewer}")
-    advice = f"; would fit: {', '.join(ways)}" if ways else "; nothing smaller fits either"
-    raise MemoryLimitError(f"{width}x{height}, batch {batch} needs about {found} but {device} has "
-                           f"{gib(budget)}{advice}")
+    return f"would fit: {', '.join(ways)}" if ways else "nothing smaller fits either"
 
 
 def _largest_fitting_side(fits, step: int) -> int | None:

@@ -100,13 +100,8 @@ def measure(case: Case) -> dict:
 def estimate(case: Case) -> tuple[float, float]:
     """(estimated peak of the process, estimated peak of the stage above the resident weights) in MiB."""
     from openldm.config import get_preset
-    from openldm.memory import (
-        DEFAULT_VAE_TILE,
-        RUNTIME_CPU,
-        estimate_peak,
-        parameter_counts,
-        vae_decode_bytes,
-    )
+    from openldm.memory import RUNTIME_CPU, estimate_peak, parameter_counts, vae_decode_bytes
+    from openldm.models.vae_tiling import DEFAULT_VAE_TILE
 
     config = get_preset(case.preset)
     if case.stage == "decode":

@@ -11,6 +11,8 @@ import pytest
 from helpers import make_checkpoint
 
 from openldm.cli import main
+from openldm.config import TINY_SD1
+from openldm.memory import estimate_peak
 
 STEPS = 3
 
@@ -44,6 +46,9 @@ def test_each_run_reports_consistent_stages(report):
     ours, theirs = report["runs"]
     assert ours["total_s"] >= report["imports_s"] + ours["load_s"], "the first run's total counts the imports"
     assert ours["unet_gflop_per_call"] == theirs["unet_gflop_per_call"] > 0  # one count, the same UNet
+    # The estimate beside the measured peak is the one a run is admitted by (`openldm.memory`).
+    expected = estimate_peak(TINY_SD1, width=32, height=32).total / 2**30
+    assert ours["estimated_peak_gib"] == pytest.approx(expected) and theirs["estimated_peak_gib"] is None
     ratio = theirs["unet_step_median_s"] / ours["unet_step_median_s"]
     assert report["ratios"]["diffusers"]["unet_step_median_s"] == pytest.approx(ratio)
 

@@ -109,6 +109,12 @@ IMAGE_SETTINGS = [
     (["outpaint", "{image}", "x", "--extend", "-8,0,0,0"], "outpaint"),
     (["outpaint", "{image}", "x", "--extend=-8,0,0,0"], "outpaint"),
     (["outpaint", "{image}", "x", "--extend", "0,0,0,0"], "nothing to outpaint"),
+    # The grown canvas is what is sampled, even when --width/--height resize it: refused before the
+    # model is looked for (a missing --model would be the error otherwise).
+    (["outpaint", "{image}", "x", "--extend", "4,0,0,0", "--width", "32", "--model", "missing.safetensors"],
+     "makes 36x32"),
+    (["outpaint", "{image}", "x", "--extend", "0,0,3,0", "--height", "40", "--model", "missing.safetensors"],
+     "makes 32x35"),
     (["inpaint", "{image}", "{image}", "x", "--mask-blur", "-1"], "mask_blur"),
     (["inpaint", "{image}", "{image}", "x", "--padding", "-5"], "only_masked_padding"),
     (["upscale", "{image}", "x", "--scale", "0"], "upscale_by"),

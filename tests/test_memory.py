@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from openldm.config import SD15, SDXL_BASE, TINY_SD1
 from openldm.memory import (
@@ -136,3 +137,58 @@ def test_a_run_that_cannot_fit_is_refused_before_sampling(tmp_path, capsys, monk
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 2 and len(errors) == 1 and "needs about" in errors[0] and "fits" in errors[0], errors
     assert not sampled and not out.exists()
+
+
+# --- `--vae-tiling auto` and the refusal, through the CLI, at a set --memory-budget ---------------
+
+def _tiny_run(tmp_path, name: str, budget: int, *options) -> tuple[int, Path]:
+    """tiny-sd1 at 128 px, unguided (cfg 1), so that the VAE decode is the run's peak stage."""
+    from openldm import cli
+    from tests.helpers import make_checkpoint
+
+    model = tmp_path / "tiny.safetensors"
+    if not model.exists():
+        make_checkpoint(tmp_path, "tiny-sd1", name="tiny")
+    out = tmp_path / f"{name}.png"
+    argv = ["txt2img", "a red circle", "--model", model, "--steps", "1", "--cfg", "1", "--seed", "3",
+            "--width", "128", "--height", "128", "--memory-budget", f"{budget / GiB:.9f}", "-o", out,
+            "--vae-tile-size", "16", *options]
+    return cli.main([str(a) for a in argv]), out
+
+
+def _tiny_peaks(tile: int) -> tuple[int, int]:
+    whole, tiled = (estimate_peak(TINY_SD1, width=128, height=128, guidance=False, vae_tile=t).total
+                    for t in (None, tile))
+    assert tiled < whole - 2**20, (whole, tiled)  # the VAE decode is the peak: tiling lowers it
+    return whole, tiled
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_auto_tiles_exactly_when_the_budget_needs_it(tmp_path, capsys):
+    from openldm.pipelines.infotext import read_png
+
+    whole, tiled = _tiny_peaks(16)
+    tight, roomy = (whole + tiled) // 2, whole + 2**20
+    code, squeezed = _tiny_run(tmp_path, "squeezed", tight)
+    assert code == 0 and "VAE tiling: on, VAE tile size: 16" in read_png(squeezed)[0]
+    code, forced = _tiny_run(tmp_path, "forced", roomy, "--vae-tiling", "on")
+    code2, free = _tiny_run(tmp_path, "free", roomy)
+    assert code == code2 == 0 and "VAE tiling" not in read_png(free)[0]
+    with Image.open(squeezed) as a, Image.open(forced) as b, Image.open(free) as c:
+        assert a.tobytes() == b.tobytes(), "auto under a tight budget must decode as --vae-tiling on"
+        assert a.tobytes() != c.tobytes(), "auto with room must decode whole (tiles differ slightly)"
+
+
+def test_a_refusal_names_estimate_budget_and_what_would_fit(tmp_path, capsys):
+    whole, tiled = _tiny_peaks(16)
+    budget = (whole + tiled) // 2
+    code, out = _tiny_run(tmp_path, "off", budget, "--vae-tiling", "off")
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert f"needs about {whole / GiB:.2f} GiB" in error and f"has {budget / GiB:.2f} GiB" in error, error
+    assert error.endswith("--vae-tiling on"), error  # the only way out at this size and batch
+    code, out = _tiny_run(tmp_path, "auto", tiled - 2**20)
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and "--vae-tiling" not in error, error  # tiling would not fit
+    side = int(error.split("would fit: ")[1].split("x")[0])
+    assert 0 < side < 128, error

@@ -338,3 +338,64 @@ def test_the_embedded_models_preview_of_a_red_picture_is_red():
     red = Image.new("RGB", (128, 128), (200, 30, 30))
     rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).float().mean(dim=(0, 1))
     assert rgb[0] > rgb[1] + 50 and rgb[0] > rgb[2] + 50, rgb.tolist()
+
+
+# --- memory admission: the estimate a local run checks, against the server's --memory-budget -------
+
+def _unguided_peaks(side: int) -> tuple[int, int]:
+    """tiny-sd1 at `side` px with cfg 1 (the VAE decode is the peak): whole, and in 64-pixel tiles."""
+    from openldm.memory import estimate_peak
+
+    whole, tiled = (estimate_peak(TINY_SD1, width=side, height=side, guidance=False, vae_tile=t).total
+                    for t in (None, 64))
+    assert tiled < whole - 2**20, (whole, tiled)
+    return whole, tiled
+
+
+def test_memory_admission_refuses_native_jobs_over_the_budget_before_queueing(model, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from openldm.server.app import create_app
+
+    whole, tiled = _unguided_peaks(256)
+    budget = (whole + tiled) // 2
+    config = ServerConfig(data_dir=tmp_path, default_model=model, limits=ServerLimits(memory_budget=budget))
+    big = {"prompt": "a", "width": 256, "height": 256, "cfg": 1}
+    with TestClient(create_app(config, start_workers=False)) as client:
+        reply = client.post("/v1/jobs", json={"params": big | {"vae_tiling": "off"}})
+        assert reply.status_code == 422 and reply.json()["field"] == "memory", reply.text
+        error = reply.json()["error"]
+        assert f"needs about {whole / 2**30:.2f} GiB" in error and f"has {budget / 2**30:.2f} GiB" in error
+        assert "would fit: " in error and "--vae-tiling on" in error and "\n" not in error, error
+        assert client.get("/v1/jobs").json()["total"] == 0
+        for params in (big, big | {"vae_tiling": "on"}):  # auto tiles here, as the worker will
+            assert client.post("/v1/jobs", json={"params": params}).status_code == 200
+        assert client.get("/v1/jobs").json()["total"] == 2
+        over = client.post("/v1/jobs", json={"params": big | {"vae_tiling": "on", "batch_size": 4}})
+        assert over.status_code == 422 and "--batch-size" in over.json()["error"], over.text
+
+
+def test_memory_admission_refuses_a1111_jobs_over_the_budget(model, tmp_path):
+    whole, _ = _unguided_peaks(256)
+    config = ServerConfig(data_dir=tmp_path, default_model=model, limits=ServerLimits(memory_budget=whole))
+    served = Served(config)
+    try:
+        body = {"prompt": "a", "steps": 1, "width": 512, "height": 512, "seed": 1}
+        reply = served.http.post("/sdapi/v1/txt2img", json=body)
+        assert reply.status_code == 422 and reply.json()["field"] == "memory", reply.text
+        assert served.http.get("/v1/jobs").json()["total"] == 0
+        small = served.http.post("/sdapi/v1/txt2img", json=body | {"width": 32, "height": 32})
+        assert small.status_code == 200 and len(small.json()["images"]) == 1, small.text
+    finally:
+        served.close()
+
+
+def test_serve_takes_a_memory_budget_in_gib(model, tmp_path):
+    from openldm.cli import build_parser
+    from openldm.cli.serve import server_config
+
+    args = build_parser().parse_args(["serve", "--model", str(model), "--data-dir", str(tmp_path),
+                                      "--memory-budget", "1.5"])
+    assert server_config(args).limits.memory_budget == 3 * 2**29
+    default = build_parser().parse_args(["serve", "--model", str(model)])
+    assert server_config(default).limits.memory_budget is None

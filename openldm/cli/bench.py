@@ -124,10 +124,11 @@ def _table(report: dict) -> str:
             f"imports {report['imports_s']:.2f} s"]
     fields = ("load_s", "text_encoding_s", "unet_step_median_s", "unet_step_min_s", "unet_step_max_s",
               "vae_decode_s", "generate_s", "png_write_s", "total_s", "it_per_s", "unet_gflop_per_s",
-              "roofline_fraction", "peak_rss_gib")
+              "roofline_fraction", "peak_rss_gib", "estimated_peak_gib")
     rows.append(f"{'':22}" + "".join(f"{r['tool'][:18]:>19}" for r in report["runs"]))
     for key in fields:
-        rows.append(f"{key:22}" + "".join(f"{r[key]:19.4g}" for r in report["runs"]))
+        rows.append(f"{key:22}" + "".join(f"{r[key]:19.4g}" if r[key] is not None else f"{'-':>19}"
+                                          for r in report["runs"]))
     mine = report["runs"][0]["tool"]
     for other, ratios in report["ratios"].items():
         rows.append(f"{other} / {mine}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

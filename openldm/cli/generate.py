@@ -83,6 +83,17 @@ _crop_spec = functools.partial(_ints, count=2, sep=",", form="TOP,LEFT")
 _extend_spec = functools.partial(_ints, count=4, sep=",", form="LEFT,RIGHT,TOP,BOTTOM")
 
 
+def read_gib(text: str) -> int:
+    """A positive number of GiB, in bytes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text!r}")
+    return int(value * 2**30)
+
+
 def add_model_options(group) -> dict[str, str]:
     """Which model to load and how: shared by the generating commands and `openldm serve`.
 
@@ -115,6 +126,8 @@ def add_model_options(group) -> dict[str, str]:
             "(taesd_decoder.safetensors, or a diffusers AutoencoderTiny): fast, inexact"),
         add("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each image: "
             "it takes over the latents at --refiner-switch"),
+        add("--memory-budget", type=read_gib, metavar="GIB", help="the peak memory a run may reach, in GiB "
+            "(default: what this machine has free now); runs that would need more are refused at once"),
     ]
     return {action.option_strings[-1]: action.dest for action in actions}
 
@@ -162,6 +175,7 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--s-noise", type=float, help="scale of the noise those samplers add (default 1)")
     g.add_argument("--lenient", action="store_true", help="with --from-png: warn about stored settings "
                    "openldm cannot honour (an unknown upscaler, an extension's key) instead of refusing")
+    _add_vae_memory(p)
     _add_control(p)
     xl = p.add_argument_group("SDXL settings")
     xl.add_argument("--original-size", type=_size_spec, metavar="WxH",
@@ -173,6 +187,21 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
     xl.add_argument("--refiner-switch", type=float, metavar="F", help="fraction of the noise range the base "
                     "model samples before the refiner takes over (default 0.8, as diffusers' denoising_end)")
     p.set_defaults(outpaint=(0, 0, 0, 0))  # only `outpaint` extends, even with --from-png of an outpainting
+
+
+def _add_vae_memory(p: argparse.ArgumentParser) -> None:
+    from openldm.models.vae_tiling import DEFAULT_VAE_TILE, TILING_MODES
+
+    g = p.add_argument_group("VAE memory (sizes in latent pixels: x8 image pixels for SD)")
+    g.add_argument("--vae-tiling", choices=TILING_MODES, help="decode and encode in overlapping tiles, so "
+                   "memory follows the tile, not the image; tiles blend, so pixels differ slightly (default "
+                   "auto: only when a whole decode would not fit in memory)")
+    g.add_argument("--vae-tile-size", type=int, metavar="N",
+                   help=f"tile side (default {DEFAULT_VAE_TILE}: {DEFAULT_VAE_TILE * 8} image pixels for SD)")
+    g.add_argument("--vae-tile-overlap", type=int, metavar="N", help="pixels tiles share, blended "
+                   "(default a quarter of the tile)")
+    g.add_argument("--vae-slicing", action="store_true", default=None,
+                   help="decode a batch one image at a time: the same pixels, less memory")
 
 
 def _control_spec(text: str) -> tuple[Path, Path, float, float, float]:
@@ -414,7 +443,7 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
                          refiner=args.refiner, prompts=prompts, vae=args.vae,
                          engine=args.engine or "eager", decoder=args.decoder,
-                         upscaler=getattr(args, "hires_upscaler", None))
+                         upscaler=getattr(args, "hires_upscaler", None), memory_budget=args.memory_budget)
 
 
 def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tuple[Render, Callable[[], str]]:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from openldm.cli.generate import read_gib
 from openldm.client import DEFAULT_PORT, SERVER_ENV, ServerError
 from openldm.models.embedded import default_model_path
 
@@ -53,8 +54,11 @@ def add_commands(sub) -> None:
     from openldm.server.config import ServerLimits
 
     for name, value in vars(ServerLimits()).items():
-        lim.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, metavar="N",
-                         help=f"default {value:,}")
+        if name != "memory_budget":
+            lim.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, metavar="N",
+                             help=f"default {value:,}")
+    lim.add_argument("--memory-budget", type=read_gib, metavar="GIB", help="refuse jobs whose estimated peak "
+                     "memory is over this many GiB (default: what the device has free when the job comes)")
     p.set_defaults(run=_serve)
 
 

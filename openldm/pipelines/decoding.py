@@ -3,6 +3,7 @@
 A half-precision VAE can overflow (SDXL's original VAE does, in fp16, on many images): its decode is
 then retried in float32 and the VAE stays in float32 from then on, as A1111's "automatically revert
 VAE to 32-bit floats" does. Non-finite latents, or a float32 VAE that still gives NaN, are an error.
+`decode_latents` adds the `VAETiling` setting: whole through the engine, tiled eagerly, or sliced.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from openldm.models.vae_tiling import VAETiling, decode_tile
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -47,6 +50,18 @@ def decode_finite(vae: nn.Module, z: torch.Tensor,
         raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) even in float32: "
                              "no image is written; the VAE's weights may be broken")
     return pixels
+
+
+def decode_latents(vae: nn.Module, z: torch.Tensor, tiling: VAETiling,
+                   decode: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                   available: int | None = None) -> torch.Tensor:
+    """`decode_finite` under `tiling`: a whole decode goes through `decode` (the engine), a tiled one
+    runs eagerly, a sliced batch one image at a time; `available` as in `vae_tiling.decode_tile`."""
+    tile = decode_tile(vae, z, tiling, available)
+    parts = z.split(1) if tiling.sliced else (z,)
+    if tile is None:
+        return torch.cat([decode_finite(vae, part, decode) for part in parts])
+    return torch.cat([decode_finite(vae, part, tile=tile, overlap=tiling.overlap) for part in parts])
 
 
 def _decode(vae: nn.Module, z: torch.Tensor, tile: int | None, overlap: int | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from openldm.diffusion.noise import BatchNoise
+from openldm.models.vae_tiling import AUTO_TILING, VAETiling
 from openldm.pipelines import images as im
 from openldm.pipelines.params import MASKED_CONTENT, GenerationParams
 from openldm.pipelines.run import Start
@@ -54,16 +55,22 @@ def outpaint_canvas(
         return image, mask
     if image is None:
         raise ValueError("outpainting extends an image: give one")
+    outpaint_size(params.outpaint, image.size)
     left, right, top, bottom = params.outpaint
-    if min(params.outpaint) < 0:
-        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {params.outpaint} is negative")
-    canvas, new_area = im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom,
-                                        mask=mask)
-    if canvas.width % 8 or canvas.height % 8:
-        raise ValueError(f"outpainting {image.width}x{image.height} by (left, right, top, bottom) "
-                         f"{params.outpaint} makes {canvas.width}x{canvas.height}: choose the pixels added "
-                         "so that the new size is a multiple of 8")
-    return canvas, new_area
+    return im.extend_canvas(image.convert("RGB"), left=left, top=top, right=right, bottom=bottom, mask=mask)
+
+
+def outpaint_size(outpaint: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The canvas an image of `size` grows to; it is what is sampled, so a multiple of 8 (even when
+    --width/--height then resize it), else a one-line error before anything is loaded."""
+    left, right, top, bottom = outpaint
+    if min(outpaint) < 0:
+        raise ValueError(f"outpainting adds pixels: (left, right, top, bottom) {outpaint} is negative")
+    width, height = size[0] + left + right, size[1] + top + bottom
+    if width % 8 or height % 8:
+        raise ValueError(f"outpainting {size[0]}x{size[1]} by (left, right, top, bottom) {outpaint} makes "
+                         f"{width}x{height}: choose the pixels added so that the new size is a multiple of 8")
+    return width, height
 
 
 def prepare_inpaint(params: GenerationParams, image: Image.Image, mask: Image.Image, width: int,
@@ -90,14 +97,13 @@ def prepare_inpaint(params: GenerationParams, image: Image.Image, mask: Image.Im
 def inpaint_start(pipe: Pipeline, params: GenerationParams, overlay: Overlay,
                   seeds: tuple[int, ...]) -> Start:
     """The image latent with its masked area prepared, and the mask as the model takes it."""
-    latent = pipe.encode_image(overlay.image)
+    latent = pipe.encode_image(overlay.image, params.tiling())
     binary = im.mask_to_tensor(overlay.mask).to(pipe.device).round()
     small = F.interpolate(binary, size=latent.shape[-2:], mode="nearest")
     start = masked_content(params, latent, small, seeds)
     if pipe.config.is_inpainting:
-        masked = im.to_tensor([overlay.image]).to(pipe.device, pipe.vae_dtype) * (binary < 0.5)
-        with torch.no_grad():
-            masked_latent = pipe.config.latent_format.to_model(pipe.vae.encode(masked).mode())
+        masked = im.to_tensor([overlay.image]).to(pipe.device) * (binary < 0.5)
+        masked_latent = pipe.encode_image(masked, params.tiling())
         return Start(start, params.strength, concat=torch.cat([small, masked_latent.to(small)], dim=1))
     return Start(start, params.strength, keep=1 - small)
 
@@ -117,12 +123,12 @@ def masked_content(params: GenerationParams, latent: torch.Tensor, small_mask: t
     return latent
 
 
-def unmasked_concat(pipe: Pipeline, width: int, height: int) -> torch.Tensor:
+def unmasked_concat(pipe: Pipeline, width: int, height: int,
+                    tiling: VAETiling = AUTO_TILING) -> torch.Tensor:
     """An inpainting model's extra input with no mask, as A1111 makes it: everything is to be painted.
 
     The mask is all ones and the masked image is the image times (1 - mask), all zeros (mid-grey).
     """
-    grey = torch.zeros(1, pipe.vae.cfg.in_channels, height, width, device=pipe.device, dtype=pipe.vae_dtype)
-    with torch.no_grad():
-        masked_latent = pipe.config.latent_format.to_model(pipe.vae.encode(grey).mode())
+    grey = torch.zeros(1, pipe.vae.cfg.in_channels, height, width)
+    masked_latent = pipe.encode_image(grey, tiling)
     return torch.cat([torch.ones_like(masked_latent[:, :1]), masked_latent], dim=1).float()

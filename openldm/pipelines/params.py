@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from openldm.models.vae_tiling import DEFAULT_VAE_TILE, VAETiling
+
 RESIZE_MODES = ("resize", "crop", "fill")  # A1111: just resize, crop and resize, resize and fill
 MASKED_CONTENT = ("fill", "original", "latent_noise", "latent_nothing")  # what an inpainted area starts from
 CONTROL_MODES = ("balanced", "prompt", "control")  # ControlNet: balanced, prompt or net more important
@@ -145,6 +147,11 @@ class GenerationParams:
     refiner_switch: float = 0.8  # the base samples down to timestep (1 - f) T, the refiner the rest
     refiner_model: str | None = None  # recorded by `Pipeline.generate`: the refiner used, if any
     loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # VAE memory savers (`models.vae_tiling`), in latent pixels (x8 image pixels for SD)
+    vae_tiling: str = "auto"  # auto: tiles only when a whole decode or encode would not fit in memory
+    vae_tile_size: int | None = None  # None: `vae_tiling.DEFAULT_VAE_TILE` (512 image pixels for SD)
+    vae_tile_overlap: int | None = None  # None: a quarter of the tile
+    vae_slicing: bool = False  # decode and encode a batch one image at a time
 
     def __post_init__(self) -> None:
         """Settings that can never make an image fail here, whoever builds them (CLI, API, JSON, PNG)."""
@@ -154,6 +161,12 @@ class GenerationParams:
         """These settings, if they are within `limits` (what a CLI run or a server request may ask)."""
         limits.check(self)
         return self
+
+    def tiling(self) -> VAETiling:
+        """How the VAE runs for these settings (tiled, whole or chosen by memory; sliced or not)."""
+        size = DEFAULT_VAE_TILE if self.vae_tile_size is None else self.vae_tile_size
+        overlap = size // 4 if self.vae_tile_overlap is None else self.vae_tile_overlap
+        return VAETiling(self.vae_tiling, size, overlap, self.vae_slicing)  # type: ignore[arg-type]
 
     def with_seed(self) -> GenerationParams:
         """A copy whose seed is a concrete number, drawn at random if it was -1; the subseed too if in use.
@@ -222,6 +235,10 @@ def check_settings(params: GenerationParams) -> None:
                 and _is_number(pair[1]) and abs(pair[1]) <= 100):  # abs(nan) <= 100 is False too
             raise SettingsError(f"loras: {_short(pair)} is not a (name, weight) pair with a weight of "
                                 "-100 to 100")
+    try:
+        params.tiling()  # `VAETiling` owns the rules of its mode, tile size and overlap
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
 
 
 def _check_ints(name: str, value: tuple | None, length: int, low: int) -> None:
@@ -302,6 +319,16 @@ def infotext_settings(
         settings["Outpaint"] = ",".join(map(str, params.outpaint))
     if params.refiner_model is not None:  # A1111's keys
         settings |= {"Refiner": params.refiner_model, "Refiner switch at": params.refiner_switch}
+    return settings | _vae_settings(params)
+
+
+def _vae_settings(params: GenerationParams) -> dict[str, Any]:
+    """The VAE memory savers, where they are not the defaults (tiling changes pixels, a little)."""
+    settings: dict[str, Any] = {} if params.vae_tiling == "auto" else {"VAE tiling": params.vae_tiling}
+    tiles = {"VAE tile size": params.vae_tile_size, "VAE tile overlap": params.vae_tile_overlap}
+    settings |= {key: value for key, value in tiles.items() if value is not None}
+    if params.vae_slicing:
+        settings["VAE slicing"] = True
     return settings
 
 
@@ -412,6 +439,8 @@ INFOTEXT_KEYS: dict[str, tuple[str, Callable[[str], Any]] | None] = {
                                              (item.rsplit(":", 1) for item in v.split(",")))),
     "Model": IGNORED, "Model hash": IGNORED, "VAE": IGNORED, "VAE hash": IGNORED, "Lora hashes": IGNORED,
     "TI hashes": IGNORED, "Hashes": IGNORED, "Version": IGNORED,
+    "VAE tiling": ("vae_tiling", str), "VAE tile size": ("vae_tile_size", int),
+    "VAE tile overlap": ("vae_tile_overlap", int), "VAE slicing": ("vae_slicing", lambda v: v == "True"),
 }
 _PAIRS = {"width": "height", "hires_width": "hires_height"}  # "WxH" keys fill two fields
 
@@ -447,7 +476,10 @@ def read_infotext(prompt: str, negative: str,
         values["hires"] = True
         if "strength" in values:  # A1111: the hires pass's strength
             values["hires_strength"] = values.pop("strength")
-    return GenerationParams(prompt, negative=negative, **values), tuple(unhonoured)
+    try:
+        return GenerationParams(prompt, negative=negative, **values), tuple(unhonoured)
+    except SettingsError as e:  # read, but no image can have been made with it
+        raise SettingsError(f"unreadable infotext value ({e})") from None
 
 
 def params_from_infotext(prompt: str, negative: str, settings: dict[str, str]) -> GenerationParams:

@@ -32,6 +32,7 @@ from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.models.vae import tiled
+from openldm.models.vae_tiling import AUTO_TILING, VAETiling, encode_images
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
@@ -44,7 +45,7 @@ from openldm.networks import (
 from openldm.pipelines import images as im
 from openldm.pipelines.conditioning import TextEncoder
 from openldm.pipelines.control import ControlUnit, control_infotext, make_control
-from openldm.pipelines.decoding import decode_finite
+from openldm.pipelines.decoding import decode_finite, decode_latents
 from openldm.pipelines.guidance import Extra, guided_denoiser
 from openldm.pipelines.inpaint import (
     Overlay,
@@ -257,10 +258,10 @@ class Pipeline:
         """One batch's pictures and final latents: the mode prepares the start, then sample and decode."""
         if run.mode == "upscale":
             x = hires_fix(self, run, image)
-            return self.decode(x), x
+            return self.decode(x, run.params.tiling()), x
         start, overlay = self._prepare(run, image, mask)
         x = self.sample(run, start)
-        pictures = self.decode(x)
+        pictures = self.decode(x, run.params.tiling())
         if overlay is not None and run.params.overlay:
             pictures = [overlay.apply(p) for p in pictures]
         return pictures, x
@@ -274,7 +275,7 @@ class Pipeline:
             return inpaint_start(self, params, overlay, run.seeds), overlay
         if run.mode == "img2img":
             image = im.resize_image(image, run.width, run.height, params.resize_mode)
-            return Start(self.encode_image(image), params.strength), None
+            return Start(self.encode_image(image, params.tiling()), params.strength), None
         return Start(), None
 
     def _size(self, params: GenerationParams, image: Image.Image | None) -> tuple[int, int]:
@@ -284,18 +285,19 @@ class Pipeline:
         im.check_size(width, height, 8)
         return width, height
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """Pixels -> model-space latent (the posterior's mean: deterministic)."""
-        x = im.to_tensor([image]).to(self.device, self.vae_dtype)
-        with torch.no_grad():
-            return self.config.latent_format.to_model(self.vae.encode(x).mode())
+    def encode_image(self, image: Image.Image | torch.Tensor,
+                     tiling: VAETiling = AUTO_TILING) -> torch.Tensor:
+        """A picture (or pixels in [-1, 1], batch first) -> model-space latent (the posterior's mean)."""
+        x = im.to_tensor([image]) if isinstance(image, Image.Image) else image
+        posterior = encode_images(self.vae, x.to(self.device, self.vae_dtype), tiling)
+        return self.config.latent_format.to_model(posterior.mode())
 
-    def decode(self, x: torch.Tensor) -> list[Image.Image]:
-        """Model-space latents -> pictures; NaN or inf is never a picture (see `decoding`)."""
-        if self.taesd is not None:  # TAESD takes model-space latents
+    def decode(self, x: torch.Tensor, tiling: VAETiling = AUTO_TILING) -> list[Image.Image]:
+        """Model-space latents -> pictures under `tiling`; NaN or inf is never a picture (`decoding`)."""
+        if self.taesd is not None:  # TAESD takes model-space latents, and no tiles
             return im.to_pil(decode_finite(self.taesd, x, self.decoder_runner))
         z = self.config.latent_format.from_model(x)
-        return im.to_pil(decode_finite(self.vae, z, self.decoder_runner))
+        return im.to_pil(decode_latents(self.vae, z, tiling, self.decoder_runner))
 
     # --- sampling ------------------------------------------------------------------------------
 
@@ -312,7 +314,8 @@ class Pipeline:
         if start.latent is not None:
             sigmas = img2img_sigmas(sigmas, start.strength)
         if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix
-            start = dataclasses.replace(start, concat=unmasked_concat(self, run.width, run.height))
+            concat = unmasked_concat(self, run.width, run.height, run.params.tiling())
+            start = dataclasses.replace(start, concat=concat)
         shape = self._latent_shape(run)
         noise = BatchNoise(run.seeds, shape, device=self.device, dtype=torch.float32)
         first = run.latents if run.latents is not None else starting_noise(

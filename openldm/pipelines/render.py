@@ -17,11 +17,14 @@ from PIL import Image
 
 from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import DTYPES
+from openldm.config import ModelConfig
 from openldm.diffusion.registry import resolve
+from openldm.memory import MemoryEstimate, check_fits, module_bytes
 from openldm.models.domain import Domain
 from openldm.models.taesd import load_taesd
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.control import ControlUnit
+from openldm.pipelines.inpaint import outpaint_size
 from openldm.pipelines.loading import load
 from openldm.pipelines.outputs import Rendered, result_png
 from openldm.pipelines.params import LIMITS, MODE_INPUTS, GenerationParams, Limits, SettingsError, hires_size
@@ -52,6 +55,8 @@ def check_inputs(mode: str, params: GenerationParams, image: Image.Image | None 
         resolve(params.hires_sampler, params.schedule)
     if mode == "outpaint" and not any(params.outpaint):
         raise ValueError("nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM (pixels to add)")
+    if any(params.outpaint) and image is not None:
+        outpaint_size(params.outpaint, image.size)
     left, right, top, bottom = params.outpaint  # outpainting works on the image with its new borders
     width = params.width or (image.width + left + right if image is not None else None)
     height = params.height or (image.height + top + bottom if image is not None else None)
@@ -79,6 +84,7 @@ class Renderer:
     limits: Limits = LIMITS  # what one render may ask for
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
     upscaler: Pipeline | None = None  # an x4-upscaler model: the hires fix's "x4" upscaler
+    memory_budget: int | None = None  # bytes a run may peak at (None: this machine's, `memory.memory_budget`)
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
@@ -87,7 +93,8 @@ class Renderer:
         """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`);
         `x4`: how an x4-upscaler model upscales (its noise level and tiles)."""
         check_inputs(mode, params, image, mask, self.limits)
-        self.check_memory(mode, params, image, hires)
+        if self.check_memory(mode, params, image, hires).vae_tile is not None:
+            params = dataclasses.replace(params, vae_tiling="on")  # what auto chose for this budget
         params = dataclasses.replace(params, loras=self.loras)
         if self.pipe.config.low_res is not None:
             if mode != "upscale" or image is None:
@@ -108,21 +115,39 @@ class Renderer:
 
 
     def check_memory(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-                     hires: bool = False) -> None:
-        """Refuse, before any step, a run whose estimated peak memory (`openldm.memory`) will not fit."""
-        from openldm.memory import check_fits
+                     hires: bool = False) -> MemoryEstimate:
+        """Refuse, before any step, a run whose estimated peak memory (`openldm.memory`) will not fit;
+        the estimate says whether `--vae-tiling auto` tiles at this budget."""
+        return check_run_memory(self.pipe.config, mode, params, image, hires, dtype=self.pipe.dtype,
+                                device=self.pipe.device, budget=self.memory_budget,
+                                weights=pipeline_weights(self.pipe))
 
-        config, (left, right, top, bottom) = self.pipe.config, params.outpaint
-        width = params.width or (image.width + left + right if image is not None else config.image_size)
-        height = params.height or (image.height + top + bottom if image is not None else config.image_size)
-        if hires or mode == "upscale" or (mode == "txt2img" and params.hires):  # sampled larger
-            big = hires_size(width, height, params)
-            width, height = big.width, big.height
-        cfg = config.guidance if params.cfg is None else params.cfg
-        modules = (self.pipe.unet, self.pipe.vae, *(e.model for e in self.pipe.text_encoders))  # loaded ones
-        weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-        check_fits(config, width=width, height=height, batch=params.batch_size, dtype=self.pipe.dtype,
-                   device=self.pipe.device, guidance=cfg != 1, encode=image is not None, weights=weights)
+
+def pipeline_weights(pipe: Pipeline) -> int:
+    """The bytes of a loaded pipeline's weights (its UNet, VAE and text encoders), for the estimate."""
+    return module_bytes(pipe.unet, pipe.vae, *(e.model for e in pipe.text_encoders))
+
+
+def check_run_memory(
+    config: ModelConfig, mode: str, params: GenerationParams, image: Image.Image | None = None,
+    hires: bool = False, *, dtype: torch.dtype, device: str | torch.device, budget: int | None = None,
+    weights: int | None = None,
+) -> MemoryEstimate:
+    """`memory.check_fits` for one render of these settings (a local run's check, the server's admission).
+
+    The size is the output's: the settings', else the input image's (with an outpaint's borders), else
+    the model's; a hires pass samples and decodes at the enlarged size. `weights` as in `estimate_peak`.
+    """
+    left, right, top, bottom = params.outpaint
+    width = params.width or (image.width + left + right if image is not None else config.image_size)
+    height = params.height or (image.height + top + bottom if image is not None else config.image_size)
+    if hires or mode == "upscale" or (mode == "txt2img" and params.hires):  # sampled larger
+        big = hires_size(width, height, params)
+        width, height = big.width, big.height
+    cfg = config.guidance if params.cfg is None else params.cfg
+    return check_fits(config, width=width, height=height, batch=params.batch_size, dtype=dtype, device=device,
+                      tiling=params.tiling(), budget=budget, guidance=cfg != 1, encode=image is not None,
+                      weights=weights)
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
@@ -154,13 +179,14 @@ def load_renderer(
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
     log: Log = _stderr, vae: Path | None = None, engine: str = "eager", decoder: Path | None = None,
-    upscaler: Path | None = None,
+    upscaler: Path | None = None, memory_budget: int | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
     The device defaults to CUDA when there is one, the dtype to fp16 there and fp32 elsewhere. The
     `<lora:NAME:W>` tags in `prompts` are looked up first, so that a typo costs no load time.
     `engine` runs the UNet and decoder (`openldm.engines`); `decoder`, a TAESD file, replaces the VAE's.
+    `memory_budget`: the bytes a run may peak at (None: what this machine has).
     """
     taesd = load_taesd(decoder) if decoder is not None else None
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)
@@ -187,4 +213,4 @@ def load_renderer(
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
                     tuple((network.name, weight) for network, weight in merged), domain,
-                    vae=pipe.components.vae_file, upscaler=x4)
+                    vae=pipe.components.vae_file, upscaler=x4, memory_budget=memory_budget)

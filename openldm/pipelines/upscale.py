@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from openldm.models.vae_tiling import AUTO_TILING
 from openldm.pipelines import images as im
 from openldm.pipelines.params import UPSCALERS, GenerationParams, HiresSize, hires_size
 from openldm.pipelines.run import Run, Start
@@ -35,7 +36,7 @@ def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tens
     if image is None:
         base = pipe.sample(dataclasses.replace(run, latents=None))
     else:
-        base = pipe.encode_image(im.resize_image(image, run.width, run.height))
+        base = pipe.encode_image(im.resize_image(image, run.width, run.height), params.tiling())
         base = base.expand(len(run.seeds), -1, -1, -1)
     size = hires_size(run.width, run.height, params)
     start = crop(enlarge(pipe, base, params.upscaler, size.width, size.height, run), size, pipe)
@@ -61,13 +62,15 @@ def enlarge(pipe: Pipeline, x: torch.Tensor, upscaler: str, width: int, height: 
         f = pipe.config.vae.downsample_factor
         return F.interpolate(x, size=(height // f, width // f), mode=mode, antialias=antialias)
     if upscaler == "lanczos":
-        pictures = [p.resize((width, height), im.LANCZOS) for p in pipe.decode(x)]
-        return torch.cat([pipe.encode_image(p) for p in pictures])
+        tiling = run.params.tiling() if run is not None else AUTO_TILING
+        pictures = [p.resize((width, height), im.LANCZOS) for p in pipe.decode(x, tiling)]
+        return torch.cat([pipe.encode_image(p, tiling) for p in pictures])
     if upscaler == "x4":
         if run is None or run.upscaler is None:
             raise ValueError("the x4 upscaler needs an x4-upscaler model (--hires-upscaler PATH)")
-        return torch.cat([pipe.encode_image(p.resize((width, height), im.LANCZOS))
-                          for p in _x4_pictures(run.upscaler, pipe.decode(x), run)])
+        tiling = run.params.tiling()
+        return torch.cat([pipe.encode_image(p.resize((width, height), im.LANCZOS), tiling)
+                          for p in _x4_pictures(run.upscaler, pipe.decode(x, tiling), run)])
     raise ValueError(f"unknown upscaler {upscaler!r}; choose {' or '.join(UPSCALERS)}")
 
 

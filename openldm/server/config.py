@@ -21,6 +21,9 @@ class ServerLimits:
     max_upload_pixels: int = 4096 * 4096  # an input image or mask, checked before it is decoded
     max_upload_bytes: int = 32 * 2**20
     max_controls: int = 4  # ControlNet units of one job (each one more network call per step)
+    # The estimated peak (`openldm.memory`) a job may reach, in bytes; None: what the device has when
+    # the job is submitted (free memory plus what the server holds). Workers decide `auto` tiling by it.
+    memory_budget: int | None = None
 
     def generation(self) -> Limits:
         """This server's values as the `params.Limits` that settings are checked against (one owner)."""
@@ -29,7 +32,7 @@ class ServerLimits:
                       max_pixels=self.max_pixels)
 
     def __post_init__(self) -> None:
-        bad = [name for name, value in vars(self).items() if value <= 0]
+        bad = [name for name, value in vars(self).items() if value is not None and value <= 0]
         if bad:
             raise ValueError(f"server limits must be positive: {', '.join(bad)}")
 

@@ -123,8 +123,22 @@ def check_limits(mode: str, params: GenerationParams, hires: bool, images: dict[
             raise Refused(422, message, field)
 
 
-def check_memory_budget(submission: Submission) -> None:
-    """Memory admission hook: a later step refuses (422) a job whose estimated peak exceeds the budget."""
+def check_memory_budget(submission: Submission, config: ServerConfig) -> None:
+    """Refuse (422, `memory`) a job whose estimated peak (`openldm.memory`, the estimate a local run
+    checks) is over the budget, on the first worker's device and in its dtype; the model's config comes
+    from its header. A model whose config that cannot tell (a .ckpt) is checked by the worker."""
+    model = submission.model.config
+    if model is None or submission.x4 is not None:  # x4 runs are tiled and checked by the worker
+        return
+    from openldm.memory import MemoryLimitError
+    from openldm.pipelines.render import check_run_memory, device_and_dtype
+
+    try:
+        device, dtype = device_and_dtype(config.device_for(0), config.dtype)
+        check_run_memory(model, submission.mode, submission.params, submission.images.get("image"),
+                         submission.hires, dtype=dtype, device=device, budget=config.limits.memory_budget)
+    except MemoryLimitError as e:
+        raise Refused(422, f"memory: {e}", "memory") from None
 
 
 def check_networks(params: GenerationParams, config: ServerConfig) -> None:
@@ -199,7 +213,7 @@ def prepare(source: str, mode: str, params: GenerationParams, model: str | None,
         message = str(e).splitlines()[0]
         raise Refused(422, message, _field_of(message)) from None
     submission = Submission(source, mode, params.with_seed(), entry, hires, images, controls, x4)
-    check_memory_budget(submission)
+    check_memory_budget(submission, config)
     return submission
 
 

@@ -54,7 +54,8 @@ class ModelCache:
             self.loaded.popitem(last=False)
         renderer = load_renderer(entry.path, device=self.device, dtype=self.config.dtype,
                                  lora_dirs=self.config.lora_dirs, embedding_dirs=self.config.embedding_dirs,
-                                 log=lambda message: print(message, file=sys.stderr))
+                                 log=lambda message: print(message, file=sys.stderr),
+                                 memory_budget=self.config.limits.memory_budget)
         renderer.pipe.progress = False
         renderer.model_name = entry.name
         self.loaded[entry.sha256] = renderer
