@@ -67,11 +67,29 @@ def test_tensor_hash_follows_the_weights():
 
 
 def test_unknown_or_missing_engines_are_one_line(monkeypatch):
-    with pytest.raises(EngineError, match="unknown engine 'tensorrt'; one of eager, compile, openvino"):
+    names = "auto, eager, compile, openvino, openvino-int8"
+    with pytest.raises(EngineError, match=f"unknown engine 'tensorrt'; one of {names}"):
         get_engine("tensorrt")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    with pytest.raises(EngineError, match=r'pip install "openldm\[cpu\]"'):
-        get_engine("openvino")
+    for name in ("openvino", "openvino-int8"):
+        with pytest.raises(EngineError, match=r'pip install "openldm\[cpu\]"'):
+            get_engine(name)
+
+
+def test_auto_falls_back_to_eager_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert get_engine("auto").name == "eager"
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "openldm[cpu]"' in lines[0], lines
+
+
+def test_auto_is_openvino_for_the_unet_only():
+    pytest.importorskip("openvino")
+    engine = get_engine("auto")
+    assert (engine.name, engine.roles) == ("openvino", {"unet"})
+    conv = torch.nn.Conv2d(2, 2, 1)
+    component = Component(conv, conv.forward, "vae_decoder")
+    assert engine.build(component, (torch.randn(1, 2, 4, 4),)) == conv.forward  # eager
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +131,48 @@ def test_openvino_matches_eager_and_converts_once(pipe, tmp_path):
     notes.clear()
     _images(pipe, OpenVINO(root=tmp_path, log=notes.append))  # a fresh engine, as after a restart
     assert not [n for n in notes if "converting" in n], f"the cache missed: {notes}"
+
+
+def test_auto_matches_eager(pipe, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    _check_exact(pipe, "auto")
+
+
+def _psnr(got: np.ndarray, want: np.ndarray) -> float:
+    return float(10 * np.log10(1 / np.mean((got - want) ** 2)))
+
+
+def test_int8_runs_near_eager_and_is_cached_apart_from_fp32(pipe, tmp_path):
+    pytest.importorskip("nncf")
+    from openldm.engines.int8 import OpenVINOInt8
+    from openldm.engines.openvino import OpenVINO
+
+    notes: list[str] = []
+    engine = OpenVINOInt8(root=tmp_path, log=notes.append, prompts=2, steps=3)
+    want, got = _images(pipe, "eager"), _images(pipe, engine)
+    assert any("calibrating" in n for n in notes) and any("quantized" in n for n in notes), notes
+    psnr = _psnr(got, want)
+    assert 25 <= psnr < 200, f"int8 vs eager: PSNR {psnr:.1f} dB (bar 25; inf: nothing quantized)"
+    fp32 = OpenVINO(root=tmp_path, log=notes.append)
+    assert engine.settings() != fp32.settings()  # so the cache keys differ: the quantized IR is its own entry
+    notes.clear()
+    _images(pipe, OpenVINOInt8(root=tmp_path, log=notes.append, prompts=2, steps=3))
+    assert not [n for n in notes if "converting" in n or "calibrating" in n], f"the cache missed: {notes}"
+    _images(pipe, fp32)
+    assert [n for n in notes if "converting unet" in n], "fp32 found the int8 entry"
+
+
+def test_calibration_rows_are_regrouped_like_the_example():
+    from openldm.engines.calibration import regroup
+
+    x, t, ctx = torch.randn(2, 4, 2, 2), torch.tensor([1.0, 2.0]), torch.randn(2, 77, 8)
+    rows = [(torch.full((4, 2, 2), float(i)), torch.tensor(float(i)), torch.randn(154, 8), None)
+            for i in range(5)]
+    batches = regroup(rows, (x, t, ctx, None))
+    assert len(batches) == 2  # the fifth row makes no whole batch
+    assert batches[1][1].tolist() == [2.0, 3.0] and batches[1][0][:, 0, 0, 0].tolist() == [2.0, 3.0]
+    assert batches[0][2] is ctx and batches[0][3] is None  # another text length: the example's text
 
 
 @pytest.mark.slow

@@ -5,4 +5,5 @@ it. `base.get_engine(name)` refuses an engine whose package is missing with one 
 extra that installs it. This module imports no torch, so the CLI can list the names at once.
 """
 
-ENGINE_NAMES = ("eager", "compile", "openvino")
+ENGINE_NAMES = ("auto", "eager", "compile", "openvino", "openvino-int8")
+DEFAULT_ENGINE = "auto"  # the fastest exact engine installed (OpenVINO on the CPU), else eager
