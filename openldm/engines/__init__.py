@@ -6,4 +6,5 @@ extra that installs it. This module imports no torch, so the CLI can list the na
 """
 
 ENGINE_NAMES = ("auto", "eager", "compile", "openvino", "openvino-int8")
+OFFLOAD_MODES = ("model", "sequential")  # see `offload`
 DEFAULT_ENGINE = "auto"  # the fastest exact engine installed (OpenVINO on the CPU), else eager
