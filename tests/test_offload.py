@@ -68,3 +68,9 @@ def test_offload_off_cuda_is_one_line(checkpoint):
 def test_unknown_offload_mode_is_one_line():
     with pytest.raises(ValueError, match="unknown offload mode 'disk'; one of model, sequential"):
         enable_offload({"unet": torch.nn.Linear(1, 1)}, "disk", "cuda")
+
+
+def test_offload_with_a_cpu_engine_is_one_line(checkpoint, monkeypatch):
+    monkeypatch.setattr("openldm.pipelines.render.device_and_dtype", lambda device, dtype: ("cuda", None))
+    with pytest.raises(SettingsError, match="^--offload runs the model on CUDA; --engine openvino runs it"):
+        load_renderer(checkpoint, device="cuda", offload="model", engine="openvino")

@@ -169,6 +169,9 @@ def load_renderer(
     if offload is not None and torch.device(device).type != "cuda":
         raise SettingsError(f"--offload {offload} needs CUDA (the model is on {device}, already in system "
                             "memory)")
+    if offload is not None and engine.startswith("openvino"):
+        raise SettingsError(f"--offload runs the model on CUDA; --engine {engine} runs it on the CPU")
+    engine = "eager" if offload is not None and engine == "auto" else engine  # auto is OpenVINO on the CPU
     pipe = load(path, device="cpu" if offload else device, dtype=torch_dtype, prediction=prediction, vae=vae,
                 engine=engine)
     if offload is not None:
