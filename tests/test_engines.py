@@ -161,8 +161,10 @@ def test_int8_runs_near_eager_and_is_cached_apart_from_fp32(pipe, tmp_path):
     pipe.set_engine(engine)
     got, want = pipe.unet_runner(x, t, context, None), pipe.unet(x, t, context)
     pipe.set_engine("eager")
+    # Random tiny weights quantize badly (rel. L2 1.4 measured): only that it is quantized and finite
+    # is asserted here; closeness is checked on the trained embedded model (the slow test below).
     rel = ((got - want).norm() / want.norm()).item()
-    assert 1e-5 < rel < 0.15, f"int8 UNet output vs eager on a pipeline input: rel. L2 {rel:.3f} (bar 0.15)"
+    assert torch.isfinite(got).all() and rel > 1e-4, f"int8 vs eager: rel. L2 {rel:.1e} (nothing quantized?)"
     fp32 = OpenVINO(root=tmp_path, log=notes.append)
     assert engine.settings() != fp32.settings()  # so the cache keys differ: the quantized IR is its own entry
     notes.clear()
@@ -182,6 +184,25 @@ def test_calibration_rows_are_regrouped_like_the_example():
     assert len(batches) == 2  # the fifth row makes no whole batch
     assert batches[1][1].tolist() == [2.0, 3.0] and batches[1][0][:, 0, 0, 0].tolist() == [2.0, 3.0]
     assert batches[0][2] is ctx and batches[0][3] is None  # another text length: the example's text
+
+
+@pytest.mark.slow
+def test_int8_is_close_on_the_embedded_model(tmp_path):
+    """Measured: rel. L2 of the UNet output median 0.044, max 0.103 over 12 pipeline inputs."""
+    pytest.importorskip("nncf")
+    from openldm.engines.calibration import unet_inputs
+    from openldm.engines.int8 import OpenVINOInt8
+    from openldm.models.embedded import default_model_path
+
+    pipe = load(default_model_path(), engine=OpenVINOInt8(root=tmp_path, log=lambda _: None))
+    example = (torch.zeros(2, 4, 16, 16), torch.zeros(2), torch.zeros(2, 32, 128), None)
+    rels = []
+    with torch.no_grad():
+        for x, t, c, _ in unet_inputs(pipe, example, prompts=2, steps=6):
+            want = pipe.unet(x, t, c)
+            rels.append(((pipe.unet_runner(x, t, c, None) - want).norm() / want.norm()).item())
+    median = sorted(rels)[len(rels) // 2]
+    assert median < 0.08, f"int8 UNet rel. L2 median {median:.3f}, max {max(rels):.3f} (bar 0.08)"
 
 
 @pytest.mark.slow
