@@ -22,6 +22,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _eager_cli():
+    """CLI and server tests run eager: `auto` would convert every fresh random model with OpenVINO."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENLDM_ENGINE", "eager")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from openldm.atomic import check_writable, write_bytes_atomic
 from openldm.client import SERVER_ENV, RemoteRenderer
 from openldm.config import WEIGHT_DTYPES
-from openldm.engines import ENGINE_NAMES
+from openldm.engines import ENGINE_NAMES, OFFLOAD_MODES, default_engine
 from openldm.models.embedded import default_model_path
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import Rendered, output_paths, read_settings
@@ -120,8 +120,13 @@ def add_model_options(group) -> dict[str, str]:
         add("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu)"),
         add("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere (fp16 and bf16 are "
             "refused on the CPU: they fail there mid-run)"),
-        add("--engine", choices=ENGINE_NAMES, help="what runs the UNet and VAE decoder: eager PyTorch "
-            "(default), compile (torch.compile, frozen weights) or openvino (pip install \"openldm[cpu]\")"),
+        add("--engine", choices=ENGINE_NAMES, help="what runs the UNet and VAE decoder ($OPENLDM_ENGINE, or "
+            "auto): auto (OpenVINO fp32 for the UNet when installed, else eager), eager PyTorch, compile "
+            "(torch.compile, "
+            "frozen weights), openvino, or openvino-int8 (W8A8: faster, inexact); OpenVINO and NNCF: "
+            "pip install \"openldm[cpu]\""),
+        add("--offload", choices=OFFLOAD_MODES, help="CUDA only: model keeps only the running component on "
+            "the GPU, sequential streams the UNet's blocks through it (slower, for small GPUs)"),
         add("--decoder", type=Path, metavar="FILE", help="decode with this TAESD / TAESDXL decoder "
             "(taesd_decoder.safetensors, or a diffusers AutoencoderTiny): fast, inexact"),
         add("--refiner", type=Path, metavar="PATH", help="an SDXL refiner model that finishes each image: "
@@ -442,7 +447,7 @@ def load_here(args: argparse.Namespace, prompts: Iterable[str] = ()) -> Renderer
     return load_renderer(model_path(args), device=args.device, dtype=args.dtype, prediction=args.prediction,
                          lora_dirs=args.lora_dir, embedding_dirs=args.embeddings, loras=args.lora,
                          refiner=args.refiner, prompts=prompts, vae=args.vae,
-                         engine=args.engine or "eager", decoder=args.decoder,
+                         engine=args.engine or default_engine(), decoder=args.decoder, offload=args.offload,
                          upscaler=getattr(args, "hires_upscaler", None), memory_budget=args.memory_budget)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from openldm.cli.generate import read_gib
 from openldm.client import DEFAULT_PORT, SERVER_ENV, ServerError
+from openldm.engines import ENGINE_NAMES, default_engine
 from openldm.models.embedded import default_model_path
 
 
@@ -37,6 +38,8 @@ def add_commands(sub) -> None:
                    help="folder of textual-inversion embeddings (repeatable)")
     g.add_argument("--keep-models", type=int, default=1, metavar="K", help="models each worker keeps loaded")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 on cuda, fp32 elsewhere")
+    g.add_argument("--engine", choices=ENGINE_NAMES,
+                   help="what runs the UNet and decoder ($OPENLDM_ENGINE or auto; see openldm txt2img -h)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: only "
                    "this machine)")
@@ -84,7 +87,8 @@ def server_config(args: argparse.Namespace):
         controlnet_dir=args.controlnet_dir.resolve() if args.controlnet_dir else None,
         lora_dirs=tuple(p.resolve() for p in args.lora_dir),
         embedding_dirs=tuple(p.resolve() for p in args.embeddings), keep_models=args.keep_models,
-        workers=args.workers, devices=devices, dtype=args.dtype, threads=args.threads,
+        workers=args.workers, devices=devices, dtype=args.dtype, engine=args.engine or default_engine(),
+        threads=args.threads,
         auth=parse_auth(args.api_auth) if args.api_auth else (), api_key=args.api_key,
         a1111=not args.no_a1111, limits=limits,
     )

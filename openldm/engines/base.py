@@ -21,8 +21,9 @@ from openldm.engines import ENGINE_NAMES
 Call = Callable[..., Any]
 Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per argument; None: absent
 
-_MODULES = {"eager": "openldm.engines.eager", "compile": "openldm.engines.compiled",
-            "openvino": "openldm.engines.openvino"}
+_MODULES = {"auto": "openldm.engines.auto", "eager": "openldm.engines.eager",
+            "compile": "openldm.engines.compiled", "openvino": "openldm.engines.openvino",
+            "openvino-int8": "openldm.engines.int8"}
 
 
 class EngineError(ValueError):
@@ -36,6 +37,8 @@ class Component:
     module: nn.Module
     call: Call
     role: str  # "unet", "vae_decoder"
+    # Inputs like the example's, from the model's own pipeline: what post-training quantization sees.
+    calibration: Callable[[Sequence[Any]], list[tuple[Any, ...]]] | None = None
 
 
 class Engine(Protocol):

@@ -36,12 +36,19 @@ class _Traced(nn.Module):
         return self.call(*(next(values) if p else None for p in self.present))
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 @dataclass(frozen=True)
 class OpenVINO:
+    """Components on the CPU whose role is in `roles` run as OpenVINO programs; the others eagerly."""
+
     name: str = "openvino"
     config: dict[str, str] = field(default_factory=lambda: {"INFERENCE_PRECISION_HINT": "f32"})
     root: Path | None = None  # the cache folder; None: `cache.cache_root()`
-    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr), compare=False)
+    log: Callable[[str], None] = field(default=_stderr, compare=False)
+    roles: frozenset[str] = frozenset({"unet", "vae_decoder"})
 
     def settings(self) -> dict[str, Any]:
         import openvino
@@ -51,6 +58,8 @@ class OpenVINO:
     def build(self, component: Component, example: Sequence[torch.Tensor | None]) -> Call:
         import openvino
 
+        if component.role not in self.roles or _device(component.module) != "cpu":
+            return component.call  # eager: a role left out, or a model on an accelerator
         present = tuple(a is not None for a in example)
         tensors = [a for a in example if a is not None]
         shapes = [(tuple(t.shape), str(t.dtype)) for t in tensors]
@@ -61,25 +70,41 @@ class OpenVINO:
         if (folder / IR).exists():
             ir = core.read_model(folder / IR)
         else:
-            ir = self._convert(component, present, tensors, folder)
-        compiled = core.compile_model(ir, "CPU", self.config)
-        return _caller(compiled, present)
+            ir = self.convert(component, present, example)
+            _save(ir, folder)
+        return _caller(core.compile_model(ir, "CPU", self.runtime_config()), present)
 
-    def _convert(self, component: Component, present: tuple[bool, ...], tensors: list[torch.Tensor],
-                 folder: Path) -> Any:
+    def runtime_config(self) -> dict[str, str]:
+        """The compile options: the settings, and torch's thread count (`--threads`), which the IR ignores."""
+        return {"INFERENCE_NUM_THREADS": str(torch.get_num_threads()), **self.config}
+
+    def convert(self, component: Component, present: tuple[bool, ...],
+                example: Sequence[torch.Tensor | None]) -> Any:
+        """The component traced into an OpenVINO model (what the cache stores), with progress lines."""
         import openvino
 
+        tensors = tuple(a for a in example if a is not None)
         shapes = " ".join("x".join(map(str, t.shape)) for t in tensors)
-        self.log(f"openvino: converting {component.role} for {shapes} (once; cached in {folder})")
+        self.log(f"{self.name}: converting {component.role} for {shapes} (once; cached)")
         start = time.perf_counter()
         with torch.no_grad():
-            ir = openvino.convert_model(_Traced(component, present), example_input=tuple(tensors))
-        partial = folder.with_name(folder.name + ".partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        openvino.save_model(ir, partial / IR, compress_to_fp16=False)
-        partial.rename(folder)  # a killed conversion leaves no entry that looks whole
-        self.log(f"openvino: {component.role} converted in {time.perf_counter() - start:.1f} s")
+            ir = openvino.convert_model(_Traced(component, present), example_input=tensors)
+        self.log(f"{self.name}: {component.role} converted in {time.perf_counter() - start:.1f} s")
         return ir
+
+
+def _save(ir: Any, folder: Path) -> None:
+    """Write the IR into the cache; a killed conversion leaves no entry that looks whole."""
+    import openvino
+
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(ir, partial / IR, compress_to_fp16=False)
+    partial.rename(folder)
+
+
+def _device(module: nn.Module) -> str:
+    return next(module.parameters()).device.type
 
 
 def _caller(compiled: Any, present: tuple[bool, ...]) -> Call:

@@ -9,6 +9,7 @@ pixels afterwards. `run.Run` describes one batch; `loading.load` makes a Pipelin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
 from openldm.engines.base import Component, Engine, Runner, get_engine
+from openldm.engines.calibration import unet_inputs
 from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
@@ -97,7 +99,8 @@ class Pipeline:
         """Run the UNet and VAE decoder through `engine` (see `openldm.engines`); eager is the reference."""
         engine = get_engine(engine)
         self.engine = engine.name
-        self.unet_runner = Runner(engine, Component(self.unet, self.unet, "unet"))  # the module: hooks run
+        calibration = functools.partial(unet_inputs, self)  # what a quantizing engine calibrates on
+        self.unet_runner = Runner(engine, Component(self.unet, self.unet, "unet", calibration))  # hooks run
         decoder = self.taesd or self.vae
         self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
 

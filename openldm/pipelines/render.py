@@ -179,7 +179,7 @@ def load_renderer(
     lora_dirs: Iterable[Path] = (), embedding_dirs: Iterable[Path] = (),
     loras: Iterable[tuple[Path, float]] = (), refiner: Path | None = None, prompts: Iterable[str] = (),
     log: Log = _stderr, vae: Path | None = None, engine: str = "eager", decoder: Path | None = None,
-    upscaler: Path | None = None, memory_budget: int | None = None,
+    upscaler: Path | None = None, memory_budget: int | None = None, offload: str | None = None,
 ) -> Renderer:
     """Load a model with its LoRA folders, embeddings, merged LoRA files and refiner; `log` gets the notes.
 
@@ -187,6 +187,7 @@ def load_renderer(
     `<lora:NAME:W>` tags in `prompts` are looked up first, so that a typo costs no load time.
     `engine` runs the UNet and decoder (`openldm.engines`); `decoder`, a TAESD file, replaces the VAE's.
     `memory_budget`: the bytes a run may peak at (None: what this machine has).
+    `offload` (CUDA only; `engines.offload`) keeps the weights in system memory, visiting the GPU to run.
     """
     taesd = load_taesd(decoder) if decoder is not None else None
     networks, embeddings = NetworkLibrary(lora_dirs), read_embeddings(embedding_dirs)
@@ -194,7 +195,18 @@ def load_renderer(
         networks.path(ref)
     merged = [(load_network(file), weight) for file, weight in loras]
     device, torch_dtype = device_and_dtype(device, dtype)
-    pipe = load(path, device=device, dtype=torch_dtype, prediction=prediction, vae=vae, engine=engine)
+    if offload is not None and torch.device(device).type != "cuda":
+        raise SettingsError(f"--offload {offload} needs CUDA (the model is on {device}, already in system "
+                            "memory)")
+    if offload is not None and engine.startswith("openvino"):
+        raise SettingsError(f"--offload runs the model on CUDA; --engine {engine} runs it on the CPU")
+    engine = "eager" if offload is not None and engine == "auto" else engine  # auto is OpenVINO on the CPU
+    pipe = load(path, device="cpu" if offload else device, dtype=torch_dtype, prediction=prediction, vae=vae,
+                engine=engine)
+    if offload is not None:
+        from openldm.engines.offload import enable_offload, pipeline_modules
+
+        enable_offload(pipeline_modules(pipe), offload, device)
     if taesd is not None:
         pipe.use_decoder(taesd)
     pipe.progress, pipe.networks = True, networks

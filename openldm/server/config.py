@@ -51,6 +51,7 @@ class ServerConfig:
     workers: int = 1  # 1: a worker thread in the server process; more: one process per device
     devices: tuple[str, ...] = ()  # one per worker; empty: cuda when there is one, else cpu
     dtype: str | None = None
+    engine: str = "eager"  # what runs the UNet and decoder (`openldm.engines`); `openldm serve`: auto
     threads: int | None = None  # torch threads per worker (None: torch's default)
     auth: tuple[tuple[str, str], ...] = ()  # --api-auth user:pass pairs
     api_key: str | None = None

@@ -53,7 +53,8 @@ class ModelCache:
         while len(self.loaded) >= self.keep:
             self.loaded.popitem(last=False)
         renderer = load_renderer(entry.path, device=self.device, dtype=self.config.dtype,
-                                 lora_dirs=self.config.lora_dirs, embedding_dirs=self.config.embedding_dirs,
+                                 engine=self.config.engine, lora_dirs=self.config.lora_dirs,
+                                 embedding_dirs=self.config.embedding_dirs,
                                  log=lambda message: print(message, file=sys.stderr),
                                  memory_budget=self.config.limits.memory_budget)
         renderer.pipe.progress = False
