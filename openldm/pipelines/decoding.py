@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from openldm.config import LatentFormat
+
 HALF = (torch.float16, torch.bfloat16)
 
 
@@ -56,3 +58,18 @@ def _decode(vae: nn.Module, z: torch.Tensor, tile: int | None, overlap: int | No
 def _count(x: torch.Tensor) -> str:
     bad = ~torch.isfinite(x)
     return f"{int(bad.sum())} of {x.numel()} values NaN or inf"
+
+
+def check_taesd(taesd: nn.Module, channels: int) -> None:
+    """A TAESD decodes this model's latents only if it takes as many channels as they have."""
+    if taesd.latent_channels != channels:
+        raise ValueError(f"the TAESD decoder takes {taesd.latent_channels} latent channels; this model's "
+                         f"latents have {channels}")
+
+
+def decode_model_latents(vae: nn.Module, taesd: nn.Module | None, latent_format: LatentFormat,
+                         x: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Model-space latents -> pixels by `decode`: a TAESD's takes them as they are, the VAE's unscaled."""
+    if taesd is not None:
+        return decode_finite(taesd, x, decode)
+    return decode_finite(vae, latent_format.from_model(x), decode)
