@@ -17,6 +17,7 @@ MODE_INPUTS = {  # the images each kind of run starts from
     "upscale": ("image",),
 }
 UPSCALERS = ("latent", "lanczos", "x4")  # x4: an x4-upscaler model (--hires-upscaler)
+X4_MODE = "x4"  # the mode an x4-upscaler model's own upscale records: no img2img pass, unlike "upscale"
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as A1111 draws them; -1 means "draw one"
 
 
@@ -254,7 +255,7 @@ def infotext_settings(
     if mode == "upscale":
         settings |= {"Denoising strength": params.hires_strength, "Hires upscale": params.upscale_by,
                      "Hires steps": params.hires_steps, "Hires upscaler": params.upscaler}
-    elif mode != "txt2img":
+    elif mode not in ("txt2img", X4_MODE):
         settings["Denoising strength"] = params.strength
     if params.clip_skip and params.clip_skip > 1:
         settings["Clip skip"] = params.clip_skip

@@ -43,7 +43,7 @@ from openldm.pipelines.guidance import Extra
 from openldm.pipelines.inpaint import Overlay, inpaint_start, outpaint_canvas, prepare_inpaint
 from openldm.pipelines.params import GenerationParams
 from openldm.pipelines.run import Interrupted, Result, Run, Start, StepCallback, batch_params, run_mode
-from openldm.pipelines.upscale import hires_fix
+from openldm.pipelines.upscale import hires_fix, upscaler_infotext
 from openldm.pipelines.x4 import tiled_call
 
 __all__ = ["Pipeline", "Result", "StepCallback"]
@@ -204,7 +204,8 @@ class Pipeline:
                 except Interrupted:
                     break
                 results += [Result(picture, run.image_params(i), mode, x[i : i + 1], applied.reports,
-                                   control_infotext(controls)) for i, picture in enumerate(pictures)]
+                                   control_infotext(controls), upscaler_infotext(run))
+                            for i, picture in enumerate(pictures)]
         return results
 
     def _settle(self, params: GenerationParams, refiner: Pipeline | None) -> GenerationParams:

@@ -78,6 +78,7 @@ class Renderer:
     limits: Limits = LIMITS  # what one render may ask for
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
     upscaler: Pipeline | None = None  # an x4-upscaler model: the hires fix's "x4" upscaler
+    upscaler_hash: str | None = None  # its file's, recorded beside its name
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
@@ -86,7 +87,7 @@ class Renderer:
         """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`);
         `x4`: how an x4-upscaler model upscales (its noise level and tiles)."""
         check_inputs(mode, params, image, mask, self.limits)
-        self.check_memory(mode, params, image, hires)
+        self.check_memory(mode, params, image, hires, x4)
         params = dataclasses.replace(params, loras=self.loras)
         if self.pipe.config.low_res is not None:
             if mode != "upscale" or image is None:
@@ -100,26 +101,35 @@ class Renderer:
                 mask=mask.convert("L") if mask is not None else None, controls=controls, callback=callback,
                 upscaler=self.upscaler,
             )
+        for r in results:  # the pipeline names a hires fix's x4 model; its file's hash is known here
+            if "Hires upscaler model" in r.infotext:
+                r.infotext["Hires upscaler hash"] = self.upscaler_hash
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
 
 
     def check_memory(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-                     hires: bool = False) -> None:
+                     hires: bool = False, x4: X4Settings | None = None) -> None:
         """Refuse, before any step, a run whose estimated peak memory (`openldm.memory`) will not fit."""
         from openldm.memory import check_fits
 
         config, (left, right, top, bottom) = self.pipe.config, params.outpaint
         width = params.width or (image.width + left + right if image is not None else config.image_size)
         height = params.height or (image.height + top + bottom if image is not None else config.image_size)
-        if hires or mode == "upscale":  # the hires pass samples and decodes at the enlarged size
+        tile = None
+        if config.low_res is not None and image is not None:  # an x4 model: its own factor, in its tiles
+            width, height = image.width * config.low_res.factor, image.height * config.low_res.factor
+            tile = (x4 or X4Settings()).tiling.tile
+        elif hires or mode == "upscale":  # the hires pass samples and decodes at the enlarged size
             width, height = round(width * params.upscale_by), round(height * params.upscale_by)
         cfg = config.guidance if params.cfg is None else params.cfg
-        modules = (self.pipe.unet, self.pipe.vae, *(e.model for e in self.pipe.text_encoders))  # loaded ones
+        pipes = (self.pipe, *((self.upscaler,) if self.upscaler is not None else ()))
+        modules = [m for one in pipes for m in (one.unet, one.vae, *(e.model for e in one.text_encoders))]
         weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
         check_fits(config, width=width, height=height, batch=params.batch_size, dtype=self.pipe.dtype,
-                   device=self.pipe.device, guidance=cfg != 1, encode=image is not None, weights=weights)
+                   device=self.pipe.device, guidance=cfg != 1, weights=weights, vae_tile=tile, unet_tile=tile,
+                   encode=image is not None and config.low_res is None)  # x4 takes the image's pixels
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
@@ -184,4 +194,5 @@ def load_renderer(
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
                     tuple((network.name, weight) for network, weight in merged), domain,
-                    vae=pipe.components.vae_file, upscaler=x4)
+                    vae=pipe.components.vae_file, upscaler=x4,
+                    upscaler_hash=None if upscaler is None else model_hash(upscaler))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openldm.pipelines.params import GenerationParams, seeds_for
 
@@ -105,3 +105,4 @@ class Result:
     latent: torch.Tensor
     networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
     control: dict[str, str] = field(default_factory=dict)  # infotext entries of its ControlNet units
+    infotext: dict[str, Any] = field(default_factory=dict)  # other entries: an x4 pass's noise level, tiles

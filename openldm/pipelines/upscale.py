@@ -8,7 +8,7 @@ with the same prompt and seed, resizes its 4x image to the target size and encod
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +17,12 @@ from PIL import Image
 from openldm.pipelines import images as im
 from openldm.pipelines.params import UPSCALERS, GenerationParams
 from openldm.pipelines.run import Run, Start
+from openldm.pipelines.x4 import X4Settings, X4Tiling, upscale_x4, x4_infotext
 
 if TYPE_CHECKING:
     from openldm.pipelines.pipeline import Pipeline
+
+HIRES_X4 = X4Settings(tiling=X4Tiling(128, 16))  # in 128 px tiles: a 1024 px result fits anywhere
 
 
 def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tensor:
@@ -54,12 +57,16 @@ def enlarge(pipe: Pipeline, x: torch.Tensor, upscaler: str, width: int, height: 
     raise ValueError(f"unknown upscaler {upscaler!r}; choose {' or '.join(UPSCALERS)}")
 
 
+def upscaler_infotext(run: Run) -> dict[str, Any]:
+    """A hires fix's x4 model (by name: `Renderer` adds its file's hash) and how it ran, for the infotext."""
+    if run.mode != "upscale" or run.params.upscaler != "x4" or run.upscaler is None:
+        return {}
+    return {"Hires upscaler model": run.upscaler.name, **x4_infotext(HIRES_X4)}
+
+
 def _x4_pictures(model: Pipeline, pictures: list[Image.Image], run: Run) -> list[Image.Image]:
     """Each picture 4x larger by the x4 model: the run's prompt, seed and steps, the model's guidance."""
-    from openldm.pipelines.x4 import X4Settings, X4Tiling, upscale_x4
-
-    settings = X4Settings(tiling=X4Tiling(128, 16))  # tiles of 128 px: a 1024 px result fits anywhere
-    out = []
+    settings, out = HIRES_X4, []
     for picture, seed in zip(pictures, run.seeds):
         params = GenerationParams(run.params.prompt, negative=run.params.negative, seed=seed,
                                   steps=run.params.steps, sampler=run.params.sampler)

@@ -26,7 +26,7 @@ from openldm.diffusion.schedules import make_betas
 from openldm.models.vae import tiled
 from openldm.pipelines import images as im
 from openldm.pipelines.decoding import decode_finite
-from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.params import X4_MODE, GenerationParams
 from openldm.pipelines.run import Interrupted, Result, Run, Start, StepCallback, batch_params
 
 if TYPE_CHECKING:
@@ -57,6 +57,12 @@ class X4Settings:
 
     noise_level: int = DEFAULT_NOISE_LEVEL
     tiling: X4Tiling = X4Tiling()
+
+
+def x4_infotext(settings: X4Settings) -> dict[str, Any]:
+    """What an x4 pass adds to the infotext: its noise level, and its tiles when it runs in tiles."""
+    tiles = {"x4 tile": settings.tiling.tile, "x4 tile overlap": settings.tiling.overlap}
+    return {"Noise level": settings.noise_level, **(tiles if settings.tiling.tile is not None else {})}
 
 
 def noise_augment(image: torch.Tensor, level: int, aug: NoiseAugmentation,
@@ -139,14 +145,15 @@ def upscale_x4(
     results: list[Result] = []
     with pipe.prompt_networks(params) as applied:
         for batch in batch_params(params):
-            run = Run.of_batch(batch, width, height, "txt2img", callback=callback, latents=latents,
+            run = Run.of_batch(batch, width, height, X4_MODE, callback=callback, latents=latents,
                                extras=(extra,))
             try:
                 x = pipe.sample(run, Start())
             except Interrupted:
                 break
             pictures = decode_x4(pipe, x, tiling)
-            results += [Result(p, run.image_params(i), "txt2img", x[i : i + 1], applied.reports)
+            results += [Result(p, run.image_params(i), X4_MODE, x[i : i + 1], applied.reports,
+                               infotext=x4_infotext(X4Settings(noise_level, tiling)))
                         for i, p in enumerate(pictures)]
     return results
 
