@@ -80,10 +80,12 @@ def estimate_peak(
     config: ModelConfig, *, width: int, height: int, batch: int = 1, dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", vae_tile: int | None = None, vae_sliced: bool = False,
     guidance: bool = True, encode: bool = False, attention: Backend = "sdpa", weights: int | None = None,
+    unet_tile: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of generating `batch` images of width x height; `vae_tile` in latent pixels.
 
-    `weights`: the bytes of the weights when a loaded model knows them (else counted from the config)."""
+    `weights`: the bytes of the weights when a loaded model knows them (else counted from the config).
+    `unet_tile` (latent pixels): the UNet runs on tiles of that side (the x4 upscaler's tiling)."""
     if width <= 0 or height <= 0 or batch <= 0:
         raise ValueError(f"width, height and batch must be positive, got {width}x{height}, batch {batch}")
     item = torch.empty((), dtype=dtype).element_size()
@@ -96,7 +98,7 @@ def estimate_peak(
         runtime=RUNTIME_CPU if cpu else 0,
         weights=weight_bytes(config, item) if weights is None else weights,
         text_encoder=sum(text_bytes(c, unet_batch, item) for c in config.text_encoders),
-        unet=unet_bytes(config.unet, unet_batch, h, w, item, attention),
+        unet=tiled_unet_bytes(config.unet, unet_batch, h, w, item, attention, unet_tile),
         vae_decode=vae_decode_bytes(config.vae, vae_batch, h, w, item, attention, tile=vae_tile,
                                     images=batch),
         vae_encode=vae_encode_bytes(config.vae, vae_batch, h, w, item, attention, tile=vae_tile)
@@ -162,6 +164,15 @@ def unet_bytes(cfg: UNetConfig, batch: int, h: int, w: int, item: int, backend: 
         widest = max(widest, block)
     conv = 9 * widths[-1] * 2 * widths[-1]  # the widest output block's first conv: 2c -> c
     return int((batch * (kept + widest) + conv) * item) + SCRATCH
+
+
+def tiled_unet_bytes(cfg: UNetConfig, batch: int, h: int, w: int, item: int, backend: Backend,
+                     tile: int | None) -> int:
+    """One tile's UNet, plus the blend's float32 sum, weights and result at full size (`models.vae.tiled`)."""
+    if tile is None or (h <= tile and w <= tile):
+        return unet_bytes(cfg, batch, h, w, item, backend)
+    blend = 3 * batch * cfg.out_channels * h * w * 4
+    return blend + unet_bytes(cfg, batch, min(h, tile), min(w, tile), item, backend)
 
 
 def vae_decode_bytes(

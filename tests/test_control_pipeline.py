@@ -10,19 +10,29 @@ the rule `ControlUnit.acts_at` follows.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from openldm.checkpoints.controlnet import PREFIX
-from openldm.config import controlnet_config
+from openldm.checkpoints.controlnet import PREFIX, from_diffusers, load_controlnet
+from openldm.checkpoints.save import parts_from_single_file, save_diffusers
+from openldm.config import SD15, controlnet_config
 from openldm.diffusion.noise import initial_noise
+from openldm.diffusion.registry import resolve
+from openldm.pipelines import pipeline as pl
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.outputs import result_infotext
 from openldm.pipelines.params import GenerationParams
-from tests.test_controlnet import controlnet_pair
+from tests.helpers import checkpoint_state_dict
+from tests.test_controlnet import control_inputs, controlnet_pair, theirs_residuals
 from tests.test_pipeline import (
+    CFG,
+    NEGATIVE,
+    PROMPT,
     REF_ARGS,
     SAMPLERS,
     SEED,
@@ -35,6 +45,7 @@ from tests.test_pipeline import (
     _with_scheduler,
     models,  # noqa: F401  (the fixture)
 )
+from tests.test_unet import diffusers_config, randomize
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,3 +168,110 @@ def test_schedule_fractions_follow_diffusers():
     assert [unit.acts_at(i, 8) for i in range(8)] == [False, False, True, True, False, False, False, False]
     with pytest.raises(ValueError, match="start 0.6 and end 0.5: need"):
         ControlUnit("x", _control_image(0), start=0.6, end=0.5)
+
+
+# --- full size (slow) -------------------------------------------------------------------------
+
+FULL_SIZE, FULL_STEPS = 256, 4  # 4 steps: unit 0 of "two-start-end" acts on steps 0-1, unit 1 on 1-3
+FULL_CASES = ("one", "two-start-end")
+
+
+def _full_controlnet(seed: int, path):
+    """diffusers' ControlNetModel from the SD1.5 config, every weight random, saved in the original layout."""
+    cfg = controlnet_config(SD15)
+    drop = ("out_channels", "up_block_types")
+    unet = {k: v for k, v in diffusers_config(cfg.unet).items() if k not in drop}
+    theirs = diffusers.ControlNetModel(**unet, conditioning_channels=cfg.hint_channels,
+                                       conditioning_embedding_out_channels=cfg.hint_widths)
+    randomize(theirs, seed)
+    save_file({PREFIX + k: v.contiguous() for k, v in from_diffusers(theirs.state_dict()).items()}, path)
+    return theirs.eval()
+
+
+@torch.no_grad()
+def _check_residuals(i: int, mine, ref) -> None:
+    """Our loaded ControlNet against diffusers' at 256 px: relative to each residual's largest value."""
+    for t in (999.0, 500.0, 20.0):
+        a = control_inputs(controlnet_config(SD15), batch=1, size=FULL_SIZE // 8)
+        a["timesteps"] = torch.tensor([t])
+        got, want = mine(a["x"], a["hint"], a["timesteps"], a["context"], None), theirs_residuals(ref, a)
+        abs_err = max((g - w).abs().max().item() for g, w in zip(got, want))
+        rel_err = max(((g - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want))
+        report = (f"full-size SD1.5 ControlNet {i} residuals t={t:g}: max abs err {abs_err:.2e} (residuals "
+                  f"up to {max(w.abs().max().item() for w in want):.3g}), relative {rel_err:.2e}")
+        print(report)
+        assert min(w.abs().max().item() for w in want) > 0.05, f"residuals too small to compare: {report}"
+        assert rel_err <= 1e-5, report
+
+
+def _full_images(case: str) -> list[Image.Image]:
+    return [_control_image(s).resize((FULL_SIZE, FULL_SIZE), Image.NEAREST)
+            for s in range(len(CASES[case]["weights"]))]
+
+
+def _full_units(nets, case: str) -> list[ControlUnit]:
+    spec = CASES[case]
+    return [ControlUnit(m, im, w, s, e) for m, im, w, s, e in
+            zip(nets, _full_images(case), spec["weights"], spec["starts"], spec["ends"])]
+
+
+def _full_ours(folder, nets, noise: torch.Tensor) -> dict:
+    """Each case's result from openldm, with its time; the pipeline is freed when this returns."""
+    pipe = pl.load(folder)
+    sigma_0 = resolve(EULER.sampler)[0].sigmas(EULER.schedule, FULL_STEPS, pipe.schedule)[0]
+    start = noise * (sigma_0**2 + 1).sqrt() / sigma_0  # diffusers' start (see test_pipeline's docstring)
+    params = GenerationParams(PROMPT, negative=NEGATIVE, steps=FULL_STEPS, cfg=CFG, sampler=EULER.sampler,
+                              schedule=EULER.schedule, seed=SEED, width=FULL_SIZE, height=FULL_SIZE)
+    out = {}
+    for case in FULL_CASES:
+        clock = time.perf_counter()
+        result = pipe.generate(params, latents=start, controls=_full_units(nets, case))[0]
+        out[case] = (result, time.perf_counter() - clock)
+    return out
+
+
+def _full_theirs(ref, controlnets, case: str, noise: torch.Tensor):
+    """diffusers' pipeline for the case and its final latents, with its time."""
+    spec, images = CASES[case], _full_images(case)
+    one = len(images) == 1
+    control_pipe, image, _ = _reference(ref, controlnets[: len(images)], images, "sd15")
+    clock = time.perf_counter()
+    latents = control_pipe(
+        **(REF_ARGS | {"num_inference_steps": FULL_STEPS}), height=FULL_SIZE, width=FULL_SIZE,
+        latents=noise.clone(), image=image,
+        controlnet_conditioning_scale=spec["weights"][0] if one else list(spec["weights"]),
+        control_guidance_start=spec["starts"][0] if one else list(spec["starts"]),
+        control_guidance_end=spec["ends"][0] if one else list(spec["ends"]),
+    ).images
+    return control_pipe, latents, time.perf_counter() - clock
+
+
+@pytest.mark.slow
+def test_full_size_sd15_controlnet_matches_diffusers(tmp_path):
+    """Random full-size SD1.5 and two SD1.5 ControlNets: residuals, then images at 256 px, 4 Euler steps.
+
+    Memory stays near 10 GB: openldm's side runs, and is freed, before diffusers' base model is loaded.
+    """
+    clock = time.perf_counter()
+    folder = tmp_path / "sd15"
+    save_diffusers(parts_from_single_file(checkpoint_state_dict(SD15, extras=False), SD15), folder,
+                   config=SD15)
+    paths = [tmp_path / f"cn{i}.safetensors" for i in range(2)]
+    theirs = [_full_controlnet(11 + i, p) for i, p in enumerate(paths)]
+    ours = [load_controlnet(p, controlnet_config(SD15)) for p in paths]
+    print(f"random full-size SD1.5 and two ControlNets built, saved in {time.perf_counter() - clock:.0f} s")
+    for i, (mine, ref) in enumerate(zip(ours, theirs)):
+        _check_residuals(i, mine, ref)
+    f = SD15.vae.downsample_factor
+    noise = initial_noise(SEED, (4, FULL_SIZE // f, FULL_SIZE // f))[None]
+    results = _full_ours(folder, ours, noise)
+    del ours
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    ref.folder = folder
+    for case in FULL_CASES:
+        control_pipe, latents, took = _full_theirs(ref, theirs, case, noise)
+        result, ours_took = results[case]
+        label = f"full-size SD1.5 controlnet {case} (openldm {ours_took:.0f} s, diffusers {took:.0f} s)"
+        _compare(label, result, control_pipe, latents)
+        pixel_err = np.abs(np.asarray(result.image, dtype=np.float64) - _decode(control_pipe, latents)).max()
+        assert pixel_err <= 1, f"{label}: pixel max abs err {pixel_err:.0f}/255 (the bar: 1/255)"

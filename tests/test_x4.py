@@ -8,14 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from openldm import cli
+from openldm import cli, memory
 from openldm.checkpoints.detect import infer_shapes
+from openldm.checkpoints.hashing import model_hash
 from openldm.checkpoints.save import save_diffusers
 from openldm.config import SD_X4_UPSCALER, TINY_X4_UPSCALER
 from openldm.diffusion.noise import initial_noise
+from openldm.memory import estimate_peak
 from openldm.pipelines import loading
+from openldm.pipelines.infotext import parse_infotext
+from openldm.pipelines.outputs import read_settings
 from openldm.pipelines.params import GenerationParams
-from openldm.pipelines.x4 import X4Tiling, upscale_x4
+from openldm.pipelines.render import Renderer
+from openldm.pipelines.x4 import X4Settings, X4Tiling, upscale_x4
 from tests.helpers import checkpoint_shapes, make_checkpoint
 from tests.test_pipeline import (
     CFG,
@@ -229,6 +234,69 @@ def test_hires_fix_with_the_x4_model_as_its_upscaler(x4_file, tmp_path, capsys):
     assert "needs an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli.main([*common, "--hires-upscaler", str(base), "-o", str(tmp_path / "o.png")]) == 2
     assert "is not an x4-upscaler model" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --- what the PNG records, and the memory check -------------------------------------------------
+
+def test_x4_png_records_noise_level_tiles_and_its_mode(x4_file, tmp_path):
+    model, small = x4_file
+    out = tmp_path / "big.png"
+    argv = ["upscale", small, "a castle", "--model", model, "--noise-level", "30", "--steps", "1",
+            "--tile", "16", "--tile-overlap", "4", "--seed", "7", "-o", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    _, _, settings = parse_infotext(Image.open(out).info["parameters"])
+    assert (settings["Noise level"], settings["x4 tile"], settings["x4 tile overlap"]) == ("30", "16", "4")
+    assert settings["Model"] == "x4" and not {"Denoising strength", "Hires upscale"} & set(settings)
+    assert read_settings(out).mode == "x4"
+
+
+def test_hires_fix_png_names_its_x4_model(x4_file, tmp_path):
+    x4_model, _ = x4_file
+    base = tmp_path / "sd2.safetensors"
+    assert cli.main(["init", "tiny-sd2", str(base), "--seed", "1"]) == 0
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "in.png")
+    out = tmp_path / "big.png"
+    assert cli.main(["upscale", str(tmp_path / "in.png"), "a castle", "--model", str(base), "--steps", "1",
+                     "--scale", "2", "--hires-upscaler", str(x4_model), "-o", str(out)]) == 0
+    _, _, settings = parse_infotext(Image.open(out).info["parameters"])
+    assert settings["Hires upscaler"] == "x4" and settings["Hires upscaler model"] == "x4"
+    assert settings["Hires upscaler hash"] == model_hash(x4_model) and settings["Noise level"] == "20"
+    assert read_settings(out).mode == "upscale"
+
+
+def _checked_sizes(pipe, monkeypatch, image, tiling, **renderer):
+    """What `Renderer.check_memory` asks `memory.check_fits` about for an x4 upscale of `image`."""
+    seen = {}
+    monkeypatch.setattr(memory, "check_fits", lambda config, **kw: seen.update(kw))
+    Renderer(pipe, "x4", "0", **renderer).check_memory(
+        "upscale", GenerationParams("a", upscale_by=2.0), image, x4=X4Settings(tiling=tiling))
+    return seen
+
+
+def test_memory_check_counts_the_x4_output_and_its_tiles(x4, monkeypatch):
+    pipe, _ = x4
+    seen = _checked_sizes(pipe, monkeypatch, _low_res_image(), X4Tiling(16, 4))
+    assert (seen["width"], seen["height"]) == (4 * (LOW + 8), 4 * LOW)  # the model's 4, not upscale_by
+    assert (seen["unet_tile"], seen["vae_tile"], seen["encode"]) == (16, 16, False)
+    weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae) for p in m.parameters())
+    assert seen["weights"] > weights  # the text encoder's too
+    with_upscaler = _checked_sizes(pipe, monkeypatch, _low_res_image(), X4Tiling(16, 4), upscaler=pipe)
+    assert with_upscaler["weights"] == 2 * seen["weights"]  # a loaded hires upscaler counts
+
+
+def test_memory_check_lets_tiles_fit_where_the_whole_image_does_not(x4, monkeypatch):
+    """A budget between the tiled and the whole estimate of a 256 -> 1024 px upscale: tiles pass."""
+    pipe, _ = x4
+    tiled = estimate_peak(pipe.config, width=1024, height=1024, unet_tile=32, vae_tile=32, encode=False)
+    whole = estimate_peak(pipe.config, width=1024, height=1024, encode=False)
+    assert tiled.unet < whole.unet / 4 and tiled.total < whole.total
+    monkeypatch.setattr(memory, "memory_budget", lambda device: (tiled.total + whole.total) // 2)
+    image = Image.new("RGB", (256, 256))
+    renderer = Renderer(pipe, "x4", "0")
+    params = GenerationParams("a", upscale_by=2.0)
+    renderer.check_memory("upscale", params, image, x4=X4Settings(tiling=X4Tiling(32, 8)))
+    with pytest.raises(memory.MemoryLimitError, match="1024x1024, batch 1 needs about"):
+        renderer.check_memory("upscale", params, image, x4=X4Settings(tiling=X4Tiling(None)))
 
 
 # --- full size: memory of a 512 px -> 2048 px upscale in tiles (slow) --------------------------

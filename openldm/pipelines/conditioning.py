@@ -11,17 +11,24 @@ depend on the other prompts of its batch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from openldm.checkpoints.io import CheckpointError
+from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.config import SIZE_EMBED_DIM, ModelConfig
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
 from openldm.nn.embeddings import timestep_embedding
 from openldm.pipelines.params import GenerationParams
 from openldm.prompts import extract_networks, parse_attention, prompt_schedule
+
+if TYPE_CHECKING:
+    from openldm.networks import Embedding
 
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
 
@@ -205,3 +212,19 @@ def size_conditioning(params: GenerationParams, width: int, height: int) -> dict
     target_w, target_h = params.target_size or (width, height)
     return {"original_size": (original_h, original_w), "crop_coords": tuple(params.crop_coords),
             "target_size": (target_h, target_w)}
+
+
+def with_embeddings(encoders: Sequence[TextEncoder], embeddings: Iterable[Embedding],
+                    config: ModelConfig) -> tuple[list[TextEncoder], list[str]]:
+    """The encoders with `embeddings` usable by name, and why each one made for another model was skipped."""
+    fitting, skipped = {}, []
+    for embedding in embeddings:
+        try:
+            fitting[embedding.name] = embedding.for_model(config)
+        except CheckpointError as e:
+            skipped.append(f"{embedding.source or embedding.name}: skipped: {e}")
+    out = []
+    for component, encoder in zip(TEXT_ENCODER_NAMES, encoders):
+        own = {name: parts[component] for name, parts in fitting.items() if component in parts}
+        out.append(dataclasses.replace(encoder, embeddings={**encoder.embeddings, **own}))
+    return out, skipped

@@ -71,3 +71,11 @@ def _decode(vae: nn.Module, z: torch.Tensor, tile: int | None, overlap: int | No
 def _count(x: torch.Tensor) -> str:
     bad = ~torch.isfinite(x)
     return f"{int(bad.sum())} of {x.numel()} values NaN or inf"
+
+
+def check_taesd(taesd: nn.Module, channels: int) -> None:
+    """A TAESD decodes this model's latents only if it takes as many channels as they have."""
+    if taesd.latent_channels != channels:
+        raise ValueError(f"the TAESD decoder takes {taesd.latent_channels} latent channels; this model's "
+                         f"latents have {channels}")
+

@@ -29,6 +29,15 @@ def default_tokenizers(components: Components, folder: Path | None = None) -> li
 MODEL_FILE = "model.safetensors"  # the weights of a "model folder": one single file plus its tokenizer
 
 
+def model_name(components: Components) -> str:
+    """What PNGs call a model: its file's stem or folder's name (its preset's, if built in memory)."""
+    if components.source is None:
+        return components.config.name
+    source = Path(components.source)
+    source = source.parent if source.name == MODEL_FILE else source
+    return source.name if source.is_dir() else source.stem
+
+
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
          prediction: str | None = None, config_file: str | Path | None = None,
          lora_dirs: Iterable[str | Path] = (), embedding_dirs: Iterable[str | Path] = (),

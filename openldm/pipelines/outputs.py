@@ -51,6 +51,7 @@ def result_infotext(result, model: str | None = None, model_hash: str | None = N
         added = {"VAE hash": vae[1], "VAE": vae[0]}
         settings = {k: settings[k] for k in keys[:at]} | added | {k: settings[k] for k in keys[at:]}
     settings |= getattr(result, "control", None) or {}  # "ControlNet 0: ..." as the A1111 extension writes
+    settings |= getattr(result, "infotext", None) or {}
     return format_infotext(p.prompt, p.negative, settings)
 
 

@@ -28,6 +28,7 @@ UPSCALER_NAMES = {
     "latent_nearest_exact": "Latent (nearest-exact)", "lanczos": "Lanczos", "x4": "x4",
 }
 UPSCALERS = tuple(UPSCALER_NAMES)
+X4_MODE = "x4"  # the mode an x4-upscaler model's own upscale records: no img2img pass, unlike "upscale"
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as A1111 draws them; -1 means "draw one"
 
 
@@ -301,7 +302,7 @@ def infotext_settings(
         settings |= {"Variation seed": params.subseed, "Variation seed strength": params.subseed_strength}
     if mode == "upscale":
         settings |= {"Denoising strength": params.hires_strength, **_hires_infotext(params)}
-    elif mode != "txt2img":
+    elif mode not in ("txt2img", X4_MODE):
         settings["Denoising strength"] = params.strength
     if params.clip_skip and params.clip_skip > 1:
         settings["Clip skip"] = params.clip_skip

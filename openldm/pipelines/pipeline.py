@@ -11,66 +11,45 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 from PIL import Image
 
-from openldm.checkpoints.io import CheckpointError
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES
 from openldm.checkpoints.load import Components
 from openldm.config import ModelConfig
 from openldm.diffusion.denoisers import DiscreteDenoiser
-from openldm.diffusion.noise import BatchNoise, BrownianTreeNoise, starting_noise
-from openldm.diffusion.registry import SamplerSpec, resolve
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
-from openldm.diffusion.sigmas import img2img_sigmas, schedule_options, switch_step
 from openldm.engines.base import Component, Engine, Runner, get_engine
 from openldm.engines.calibration import unet_inputs
 from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
-from openldm.models.vae import tiled
 from openldm.models.vae_tiling import AUTO_TILING, VAETiling, encode_images
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
     LoadedNetwork,
     NetworkLibrary,
-    NetworkReport,
     apply_networks,
     network_refs,
 )
 from openldm.pipelines import images as im
-from openldm.pipelines.conditioning import TextEncoder
+from openldm.pipelines import sampling
+from openldm.pipelines.conditioning import TextEncoder, with_embeddings
 from openldm.pipelines.control import ControlUnit, control_infotext, make_control
-from openldm.pipelines.decoding import decode_finite, decode_latents
-from openldm.pipelines.guidance import Extra, guided_denoiser
-from openldm.pipelines.inpaint import (
-    Overlay,
-    inpaint_start,
-    outpaint_canvas,
-    prepare_inpaint,
-    unmasked_concat,
-)
+from openldm.pipelines.decoding import check_taesd, decode_finite, decode_latents
+from openldm.pipelines.guidance import Extra
+from openldm.pipelines.inpaint import Overlay, inpaint_start, outpaint_canvas, prepare_inpaint
 from openldm.pipelines.params import GenerationParams
-from openldm.pipelines.run import Interrupted, Run, Start, StepCallback, batch_params, run_mode
-from openldm.pipelines.upscale import hires_fix
+from openldm.pipelines.run import Interrupted, Result, Run, Start, StepCallback, batch_params, run_mode
+from openldm.pipelines.upscale import hires_fix, upscaler_infotext
+from openldm.pipelines.x4 import tiled_call
 
-
-@dataclass
-class Result:
-    """One generated image with the exact settings (concrete seed) that reproduce it."""
-
-    image: Image.Image
-    params: GenerationParams
-    mode: str
-    latent: torch.Tensor
-    networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
-    control: dict[str, str] = field(default_factory=dict)  # infotext entries of its ControlNet units
+__all__ = ["Pipeline", "Result", "StepCallback"]
 
 
 class Pipeline:
@@ -106,11 +85,8 @@ class Pipeline:
 
     def use_decoder(self, taesd: TAESD | None) -> None:
         """Decode with a TAESD (fast, approximate) instead of the VAE; None returns to the VAE."""
-        channels = self.config.latent_format.channels
-        if taesd is not None and taesd.latent_channels != channels:
-            raise ValueError(f"the TAESD decoder takes {taesd.latent_channels} latent channels; this model's "
-                             f"latents have {channels}")
         if taesd is not None:
+            check_taesd(taesd, self.config.latent_format.channels)
             taesd = taesd.to(self.device, self.vae_dtype)
         self.taesd = taesd
         self.set_engine(self.unet_runner.engine)
@@ -128,6 +104,13 @@ class Pipeline:
         """The UNet's, unless a half-precision VAE overflowed and now runs in float32."""
         return next(self.vae.parameters()).dtype
 
+    @property
+    def name(self) -> str:
+        """What PNGs call this model (`loading.model_name`)."""
+        from openldm.pipelines.loading import model_name  # loading builds Pipelines
+
+        return model_name(self.components)
+
     def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
               concat: torch.Tensor | None = None, control: Any = None,
               control_gate: torch.Tensor | None = None, tiles: tuple[int, int] | None = None) -> torch.Tensor:
@@ -136,13 +119,8 @@ class Pipeline:
         `control` and `control_gate` come from `control.Control`: ControlNets see the plain latent.
         `tiles` (tile, overlap in latent pixels; the x4 upscaler's) runs it on blended tiles."""
         if tiles is not None:
-            def model(xc: torch.Tensor) -> torch.Tensor:
-                latent, extra = xc[:, : x.shape[1]], xc[:, x.shape[1]:]
-                return self._unet(latent, t, context, y, extra if concat is not None else None, control,
-                                  control_gate)
-
-            inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
-            return tiled(model, inputs, tile=tiles[0], overlap=tiles[1])
+            model = partial(self._unet, t=t, context=context, y=y, control=control, control_gate=control_gate)
+            return tiled_call(model, x, concat, tiles)
         t, context, y = t.to(x.dtype), context.to(x.dtype), None if y is None else y.to(x.dtype)
         residuals = None if control is None else control.residuals(x, t, context, y, control_gate)
         if concat is not None:
@@ -165,48 +143,29 @@ class Pipeline:
 
     def add_embeddings(self, embeddings: Iterable[Embedding]) -> list[str]:
         """Make embeddings usable by name in prompts; returns why each made for another model was skipped."""
-        fitting, skipped = {}, []
-        for embedding in embeddings:
-            try:
-                fitting[embedding.name] = embedding.for_model(self.config)
-            except CheckpointError as e:
-                skipped.append(f"{embedding.source or embedding.name}: skipped: {e}")
-        for i, (component, encoder) in enumerate(zip(TEXT_ENCODER_NAMES, self.text_encoders)):
-            own = {name: parts[component] for name, parts in fitting.items() if component in parts}
-            self.text_encoders[i] = dataclasses.replace(encoder, embeddings={**encoder.embeddings, **own})
+        self.text_encoders, skipped = with_embeddings(self.text_encoders, embeddings, self.config)
         return skipped
 
-    # --- public modes ----------------------------------------------------------------------
+    # --- public modes: `settings` are `GenerationParams` fields; `callback` and `refiner` as in `generate`
 
-    # `settings` are `GenerationParams` fields; `callback(step, total, denoised)` sees every step (see
-    # `generate`). `refiner`, another pipeline (the SDXL refiner), finishes each sampling run from
-    # `refiner_switch` on; this pipeline's VAE encodes and decodes (SDXL base and refiner share one).
-
-    def txt2img(
-        self, prompt: str, *, callback: StepCallback | None = None, refiner: Pipeline | None = None,
-        **settings: Any,
-    ) -> list[Image.Image]:
+    def txt2img(self, prompt: str, *, callback: StepCallback | None = None, refiner: Pipeline | None = None,
+                **settings: Any) -> list[Image.Image]:
         return self._images(GenerationParams(prompt, **settings), callback=callback, refiner=refiner)
 
-    def img2img(
-        self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None,
-        refiner: Pipeline | None = None, **settings: Any,
-    ) -> list[Image.Image]:
+    def img2img(self, image: Image.Image, prompt: str, *, callback: StepCallback | None = None,
+                refiner: Pipeline | None = None, **settings: Any) -> list[Image.Image]:
         """Redraw `image`; `outpaint=(left, right, top, bottom)` first extends it and paints the new area."""
         params = GenerationParams(prompt, **settings)
         return self._images(params, image=image, callback=callback, refiner=refiner)
 
-    def inpaint(
-        self, image: Image.Image, mask: Image.Image, prompt: str, *, callback: StepCallback | None = None,
-        refiner: Pipeline | None = None, **settings: Any,
-    ) -> list[Image.Image]:
+    def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, *,
+                callback: StepCallback | None = None, refiner: Pipeline | None = None,
+                **settings: Any) -> list[Image.Image]:
         params = GenerationParams(prompt, **settings)
         return self._images(params, image=image, mask=mask, callback=callback, refiner=refiner)
 
-    def upscale(
-        self, prompt: str, image: Image.Image | None = None, *, callback: StepCallback | None = None,
-        refiner: Pipeline | None = None, **settings: Any,
-    ) -> list[Image.Image]:
+    def upscale(self, prompt: str, image: Image.Image | None = None, *, callback: StepCallback | None = None,
+                refiner: Pipeline | None = None, **settings: Any) -> list[Image.Image]:
         """Hires fix: generate (or take `image`), enlarge, then refine with img2img."""
         params = GenerationParams(prompt, **settings)
         return self._images(params, image=image, mode="upscale", callback=callback, refiner=refiner)
@@ -231,15 +190,11 @@ class Pipeline:
         `Interrupted` stops the run before the next model call: the batches already finished are returned.
         `extras` add conditioning to every model call of every mode (see `guidance.Extra`); `controls`
         are ControlNet units (`control.ControlUnit`), loaded once per file and added as one extra.
-        `upscaler` is the x4-upscaler model the hires fix's "x4" upscaler runs.
+        `upscaler` is the x4-upscaler model the hires fix's "x4" upscaler runs. `refiner` (an SDXL
+        refiner) finishes each sampling from `refiner_switch` on; this pipeline's VAE encodes and decodes.
         """
-        if controls:
-            extras = (*extras, make_control(self, controls, self.controlnets))
-        if refiner is not None:
-            self._check_refiner(refiner)
-        warn_outside(self.domain, [params.prompt])  # once per caller's line and words (Python's filter)
-        params = dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
-                                     cfg=self.config.guidance if params.cfg is None else params.cfg)
+        extras = (*extras, make_control(self, controls, self.controlnets)) if controls else tuple(extras)
+        params = self._settle(params, refiner)
         image, mask = outpaint_canvas(params, image, mask)
         mode = run_mode(params, image, mask, "upscale" if hires else mode)
         width, height = self._size(params, image)
@@ -247,14 +202,23 @@ class Pipeline:
         with self.prompt_networks(params) as applied:  # merged for this run; weights restored bit for bit
             for batch in batch_params(params):
                 run = Run.of_batch(batch, width, height, mode, callback=callback, refiner=refiner,
-                                   latents=latents, extras=tuple(extras), upscaler=upscaler)
+                                   latents=latents, extras=extras, upscaler=upscaler)
                 try:
                     pictures, x = self._batch(run, image, mask)
                 except Interrupted:
                     break
                 results += [Result(picture, run.image_params(i), mode, x[i : i + 1], applied.reports,
-                                   control_infotext(controls)) for i, picture in enumerate(pictures)]
+                                   control_infotext(controls), upscaler_infotext(run))
+                            for i, picture in enumerate(pictures)]
         return results
+
+    def _settle(self, params: GenerationParams, refiner: Pipeline | None) -> GenerationParams:
+        """The run's own settings: a concrete seed, the refiner's name and the model's CFG scale if unset."""
+        if refiner is not None:
+            sampling.check_refiner(self, refiner)
+        warn_outside(self.domain, [params.prompt])  # once per caller's line and words (Python's filter)
+        return dataclasses.replace(params.with_seed(), refiner_model=refiner and refiner.name,
+                                   cfg=self.config.guidance if params.cfg is None else params.cfg)
 
     def _batch(self, run: Run, image: Image.Image | None,
                mask: Image.Image | None) -> tuple[list[Image.Image], torch.Tensor]:
@@ -295,88 +259,16 @@ class Pipeline:
         posterior = encode_images(self.vae, x.to(self.device, self.vae_dtype), tiling)
         return self.config.latent_format.to_model(posterior.mode())
 
+    def sample(self, run: Run, start: Start | None = None) -> torch.Tensor:
+        """One batch's final latents from `start` (None: pure noise), a refiner finishing (`sampling`)."""
+        return sampling.sample(self, run, start)
+
     def decode(self, x: torch.Tensor, tiling: VAETiling = AUTO_TILING) -> list[Image.Image]:
         """Model-space latents -> pictures under `tiling`; NaN or inf is never a picture (`decoding`)."""
         if self.taesd is not None:  # TAESD takes model-space latents, and no tiles
             return im.to_pil(decode_finite(self.taesd, x, self.decoder_runner))
         z = self.config.latent_format.from_model(x)
         return im.to_pil(decode_latents(self.vae, z, tiling, self.decoder_runner))
-
-    # --- sampling ------------------------------------------------------------------------------
-
-    def sample(self, run: Run, start: Start | None = None) -> torch.Tensor:
-        """Run the sampler from noise (txt2img) or from a noised image latent (strength < 1).
-
-        With a refiner, this model runs the steps down to the switch and the refiner the rest: one
-        schedule and one noise stream, so ancestral noise is what a single run would draw.
-        """
-        start = start or Start()  # None: from pure noise
-        spec, schedule_name = resolve(run.params.sampler, run.params.schedule)
-        options = schedule_options(schedule_name, self.config.family)
-        sigmas = spec.sigmas(schedule_name, run.params.steps, self.schedule, **options).to(self.device)
-        if start.latent is not None:
-            sigmas = img2img_sigmas(sigmas, start.strength)
-        if self.config.is_inpainting and start.concat is None:  # txt2img, img2img, hires fix
-            concat = unmasked_concat(self, run.width, run.height, run.params.tiling())
-            start = dataclasses.replace(start, concat=concat)
-        shape = self._latent_shape(run)
-        noise = BatchNoise(run.seeds, shape, device=self.device, dtype=torch.float32)
-        first = run.latents if run.latents is not None else starting_noise(
-            noise, run.subseeds, run.params.subseed_strength, shape
-        )
-        if len(sigmas) < 2:  # strength 0: nothing to do
-            return start.latent.expand(len(run.seeds), -1, -1, -1).float()
-        from_noise = start.latent is None or start.strength >= 1  # strength 1 is txt2img, as in diffusers
-        x = first * sigmas[0] if from_noise else start.latent + first * sigmas[0]
-        noise_sampler = noise
-        if spec.noise == "brownian":
-            noise_sampler = BrownianTreeNoise.for_sigmas(run.seeds, shape, sigmas, device=self.device)
-        return self._sample_parts(run, spec, x, sigmas, start, noise_sampler)
-
-    def _latent_shape(self, run: Run) -> tuple[int, int, int]:
-        f = self.config.vae.downsample_factor
-        shape = (self.config.latent_format.channels, run.height // f, run.width // f)
-        if run.latents is not None and tuple(run.latents.shape) != (len(run.seeds), *shape):
-            raise ValueError(f"latents of shape {tuple(run.latents.shape)} do not fit {len(run.seeds)} "
-                             f"images of {run.width}x{run.height}: expected {(len(run.seeds), *shape)}")
-        return shape
-
-    def _sample_parts(self, run: Run, spec: SamplerSpec, x: torch.Tensor, sigmas: torch.Tensor, start: Start,
-                      noise_sampler: Any) -> torch.Tensor:
-        """This model's steps, then the refiner's from the switch on, on the same latents and noise."""
-        params = run.params
-        options = {k: v for k, v in (("eta", params.eta), ("s_noise", params.s_noise)) if v is not None}
-        steps = len(sigmas) - 1
-        switch = steps if run.refiner is None else switch_step(sigmas, self.schedule, params.refiner_switch)
-        parts = [(self, start, sigmas[: switch + 1], 0)]
-        if run.refiner is not None:  # the same latents on, without an inpainting model's extra input
-            parts.append((run.refiner, dataclasses.replace(start, concat=None), sigmas[switch:], switch))
-        with torch.no_grad():
-            for pipe, part_start, part, offset in parts:
-                if len(part) > 1:
-                    denoiser, tracker = guided_denoiser(pipe, run, part_start, sigmas, offset)
-                    x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
-        return x
-
-    def _check_refiner(self, refiner: Pipeline) -> None:
-        """A refiner continues this model's latents: the same latent space and device, no inpainting input."""
-        if refiner.config.latent_format != self.config.latent_format or refiner.config.is_inpainting:
-            raise ValueError(f"{refiner.config.name} cannot refine {self.config.name}: a refiner must share "
-                             "its latent format and take plain latents (not an inpainting model)")
-        if refiner.device != self.device:
-            raise ValueError(f"the refiner is on {refiner.device} and the model on {self.device}: "
-                             "load both on the same device")
-
-    @property
-    def name(self) -> str:
-        """What PNGs call this model: its file's stem or folder's name (its preset's, if built in memory)."""
-        from openldm.pipelines.loading import MODEL_FILE  # loading builds Pipelines
-
-        source = self.components.source
-        if source is None:
-            return self.config.name
-        source = Path(source).parent if Path(source).name == MODEL_FILE else Path(source)
-        return source.name if source.is_dir() else source.stem
 
 
 def __getattr__(name: str) -> Any:

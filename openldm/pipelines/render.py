@@ -22,6 +22,7 @@ from openldm.diffusion.registry import resolve
 from openldm.memory import MemoryEstimate, check_fits, module_bytes
 from openldm.models.domain import Domain
 from openldm.models.taesd import load_taesd
+from openldm.models.vae_tiling import VAETiling
 from openldm.networks import NetworkLibrary, load_network, network_refs, read_embeddings
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.inpaint import outpaint_size
@@ -85,6 +86,7 @@ class Renderer:
     vae: tuple[str, str] | None = None  # a standalone VAE's (name, hash): A1111's `VAE`, `VAE hash`
     upscaler: Pipeline | None = None  # an x4-upscaler model: the hires fix's "x4" upscaler
     memory_budget: int | None = None  # bytes a run may peak at (None: this machine's, `memory.memory_budget`)
+    upscaler_hash: str | None = None  # its file's, recorded beside its name
 
     def render(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
                mask: Image.Image | None = None, *, controls: Sequence[ControlUnit] = (),
@@ -93,8 +95,9 @@ class Renderer:
         """`controls`: ControlNet units; `hires`: txt2img finished by the hires fix (A1111's `enable_hr`);
         `x4`: how an x4-upscaler model upscales (its noise level and tiles)."""
         check_inputs(mode, params, image, mask, self.limits)
-        if self.check_memory(mode, params, image, hires).vae_tile is not None:
-            params = dataclasses.replace(params, vae_tiling="on")  # what auto chose for this budget
+        tiled = self.check_memory(mode, params, image, hires, x4).vae_tile is not None
+        if tiled and self.pipe.config.low_res is None:  # what auto chose for this budget (x4: its own tiles)
+            params = dataclasses.replace(params, vae_tiling="on")
         params = dataclasses.replace(params, loras=self.loras)
         if self.pipe.config.low_res is not None:
             if mode != "upscale" or image is None:
@@ -109,18 +112,22 @@ class Renderer:
                 mask=mask.convert("L") if mask is not None else None, controls=controls, callback=callback,
                 upscaler=self.upscaler,
             )
+        for r in results:  # the pipeline names a hires fix's x4 model; its file's hash is known here
+            if "Hires upscaler model" in r.infotext:
+                r.infotext["Hires upscaler hash"] = self.upscaler_hash
         warning = self.domain.warning([params.prompt]) if self.domain is not None else ""
         return [Rendered(result_png(r, self.model_name, self.model_hash, self.vae), r.params.seed,
                          "\n".join(report.summary() for report in r.networks), warning) for r in results]
 
 
     def check_memory(self, mode: str, params: GenerationParams, image: Image.Image | None = None,
-                     hires: bool = False) -> MemoryEstimate:
+                     hires: bool = False, x4: X4Settings | None = None) -> MemoryEstimate:
         """Refuse, before any step, a run whose estimated peak memory (`openldm.memory`) will not fit;
         the estimate says whether `--vae-tiling auto` tiles at this budget."""
+        pipes = (self.pipe, *((self.upscaler,) if self.upscaler is not None else ()))
         return check_run_memory(self.pipe.config, mode, params, image, hires, dtype=self.pipe.dtype,
                                 device=self.pipe.device, budget=self.memory_budget,
-                                weights=pipeline_weights(self.pipe))
+                                weights=sum(pipeline_weights(p) for p in pipes), x4=x4)
 
 
 def pipeline_weights(pipe: Pipeline) -> int:
@@ -131,20 +138,28 @@ def pipeline_weights(pipe: Pipeline) -> int:
 def check_run_memory(
     config: ModelConfig, mode: str, params: GenerationParams, image: Image.Image | None = None,
     hires: bool = False, *, dtype: torch.dtype, device: str | torch.device, budget: int | None = None,
-    weights: int | None = None,
+    weights: int | None = None, x4: X4Settings | None = None,
 ) -> MemoryEstimate:
     """`memory.check_fits` for one render of these settings (a local run's check, the server's admission).
 
     The size is the output's: the settings', else the input image's (with an outpaint's borders), else
-    the model's; a hires pass samples and decodes at the enlarged size. `weights` as in `estimate_peak`.
+    the model's; a hires pass samples and decodes at the enlarged size; an x4 model upscales by its own
+    factor, in its tiles. `weights` as in `estimate_peak`.
     """
     left, right, top, bottom = params.outpaint
     width = params.width or (image.width + left + right if image is not None else config.image_size)
     height = params.height or (image.height + top + bottom if image is not None else config.image_size)
+    cfg = config.guidance if params.cfg is None else params.cfg
+    if config.low_res is not None and image is not None:  # an x4 model: its own factor, in its tiles
+        tile = (x4 or X4Settings()).tiling.tile
+        width, height = image.width * config.low_res.factor, image.height * config.low_res.factor
+        tiling = VAETiling("off") if tile is None else VAETiling("on", tile, tile // 8)
+        return check_fits(config, width=width, height=height, batch=params.batch_size, dtype=dtype,
+                          device=device, tiling=tiling, budget=budget, guidance=cfg != 1, weights=weights,
+                          unet_tile=tile, encode=False)
     if hires or mode == "upscale" or (mode == "txt2img" and params.hires):  # sampled larger
         big = hires_size(width, height, params)
         width, height = big.width, big.height
-    cfg = config.guidance if params.cfg is None else params.cfg
     return check_fits(config, width=width, height=height, batch=params.batch_size, dtype=dtype, device=device,
                       tiling=params.tiling(), budget=budget, guidance=cfg != 1, encode=image is not None,
                       weights=weights)
@@ -225,4 +240,5 @@ def load_renderer(
     name = path.stem if path.is_file() else path.name
     return Renderer(pipe, name, model_hash(path), second,
                     tuple((network.name, weight) for network, weight in merged), domain,
-                    vae=pipe.components.vae_file, upscaler=x4, memory_budget=memory_budget)
+                    vae=pipe.components.vae_file, upscaler=x4, memory_budget=memory_budget,
+                    upscaler_hash=None if upscaler is None else model_hash(upscaler))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from openldm.pipelines.params import GenerationParams, seeds_for
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from openldm.networks import NetworkReport
     from openldm.pipelines.guidance import Extra
     from openldm.pipelines.pipeline import Pipeline
 
@@ -95,3 +96,16 @@ class Start:
     strength: float = 1.0  # of the schedule that is run: 1 starts from pure noise
     keep: torch.Tensor | None = None  # latent-resolution mask of what to keep (ordinary models)
     concat: torch.Tensor | None = None  # inpainting models' extra UNet input: mask + masked image
+
+
+@dataclass
+class Result:
+    """One generated image with the exact settings (concrete seed) that reproduce it."""
+
+    image: Image.Image
+    params: GenerationParams
+    mode: str
+    latent: torch.Tensor
+    networks: list[NetworkReport] = field(default_factory=list)  # what the prompts' LoRA tags merged
+    control: dict[str, str] = field(default_factory=dict)  # infotext entries of its ControlNet units
+    infotext: dict[str, Any] = field(default_factory=dict)  # other entries: an x4 pass's noise level, tiles

@@ -10,7 +10,7 @@ hr_resize_x/y rules (`hires_size`); the second pass may have its own prompts, sa
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from openldm.models.vae_tiling import AUTO_TILING
 from openldm.pipelines import images as im
 from openldm.pipelines.params import UPSCALERS, GenerationParams, HiresSize, hires_size
 from openldm.pipelines.run import Run, Start
+from openldm.pipelines.x4 import X4Settings, X4Tiling, upscale_x4, x4_infotext
 
 if TYPE_CHECKING:
     from openldm.pipelines.pipeline import Pipeline
@@ -30,6 +31,9 @@ LATENT_MODES = {
     "latent_bicubic": ("bicubic", False), "latent_bicubic_antialiased": ("bicubic", True),
     "latent_nearest": ("nearest", False), "latent_nearest_exact": ("nearest-exact", False),
 }
+HIRES_X4 = X4Settings(tiling=X4Tiling(128, 16))  # in 128 px tiles: a 1024 px result fits anywhere
+
+
 def hires_fix(pipe: Pipeline, run: Run, image: Image.Image | None) -> torch.Tensor:
     """The final latents of a hires-fix batch: base pass (or `image`), enlarged, then refined."""
     params = run.params
@@ -79,14 +83,16 @@ def crop(x: torch.Tensor, size: HiresSize, pipe: Pipeline) -> torch.Tensor:
     f = pipe.config.vae.downsample_factor
     cut_x, cut_y = size.crop_x // f, size.crop_y // f
     return x[:, :, cut_y // 2 : x.shape[2] - (cut_y + 1) // 2, cut_x // 2 : x.shape[3] - (cut_x + 1) // 2]
+def upscaler_infotext(run: Run) -> dict[str, Any]:
+    """A hires fix's x4 model (by name: `Renderer` adds its file's hash) and how it ran, for the infotext."""
+    if run.mode != "upscale" or run.params.upscaler != "x4" or run.upscaler is None:
+        return {}
+    return {"Hires upscaler model": run.upscaler.name, **x4_infotext(HIRES_X4)}
 
 
 def _x4_pictures(model: Pipeline, pictures: list[Image.Image], run: Run) -> list[Image.Image]:
     """Each picture 4x larger by the x4 model: the run's prompt, seed and steps, the model's guidance."""
-    from openldm.pipelines.x4 import X4Settings, X4Tiling, upscale_x4
-
-    settings = X4Settings(tiling=X4Tiling(128, 16))  # tiles of 128 px: a 1024 px result fits anywhere
-    out = []
+    settings, out = HIRES_X4, []
     for picture, seed in zip(pictures, run.seeds):
         params = GenerationParams(run.params.prompt, negative=run.params.negative, seed=seed,
                                   steps=run.params.steps, sampler=run.params.sampler)

@@ -13,6 +13,7 @@ The sampler still sees one whole latent, so the tiles agree on every step's sche
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,13 +23,14 @@ from PIL import Image
 from openldm.config import NoiseAugmentation
 from openldm.diffusion.denoisers import StepTracker
 from openldm.diffusion.schedules import make_betas
+from openldm.models.vae import tiled
 from openldm.pipelines import images as im
 from openldm.pipelines.decoding import decode_finite
-from openldm.pipelines.params import GenerationParams
-from openldm.pipelines.run import Interrupted, Run, Start, StepCallback, batch_params
+from openldm.pipelines.params import X4_MODE, GenerationParams
+from openldm.pipelines.run import Interrupted, Result, Run, Start, StepCallback, batch_params
 
 if TYPE_CHECKING:
-    from openldm.pipelines.pipeline import Pipeline, Result
+    from openldm.pipelines.pipeline import Pipeline
 
 # The augmentation noise of image i is drawn from seed_i + this, so it is not the latent noise's stream.
 LOW_RES_NOISE_SEED_OFFSET = 0x4A4
@@ -55,6 +57,12 @@ class X4Settings:
 
     noise_level: int = DEFAULT_NOISE_LEVEL
     tiling: X4Tiling = X4Tiling()
+
+
+def x4_infotext(settings: X4Settings) -> dict[str, Any]:
+    """What an x4 pass adds to the infotext: its noise level, and its tiles when it runs in tiles."""
+    tiles = {"x4 tile": settings.tiling.tile, "x4 tile overlap": settings.tiling.overlap}
+    return {"Noise level": settings.noise_level, **(tiles if settings.tiling.tile is not None else {})}
 
 
 def noise_augment(image: torch.Tensor, level: int, aug: NoiseAugmentation,
@@ -94,6 +102,17 @@ class LowRes:
         return cond
 
 
+def tiled_call(model: Callable[..., torch.Tensor], x: torch.Tensor, concat: torch.Tensor | None,
+               tiles: tuple[int, int]) -> torch.Tensor:
+    """`model(latent, concat=...)` on blended (tile, overlap) latent tiles: `LowRes`'s `tiles` key."""
+    def call(xc: torch.Tensor) -> torch.Tensor:
+        latent, extra = xc[:, : x.shape[1]], xc[:, x.shape[1]:]
+        return model(latent, concat=extra if concat is not None else None)
+
+    inputs = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+    return tiled(call, inputs, tile=tiles[0], overlap=tiles[1])
+
+
 def check_x4(pipe: Pipeline, image: Image.Image, noise_level: int) -> NoiseAugmentation:
     """Fail early, in one line, on a model that is not an x4 upscaler or inputs it cannot take."""
     aug = pipe.config.low_res
@@ -118,8 +137,6 @@ def upscale_x4(
 
     `latents` and `noise` (the augmentation's) replace the seeds' draws, as diffusers' arguments do.
     """
-    from openldm.pipelines.pipeline import Result
-
     aug = check_x4(pipe, image, noise_level)
     width, height = image.width * aug.factor, image.height * aug.factor
     params = dataclasses.replace(params.with_seed(), width=width, height=height,
@@ -128,14 +145,15 @@ def upscale_x4(
     results: list[Result] = []
     with pipe.prompt_networks(params) as applied:
         for batch in batch_params(params):
-            run = Run.of_batch(batch, width, height, "txt2img", callback=callback, latents=latents,
+            run = Run.of_batch(batch, width, height, X4_MODE, callback=callback, latents=latents,
                                extras=(extra,))
             try:
                 x = pipe.sample(run, Start())
             except Interrupted:
                 break
             pictures = decode_x4(pipe, x, tiling)
-            results += [Result(p, run.image_params(i), "txt2img", x[i : i + 1], applied.reports)
+            results += [Result(p, run.image_params(i), X4_MODE, x[i : i + 1], applied.reports,
+                               infotext=x4_infotext(X4Settings(noise_level, tiling)))
                         for i, p in enumerate(pictures)]
     return results
 
