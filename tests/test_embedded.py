@@ -21,11 +21,11 @@ from openldm.training.run import train
 # Issue 6's bars on in-distribution prompts: colour >= 90%, shape >= 85%, position >= 80% (the shipped
 # model scores 100%, 93% and 100% on 200 prompts, docs/embedded.md); 20 prompts here keep CI quick.
 BARS = {"colour": 0.90, "shape": 0.85, "position": 0.80}
-# Free phrasing (issue 17): the bar is 90% on every stated attribute after retraining on the phrasing
-# grammar (openldm/configs/shapes-ldm-phrasing.yaml). The shipped model was trained on the template only; on
-# these 16 prompts it reaches background 50%, colour 31%, shape 50%, size 73%, position 40% (all 6%):
-# the floors sit one image below, so that CI notices if it gets worse. Raise them after retraining.
-FREE_FLOORS = {"background": 0.4, "colour": 0.25, "shape": 0.4, "size": 0.6, "position": 0.33}
+# Free phrasing (issue 17): the bar is 90% on every stated attribute. The shipped model, fine-tuned on the
+# phrasing grammar (openldm/configs/shapes-ldm-phrasing.yaml, 2,500 steps), reaches on these 16 held-out
+# prompts background 79% (11/14), colour 75%, shape 75% (12/16), size 82% (9/11), position 60% (9/15);
+# the floors sit one image below, so that CI notices if it gets worse (docs/embedded.md).
+FREE_FLOORS = {"background": 0.7, "colour": 0.68, "shape": 0.68, "size": 0.72, "position": 0.53}
 MAX_BYTES = 30 * 2**20
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_generates_what_held_out_prompts_ask_for(pipe):
 
 
 def test_free_phrasing_stays_above_what_the_shipped_model_reaches(pipe):
-    """Held-out free phrasing on 16 prompts; the 90% bar waits for the retrained model (docs/embedded.md)."""
+    """Held-out free phrasing on 16 prompts, held to the shipped model's level (docs/embedded.md)."""
     scores = evaluate(_generator(pipe), eval_prompts("free", 16)).accuracy()
     for attribute, floor in FREE_FLOORS.items():
         assert scores[attribute] >= floor, scores

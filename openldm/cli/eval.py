@@ -37,7 +37,9 @@ def add_commands(sub) -> None:
     p.add_argument("--sampler", default=EVAL_SAMPLER)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grid", type=Path,
-                   help="also write a captioned grid of the first 16 images of the first prompt set")
+                   help="also write a captioned grid of the first images of the first prompt set")
+    p.add_argument("--grid-size", type=int, default=16, metavar="N",
+                   help="images in the grid (default 16; 4 a row, 5 when N is a multiple of 5 and not of 4)")
     p.add_argument("--json", type=Path, help="also write the scores as JSON")
     p.set_defaults(run=_eval)
 
@@ -73,8 +75,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in sets if s not in PROMPT_SETS]
-    if unknown or args.n <= 0:
-        raise ValueError(f"unknown prompt set(s) {', '.join(unknown)}" if unknown else "--n must be positive")
+    if unknown or args.n <= 0 or args.grid_size <= 0:
+        raise ValueError(f"unknown prompt set(s) {', '.join(unknown)}" if unknown
+                         else "--n must be positive" if args.n <= 0 else "--grid-size must be positive")
     model = Path(args.model) if args.model else default_model_path()
     started = time.perf_counter()
     pipe = load(model)
@@ -92,7 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
 
         def collect(i, image, prompt, score, name=name, bar=bar):
             bar.update(1)
-            if name == sets[0] and len(tiles) < 16:
+            if name == sets[0] and len(tiles) < args.grid_size:
                 tiles.append((image, prompt.text))
 
         started = time.perf_counter()
@@ -111,7 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
         import io
 
         buffer = io.BytesIO()
-        make_grid(tiles).save(buffer, format="PNG")
+        columns = 5 if len(tiles) % 5 == 0 and len(tiles) % 4 else 4
+        make_grid(tiles, columns).save(buffer, format="PNG")
         write_bytes_atomic(args.grid, buffer.getvalue())
         print(f"wrote {args.grid}")
     return 0
