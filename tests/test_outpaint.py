@@ -130,7 +130,8 @@ def test_cli_outpaint(checkpoints, tmp_path, capsys):
     assert run("outpaint", source, "x", *fast, "-o", tmp_path / "none.png") == 2
     assert "nothing to outpaint: give --extend LEFT,RIGHT,TOP,BOTTOM" in capsys.readouterr().err
     assert run("outpaint", source, "x", "--extend", "4,0,0,0", *fast, "-o", tmp_path / "odd.png") == 2
-    assert "width 28: sizes must be positive multiples of 8" in capsys.readouterr().err
+    assert "makes 28x32: choose the pixels added so that the new size is a multiple of 8" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         run("outpaint", source, "x", "--extend", "8,8", *fast)
     assert "expected LEFT,RIGHT,TOP,BOTTOM, got '8,8'" in capsys.readouterr().err

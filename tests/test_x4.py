@@ -15,7 +15,7 @@ from openldm.checkpoints.save import save_diffusers
 from openldm.config import SD_X4_UPSCALER, TINY_X4_UPSCALER
 from openldm.diffusion.noise import initial_noise
 from openldm.memory import estimate_peak
-from openldm.pipelines import loading
+from openldm.pipelines import loading, render
 from openldm.pipelines.infotext import parse_infotext
 from openldm.pipelines.outputs import read_settings
 from openldm.pipelines.params import GenerationParams
@@ -267,7 +267,7 @@ def test_hires_fix_png_names_its_x4_model(x4_file, tmp_path):
 def _checked_sizes(pipe, monkeypatch, image, tiling, **renderer):
     """What `Renderer.check_memory` asks `memory.check_fits` about for an x4 upscale of `image`."""
     seen = {}
-    monkeypatch.setattr(memory, "check_fits", lambda config, **kw: seen.update(kw))
+    monkeypatch.setattr(render, "check_fits", lambda config, **kw: seen.update(kw))
     Renderer(pipe, "x4", "0", **renderer).check_memory(
         "upscale", GenerationParams("a", upscale_by=2.0), image, x4=X4Settings(tiling=tiling))
     return seen
@@ -277,7 +277,8 @@ def test_memory_check_counts_the_x4_output_and_its_tiles(x4, monkeypatch):
     pipe, _ = x4
     seen = _checked_sizes(pipe, monkeypatch, _low_res_image(), X4Tiling(16, 4))
     assert (seen["width"], seen["height"]) == (4 * (LOW + 8), 4 * LOW)  # the model's 4, not upscale_by
-    assert (seen["unet_tile"], seen["vae_tile"], seen["encode"]) == (16, 16, False)
+    tiling = seen["tiling"]
+    assert (seen["unet_tile"], tiling.mode, tiling.tile_size, seen["encode"]) == (16, "on", 16, False)
     weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae) for p in m.parameters())
     assert seen["weights"] > weights  # the text encoder's too
     with_upscaler = _checked_sizes(pipe, monkeypatch, _low_res_image(), X4Tiling(16, 4), upscaler=pipe)
