@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from openldm.data.shapes import ShapesDataset
 from openldm.pipelines import images as im
-from openldm.pipelines.pipeline import load
+from openldm.pipelines.loading import load
 
 
 def main() -> None:

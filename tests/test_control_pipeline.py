@@ -23,7 +23,7 @@ from openldm.checkpoints.save import parts_from_single_file, save_diffusers
 from openldm.config import SD15, controlnet_config
 from openldm.diffusion.noise import initial_noise
 from openldm.diffusion.registry import resolve
-from openldm.pipelines import pipeline as pl
+from openldm.pipelines import loading
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.outputs import result_infotext
 from openldm.pipelines.params import GenerationParams
@@ -217,7 +217,7 @@ def _full_units(nets, case: str) -> list[ControlUnit]:
 
 def _full_ours(folder, nets, noise: torch.Tensor) -> dict:
     """Each case's result from openldm, with its time; the pipeline is freed when this returns."""
-    pipe = pl.load(folder)
+    pipe = loading.load(folder)
     sigma_0 = resolve(EULER.sampler)[0].sigmas(EULER.schedule, FULL_STEPS, pipe.schedule)[0]
     start = noise * (sigma_0**2 + 1).sqrt() / sigma_0  # diffusers' start (see test_pipeline's docstring)
     params = GenerationParams(PROMPT, negative=NEGATIVE, steps=FULL_STEPS, cfg=CFG, sampler=EULER.sampler,

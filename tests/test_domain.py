@@ -47,7 +47,7 @@ def test_the_shipped_model_declares_the_words_of_its_training_captions(tmp_path)
 
 @pytest.fixture(scope="module")
 def pipe():
-    from openldm.pipelines.pipeline import load
+    from openldm.pipelines.loading import load
 
     return load(default_model_path())
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def pipe():
-    from openldm.pipelines.pipeline import load
+    from openldm.pipelines.loading import load
 
     return load(default_model_path())
 
@@ -91,7 +91,7 @@ def test_the_phrasing_config_fine_tunes_the_shipped_model(tmp_path, one_thread):
     assert config.data.captions == "varied" and config.ldm.domain
     trainer, exported = train(config)
     assert next(trainer.task.unet.parameters()).dtype == torch.float32  # fp16 file, fp32 master weights
-    from openldm.pipelines.pipeline import load
+    from openldm.pipelines.loading import load
 
     tuned, shipped = load(tmp_path), load(default_model_path())
     key = "input_blocks.0.0.weight"

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from openldm.config import TINY_SD1_INPAINT
+from openldm.pipelines import loading
 from openldm.pipelines import pipeline as pl
 from tests.helpers import make_checkpoint
 
@@ -20,7 +21,7 @@ SETTINGS = {"steps": 3, "seed": 7, "cfg": 5.0, "width": WIDTH, "height": HEIGHT}
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory) -> pl.Pipeline:
-    pipe = pl.load(make_checkpoint(tmp_path_factory.mktemp("models"), TINY_SD1_INPAINT))
+    pipe = loading.load(make_checkpoint(tmp_path_factory.mktemp("models"), TINY_SD1_INPAINT))
     assert pipe.config.name == "tiny-sd1-inpaint" and pipe.config.is_inpainting
     return pipe
 

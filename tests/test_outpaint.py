@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from openldm import cli
-from openldm.pipelines import pipeline as pl
+from openldm.pipelines import loading
 from openldm.pipelines.images import extend_canvas
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.outputs import read_settings, save_result
@@ -26,7 +26,7 @@ def checkpoints(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def pipes(checkpoints):
-    return {name: pl.load(path) for name, path in checkpoints.items()}
+    return {name: loading.load(path) for name, path in checkpoints.items()}
 
 
 def _picture() -> Image.Image:

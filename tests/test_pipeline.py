@@ -77,6 +77,7 @@ from openldm.config import get_preset
 from openldm.diffusion.noise import BatchNoise, initial_noise
 from openldm.diffusion.registry import resolve
 from openldm.pipelines import images as im
+from openldm.pipelines import loading
 from openldm.pipelines import pipeline as pl
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.inpaint import MASKED_NOISE_SEED_OFFSET
@@ -135,7 +136,7 @@ def models(tmp_path_factory, one_thread):
             save_diffusers(parts, folder, config=config)
             ref = _diffusers_pipeline(folder, config)
             ref.folder = folder
-            cache[name] = (pl.load(folder), ref)
+            cache[name] = (loading.load(folder), ref)
         return cache[name]
 
     return get
@@ -439,7 +440,7 @@ def test_png_without_settings_is_a_clear_error(tmp_path):
 # --- the Python API ---------------------------------------------------------------------------
 
 def test_load_is_exported_lazily():
-    assert openldm.load is pl.load
+    assert openldm.load is loading.load
     code = "import sys, openldm; print('torch' in sys.modules, 'load' in dir(openldm))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True"]
@@ -462,7 +463,8 @@ def test_load_reads_a_model_folder(tmp_path):
     from openldm.models.tokenizer import CLIPTokenizer
 
     config = get_preset("tiny-sd1")
-    save_single_file(checkpoint_state_dict(config, extras=False), tmp_path / pl.MODEL_FILE, config=config)
+    state = checkpoint_state_dict(config, extras=False)
+    save_single_file(state, tmp_path / loading.MODEL_FILE, config=config)
     CLIPTokenizer.for_config(config.text_encoders[0]).save(tmp_path)
     vocab_file = tmp_path / "vocab.json"
     vocab = json.loads(vocab_file.read_text())

@@ -28,6 +28,7 @@ from openldm.config import get_preset
 from openldm.diffusion.noise import initial_noise
 from openldm.diffusion.registry import resolve
 from openldm.diffusion.sigmas import switch_step
+from openldm.pipelines import loading
 from openldm.pipelines import pipeline as pl
 from openldm.pipelines.infotext import parse_infotext, read_png
 from openldm.pipelines.outputs import read_settings, save_result
@@ -60,7 +61,7 @@ def folders(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def pipes(folders):
-    return pl.load(folders["tiny-sdxl"]), pl.load(folders["tiny-sdxl-refiner"])
+    return loading.load(folders["tiny-sdxl"]), loading.load(folders["tiny-sdxl-refiner"])
 
 
 def _params(**changes) -> GenerationParams:
@@ -186,7 +187,7 @@ def test_the_refiner_keeps_an_inpainting_mask(pipes):
 
 def test_a_refiner_must_continue_the_same_latents(pipes, tmp_path):
     base, _ = pipes
-    sd1 = pl.load(make_checkpoint(tmp_path, "tiny-sd1"))
+    sd1 = loading.load(make_checkpoint(tmp_path, "tiny-sd1"))
     with pytest.raises(ValueError, match="tiny-sd1 cannot refine tiny-sdxl"):
         base.generate(_params(), refiner=sd1)
 

@@ -331,7 +331,7 @@ def test_previews_map_latent_channels_through_the_family_factors():
 
 def test_the_embedded_models_preview_of_a_red_picture_is_red():
     from openldm.models.embedded import default_model_path
-    from openldm.pipelines.pipeline import load
+    from openldm.pipelines.loading import load
     from openldm.server.previews import latent_rgb
 
     pipe = load(default_model_path())

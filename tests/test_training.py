@@ -30,7 +30,7 @@ from openldm.diffusion.denoisers import DiscreteDenoiser, get_scalings, get_targ
 from openldm.diffusion.samplers import append_dims
 from openldm.diffusion.schedules import DiscreteSchedule
 from openldm.models.vae import AutoencoderKL
-from openldm.pipelines.pipeline import load as load_pipeline
+from openldm.pipelines.loading import load as load_pipeline
 from openldm.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from openldm.training.config import SHIPPED, ConfigError, OptimConfig, load_config
 from openldm.training.data import BatchStream, FolderSource

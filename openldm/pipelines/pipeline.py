@@ -270,11 +270,3 @@ class Pipeline:
         z = self.config.latent_format.from_model(x)
         return im.to_pil(decode_latents(self.vae, z, tiling, self.decoder_runner))
 
-
-def __getattr__(name: str) -> Any:
-    """`load`, `MODEL_FILE` and `default_tokenizers` moved to `loading` (which imports this module)."""
-    if name in ("load", "MODEL_FILE", "default_tokenizers"):
-        from openldm.pipelines import loading
-
-        return getattr(loading, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

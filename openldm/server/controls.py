@@ -19,11 +19,11 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from openldm.checkpoints.hashing import SHORT, sha256
+from openldm.checkpoints.hashing import SHORT
 from openldm.pipelines.control import ControlUnit
 from openldm.pipelines.preprocessors import Thresholds, preprocess
 from openldm.server.config import ServerLimits
-from openldm.server.models import MODEL_SUFFIXES, UnknownModel
+from openldm.server.models import MODEL_SUFFIXES, FileFacts, UnknownModel
 from openldm.server.submit import Refused, decode_image
 
 # The extension's module names -> ours (tile_resample only at rate 1, where it passes the image through).
@@ -57,7 +57,7 @@ class ControlNetCatalog:
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
-        self._seen: dict[tuple[str, int, int], tuple[str, str | None]] = {}
+        self._facts = FileFacts(_family)
         self.entries: dict[str, ControlNetEntry] = {}
         self.refresh()
 
@@ -70,12 +70,8 @@ class ControlNetCatalog:
         self.entries = found
 
     def _entry(self, path: Path) -> ControlNetEntry:
-        stat = path.stat()
-        key = (str(path), stat.st_size if path.is_file() else 0, int(stat.st_mtime))
-        if key not in self._seen:
-            self._seen[key] = sha256(path), _family(path)
         name = path.stem if path.is_file() else path.name
-        return ControlNetEntry(name, path, path.relative_to(self.folder).as_posix(), *self._seen[key])
+        return ControlNetEntry(name, path, path.relative_to(self.folder).as_posix(), *self._facts(path))
 
     def get(self, name: str) -> ControlNetEntry:
         """The entry for a name, a filename or a "name [hash]" title; `UnknownModel` otherwise."""

@@ -6,12 +6,14 @@ A job names a model; the name is looked up in this listing and never joined onto
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from openldm.checkpoints.hashing import SHORT, sha256
 from openldm.config import ModelConfig
-from openldm.pipelines.pipeline import MODEL_FILE
+from openldm.pipelines.loading import MODEL_FILE
 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
@@ -46,12 +48,28 @@ class UnknownModel(LookupError):
     """No model of that name in the listing."""
 
 
+class FileFacts:
+    """What reading a model file tells (its hash, and what `read` derives), cached by (path, size, mtime):
+    a rescan costs nothing for files that did not change."""
+
+    def __init__(self, read: Callable[[Path], Any]) -> None:
+        self.read = read
+        self._seen: dict[tuple[str, int, int], tuple[str, Any]] = {}
+
+    def __call__(self, path: Path) -> tuple[str, Any]:
+        stat = path.stat()
+        key = (str(path), stat.st_size if path.is_file() else 0, int(stat.st_mtime))
+        if key not in self._seen:
+            self._seen[key] = sha256(path), self.read(path)
+        return self._seen[key]
+
+
 class ModelCatalog:
     """Scans the models folder when asked (`refresh`); hashes and configs cached by (path, size, mtime)."""
 
     def __init__(self, default: Path, folder: Path | None = None, skip: Path | None = None) -> None:
         self.default, self.folder, self.skip = default, folder, skip  # skip: the ControlNet folder
-        self._seen: dict[tuple[str, int, int], tuple[str, ModelConfig | None]] = {}
+        self._facts = FileFacts(model_config)
         self.entries: dict[str, ModelEntry] = {}
         self.refresh()
 
@@ -65,12 +83,8 @@ class ModelCatalog:
         self.entries = {name: self._entry(name, path) for name, path in found.items()}
 
     def _entry(self, name: str, path: Path) -> ModelEntry:
-        stat = path.stat()
-        key = (str(path), stat.st_size if path.is_file() else 0, int(stat.st_mtime))
-        if key not in self._seen:
-            self._seen[key] = sha256(path), model_config(path)
         base = self.folder if self.folder is not None and path.is_relative_to(self.folder) else path.parent
-        return ModelEntry(name, path, path.relative_to(base).as_posix(), *self._seen[key])
+        return ModelEntry(name, path, path.relative_to(base).as_posix(), *self._facts(path))
 
     @property
     def default_name(self) -> str:
