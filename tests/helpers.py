@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from openldm.checkpoints.io import write_safetensors_atomic
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, UNET_PREFIX, component_prefixes
@@ -96,3 +97,20 @@ def make_checkpoint(
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}")
     return path
+
+
+TINY_LORA_UNET_LAYER = "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # diffusers name, kohya
+TINY_LORA_TEXT_LAYER = "text_model_encoder_layers_0_mlp_fc1"
+
+
+def write_tiny_lora(path: Path, seed: int) -> None:
+    """A kohya LoRA on one UNet cross-attention projection and one text-encoder MLP layer of tiny-sd1."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for stem, (out, inp) in ((f"lora_unet_{TINY_LORA_UNET_LAYER}", (32, 32)),
+                             (f"lora_te_{TINY_LORA_TEXT_LAYER}", (64, 32))):
+        tensors |= {f"{stem}.lora_down.weight": torch.randn(4, inp, generator=g),
+                    f"{stem}.lora_up.weight": torch.randn(out, 4, generator=g),
+                    f"{stem}.alpha": torch.tensor(4.0)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path)

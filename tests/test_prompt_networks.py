@@ -15,24 +15,10 @@ from openldm.checkpoints.io import CheckpointError
 from openldm.networks import NetworkLibrary, load_network
 from openldm.pipelines.infotext import read_png
 from openldm.pipelines.params import GenerationParams
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, write_tiny_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = {"steps": 2, "cfg": 5.0, "seed": 6}
-UNET_LAYER = "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # diffusers name, kohya spelling
-TEXT_LAYER = "text_model_encoder_layers_0_mlp_fc1"
-
-
-def _lora(path, seed: int) -> None:
-    """A kohya LoRA on one UNet cross-attention projection and one text-encoder MLP layer of tiny-sd1."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for stem, (out, inp) in ((f"lora_unet_{UNET_LAYER}", (32, 32)), (f"lora_te_{TEXT_LAYER}", (64, 32))):
-        tensors |= {f"{stem}.lora_down.weight": torch.randn(4, inp, generator=g),
-                    f"{stem}.lora_up.weight": torch.randn(out, 4, generator=g),
-                    f"{stem}.alpha": torch.tensor(4.0)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +26,9 @@ def files(tmp_path_factory, one_thread):
     """A tiny-sd1 checkpoint; a LoRA folder with a subfolder, a hidden folder and a stray file."""
     root = tmp_path_factory.mktemp("networks")
     loras = root / "loras"
-    _lora(loras / "styles" / "style.safetensors", 1)
-    _lora(loras / "other.safetensors", 2)
-    _lora(loras / ".trash" / "hidden.safetensors", 3)
+    write_tiny_lora(loras / "styles" / "style.safetensors", 1)
+    write_tiny_lora(loras / "other.safetensors", 2)
+    write_tiny_lora(loras / ".trash" / "hidden.safetensors", 3)
     (loras / "notes.txt").write_text("not a network")
     return make_checkpoint(root, "tiny-sd1"), loras
 
@@ -123,9 +109,9 @@ def test_tags_without_lora_folders_say_how_to_give_them(files):
 
 def test_a_file_added_later_is_found(pipe, files, tmp_path):
     extra = tmp_path / "late"
-    _lora(extra / "first.safetensors", 4)
+    write_tiny_lora(extra / "first.safetensors", 4)
     pipe.networks = NetworkLibrary(extra)  # one folder, given alone
-    _lora(extra / "added.safetensors", 4)
+    write_tiny_lora(extra / "added.safetensors", 4)
     assert torch.equal(_latent(pipe, "x <lora:added:0.5>"), _latent(pipe, "x <lora:first:0.5>"))
 
 
@@ -168,7 +154,8 @@ def _truncated(path) -> None:
 @pytest.mark.parametrize(("name", "write", "message"), [
     ("broken.pt", _truncated, "broken.pt: corrupt or truncated"),
     ("broken.safetensors", lambda path: path.write_bytes(b"\x08" + bytes(7) + b"{}"), "broken.safetensors"),
-    ("lora.safetensors", lambda path: _lora(path, 0), "lora.safetensors: lora: not a textual-inversion"),
+    ("lora.safetensors", lambda path: write_tiny_lora(path, 0),
+     "lora.safetensors: lora: not a textual-inversion"),
 ])
 def test_a_file_that_is_no_embedding_is_an_error(files, tmp_path, name, write, message):
     write(tmp_path / name)

@@ -108,6 +108,11 @@ class AppliedNetworks:
     def summary(self) -> str:
         return "\n".join(report.summary() for report in self.reports)
 
+    @property
+    def active(self) -> bool:
+        """Whether merged weights sit in the model now: something was merged and not yet removed."""
+        return bool(self._kept)
+
     def remove(self) -> None:
         """Put the original weights back, bit for bit; removals must run in reverse order of applies."""
         for parameter, original, merged in reversed(self._kept):

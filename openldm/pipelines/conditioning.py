@@ -12,7 +12,7 @@ depend on the other prompts of its batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from openldm.prompts import extract_networks, parse_attention, prompt_schedule
 
 if TYPE_CHECKING:
     from openldm.networks import Embedding
+    from openldm.pipelines.prompt_cache import PromptCache
 
 COMMA_BACKTRACK = 20  # move text after a comma this close to a chunk's end into the next chunk
 
@@ -149,11 +150,17 @@ class EncodedPrompts:
 
 
 class PromptEncoder:
-    """Encodes prompts with all text encoders of a model and joins their outputs."""
+    """Encodes prompts with all text encoders of a model and joins their outputs.
 
-    def __init__(self, encoders: Sequence[TextEncoder], clip_skip: int | None = None):
+    With a `cache` (the pipeline's), a prompt already encoded under the same `weights` (the networks
+    merged into the encoders: `Pipeline.text_weights`) is not encoded again.
+    """
+
+    def __init__(self, encoders: Sequence[TextEncoder], clip_skip: int | None = None,
+                 cache: PromptCache | None = None, weights: Hashable = ()):
         self.encoders = list(encoders)
         self.clip_skip = clip_skip
+        self.cache, self.weights = cache, weights
 
     def chunk_count(self, prompt: str) -> int:
         return max(len(chunk_prompt(prompt, e)) for e in self.encoders)
@@ -164,16 +171,29 @@ class PromptEncoder:
         contexts, pooled = [], []
         for prompt in prompts:
             parts, pool = [], None
-            for encoder in self.encoders:
-                chunks = chunk_prompt(prompt, encoder)
-                chunks += [Chunk() for _ in range(count - len(chunks))]
-                z, p = encode_chunks(chunks, encoder, self.clip_skip)
+            for index in range(len(self.encoders)):
+                z, p = self._encode(index, prompt, count)
                 parts.append(z)
                 pool = p if p is not None else pool
             contexts.append(torch.cat(parts, dim=-1))
             pooled.append(pool)
         context = torch.cat(contexts)
         return EncodedPrompts(context, None if pooled[0] is None else torch.cat(pooled))
+
+    def _encode(self, index: int, prompt: str, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One encoder's output for one prompt in `count` chunks, from the cache when it has it."""
+        encoder = self.encoders[index]
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor | None]:
+            chunks = chunk_prompt(prompt, encoder)
+            chunks += [Chunk() for _ in range(count - len(chunks))]
+            return encode_chunks(chunks, encoder, self.clip_skip)
+
+        if self.cache is None:
+            return encode()
+        weight = encoder.model.text_model.embeddings.token_embedding.weight
+        key = (index, prompt, count, self.clip_skip, weight.device, weight.dtype, self.weights)
+        return self.cache.get(self.encoders, key, encode)
 
 
 def vector_conditioning(

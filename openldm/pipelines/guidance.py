@@ -14,7 +14,6 @@ from openldm.diffusion.denoisers import CFGDenoiser, MaskedDenoiser, ScheduledDe
 from openldm.diffusion.samplers import Denoiser, Step
 from openldm.pipelines.conditioning import (
     EncodedPrompts,
-    PromptEncoder,
     schedule_prompts,
     size_conditioning,
     vector_conditioning,
@@ -49,7 +48,7 @@ def guided_denoiser(pipe: Pipeline, run: Run, start: Start, sigmas: torch.Tensor
     positive = schedule_prompts([params.prompt] * batch, steps, run.first_pass_steps)
     negative = schedule_prompts([params.negative] * batch, steps, run.first_pass_steps)
     ends = sorted(set(positive.ends) | set(negative.ends))
-    encoder = PromptEncoder(pipe.text_encoders, params.clip_skip)
+    encoder = pipe.prompt_encoder(params.clip_skip)
     sizes = size_conditioning(params, run.width, run.height)
     tracker = StepTracker(step_callback(run.callback, steps, offset, pipe.progress), offset)
     clock = {"tracker": tracker, "steps": steps}

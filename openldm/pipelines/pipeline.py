@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
@@ -39,12 +40,13 @@ from openldm.networks import (
 )
 from openldm.pipelines import images as im
 from openldm.pipelines import sampling
-from openldm.pipelines.conditioning import TextEncoder, with_embeddings
+from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, with_embeddings
 from openldm.pipelines.control import ControlUnit, control_infotext, make_control
 from openldm.pipelines.decoding import check_taesd, decode_finite, decode_latents
 from openldm.pipelines.guidance import Extra
 from openldm.pipelines.inpaint import Overlay, inpaint_start, outpaint_canvas, prepare_inpaint
 from openldm.pipelines.params import GenerationParams
+from openldm.pipelines.prompt_cache import PromptCache
 from openldm.pipelines.run import Interrupted, Result, Run, Start, StepCallback, batch_params, run_mode
 from openldm.pipelines.upscale import hires_fix, upscaler_infotext
 from openldm.pipelines.x4 import tiled_call
@@ -72,6 +74,9 @@ class Pipeline:
         self.controlnets: dict[str, ControlNet] = {}  # loaded ControlNets by resolved path
         self.domain: Domain | None = None  # a narrow model's words (domain.json): prompts outside them warn
         self.taesd: TAESD | None = None  # decodes instead of the VAE when set (`use_decoder`)
+        self.prompt_cache = PromptCache()  # recent prompt encodings (`prompt_encoder`)
+        self._text_merges: list[tuple[int, AppliedNetworks]] = []  # (serial, merge) reaching the encoders
+        self._merge_serials = itertools.count(1)
         self.set_engine(engine)
 
     def set_engine(self, engine: str | Engine) -> None:
@@ -134,7 +139,20 @@ class Pipeline:
     def merge_networks(self, networks: Iterable[tuple[LoadedNetwork, float]]) -> AppliedNetworks:
         """Merge (network, weight) pairs into the UNet and text encoders; the result's `remove` undoes it."""
         encoders = {name: encoder.model for name, encoder in zip(TEXT_ENCODER_NAMES, self.text_encoders)}
-        return apply_networks({"unet": self.unet, **encoders}, networks, self.config)
+        applied = apply_networks({"unet": self.unet, **encoders}, networks, self.config)
+        if any(component != "unet" for report in applied.reports for component in report.matched):
+            live = [(serial, merge) for serial, merge in self._text_merges if merge.active]
+            self._text_merges = [*live, (next(self._merge_serials), applied)]
+        return applied
+
+    @property
+    def text_weights(self) -> tuple[int, ...]:
+        """What the text encoders' weights are now: the serial of each merge into them not yet removed."""
+        return tuple(serial for serial, merge in self._text_merges if merge.active)
+
+    def prompt_encoder(self, clip_skip: int | None = None) -> PromptEncoder:
+        """A run's prompt encoder: this model's encoders, remembering recent prompts (`prompt_cache`)."""
+        return PromptEncoder(self.text_encoders, clip_skip, self.prompt_cache, self.text_weights)
 
     def prompt_networks(self, params: GenerationParams) -> AppliedNetworks:
         """Merge the networks that the prompt and negative prompt name, found by name in `networks`."""
