@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CUDA: the `gpu` tests (fp16 vs fp32, no NaN for
-# SD1.5 / SD2.1-v / SDXL random weights, compile vs eager, offload, peak VRAM, SD1.5 it/s).
-# `openldm bench` has no --device yet, so the it/s figure comes from the gpu tests' output.
+# SD1.5 / SD2.1-v / SDXL random weights, compile vs eager, offload, peak VRAM, and `openldm bench
+# --device cuda` on SD1.5 512 px: UNet it/s and each run's peak VRAM, printed in the tests' output).
 # Usage: scripts/gpu_check.sh [OUT_DIR]  (default ./gpu-check)
 set -euo pipefail
 out=${1:-gpu-check}

@@ -43,6 +43,8 @@ def test_each_run_reports_consistent_stages(report):
         fraction = run["unet_gflop_per_s"] / run["roofline_gflop_per_s"]
         assert 0 < run["roofline_fraction"] == pytest.approx(fraction)
         assert run["peak_rss_gib"] > 0
+        assert run["peak_vram_gib"] is None, "peak VRAM is a CUDA figure; this run was on the CPU"
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")  # render.device_and_dtype's defaults
     ours, theirs = report["runs"]
     assert ours["total_s"] >= report["imports_s"] + ours["load_s"], "the first run's total counts the imports"
     assert ours["unet_gflop_per_call"] == theirs["unet_gflop_per_call"] > 0  # one count, the same UNet
@@ -61,3 +63,16 @@ def test_bad_settings_are_one_line(capsys, tmp_path):
     assert main(["bench", str(model), "--sampler", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("openldm bench: error:") and "nope" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(("device", "dtype", "message"), [
+    ("nope", None, "unknown device 'nope'; cpu, cuda, cuda:N or mps"),
+    ("cuda:99", None, "device 'cuda:99' is not available on this machine"),
+    ("cpu", "fp16", "--dtype fp16 does not run on the CPU; use fp32"),
+])
+def test_a_device_that_cannot_run_is_one_line_before_loading(capsys, tmp_path, device, dtype, message):
+    missing = tmp_path / "absent.safetensors"  # never read: the device is refused first
+    argv = ["bench", str(missing), "--device", device] + (["--dtype", dtype] if dtype else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"openldm bench: error: {message}") and "\n" not in err, err

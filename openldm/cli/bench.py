@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from openldm.config import WEIGHT_DTYPES
 from openldm.engines import ENGINE_NAMES
 
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
@@ -38,6 +39,9 @@ def add_commands(sub) -> None:
     p.add_argument("--compare", action="append", default=[], choices=("diffusers", *ENGINE_NAMES),
                    help="also run diffusers on the same weights, or openldm with another engine "
                    "(repeatable); the runs alternate")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available, else cpu); on CUDA "
+                   "the table adds each run's peak VRAM")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, help="default fp16 on cuda, fp32 elsewhere")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=2, help="alternated runs of each tool (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -59,10 +63,12 @@ def _measure(args: argparse.Namespace, bench, imports_s: float) -> dict:
 
     from openldm.cli.generate import model_path
     from openldm.diffusion.registry import resolve
+    from openldm.pipelines.render import device_and_dtype
 
     if args.steps < 1 or args.batch < 1 or args.rounds < 1 or (args.threads or 1) < 1:
         raise ValueError("--steps, --batch, --rounds and --threads must be at least 1")
     resolve(args.sampler, None)
+    device, dtype = device_and_dtype(args.device, args.dtype)  # refused here, before any loading
     if args.threads:
         torch.set_num_threads(args.threads)
     model = model_path(argparse.Namespace(model=args.model))
@@ -76,18 +82,21 @@ def _measure(args: argparse.Namespace, bench, imports_s: float) -> dict:
                     pipe, ref_load = loaded[args.engine], 0.0
                     if tool not in loaded:
                         folder = bench.diffusers_folder(pipe, model, Path(scratch))
-                        loaded[tool], ref_load = bench.load_diffusers(folder, pipe.config.family)
+                        loaded[tool], ref_load = bench.load_diffusers(folder, pipe.config.family, device,
+                                                                      dtype)
                     runs.append(bench.run_diffusers(loaded[tool], ref_load, _params(args, pipe)))
                     continue
                 first = i == 0 and tool == args.engine
                 stages, loaded[tool] = bench.run_openldm(model, _params(args, loaded.get(tool)), tool,
-                                                         imports_s if first else 0.0, loaded.get(tool))
+                                                         imports_s if first else 0.0, loaded.get(tool),
+                                                         device, dtype)
                 runs.append(stages)
                 flops = flops or bench.unet_flops(loaded[tool], _params(args, loaded[tool]))
-    roofline = bench.matmul_gflops()
+    roofline = bench.matmul_gflops(device, dtype)
     records = [bench.as_dict(s, flops, roofline) for s in runs]
     return {"model": str(model), "size": _params(args, loaded[args.engine]).width, "steps": args.steps,
-            "batch": args.batch, "engine": args.engine, "threads": torch.get_num_threads(),
+            "batch": args.batch, "engine": args.engine, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
             "imports_s": imports_s, "runs": records, "ratios": _ratios(records)}
 
 
@@ -121,10 +130,10 @@ def _ratios(records: list[dict]) -> dict[str, dict[str, float]]:
 
 def _table(report: dict) -> str:
     rows = [f"{report['model']}: {report['size']}px, {report['steps']} steps, batch {report['batch']}, "
-            f"imports {report['imports_s']:.2f} s"]
+            f"{report['device']} {report['dtype']}, imports {report['imports_s']:.2f} s"]
     fields = ("load_s", "text_encoding_s", "unet_step_median_s", "unet_step_min_s", "unet_step_max_s",
               "vae_decode_s", "generate_s", "png_write_s", "total_s", "it_per_s", "unet_gflop_per_s",
-              "roofline_fraction", "peak_rss_gib", "estimated_peak_gib")
+              "roofline_fraction", "peak_rss_gib", "peak_vram_gib", "estimated_peak_gib")
     rows.append(f"{'':22}" + "".join(f"{r['tool'][:18]:>19}" for r in report["runs"]))
     for key in fields:
         rows.append(f"{key:22}" + "".join(f"{r[key]:19.4g}" if r[key] is not None else f"{'-':>19}"

@@ -83,3 +83,22 @@ def test_sd15_fp16_peak_vram_and_speed(files):
     print(f"sd15 512px fp16 CFG batch 1: {20 / seconds:.1f} it/s with decode (target: 125 UNet it/s), "
           f"peak VRAM {peak:.2f} GiB (target 2.7)")
     assert peak < 4.0, f"peak VRAM {peak:.2f} GiB (bar 4; issue target 2.7)"
+
+
+def test_bench_on_cuda_reports_peak_vram_and_it_per_s(files, capsys):
+    """`openldm bench --device cuda`: SD1.5 512 px fp16, CFG batch 1, 20 steps; the issue's it/s target."""
+    import json
+
+    from openldm.cli import main
+
+    assert main(["bench", str(files["sd15"]), "--device", "cuda", "--size", "512", "--steps", "20",
+                 "--rounds", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["device"], report["dtype"]) == ("cuda", "float16")
+    with capsys.disabled():
+        for run in report["runs"]:
+            print(f"bench {run['tool']}: {run['it_per_s']:.1f} UNet it/s (target 125), "
+                  f"peak VRAM {run['peak_vram_gib']:.2f} GiB (target 2.7), "
+                  f"{run['roofline_fraction']:.0%} of the fp16 matmul roofline")
+    for run in report["runs"]:
+        assert run["unet_calls"] == 20 and run["peak_vram_gib"] > 0
