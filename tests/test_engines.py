@@ -208,3 +208,38 @@ def test_int8_is_close_on_the_embedded_model(tmp_path):
 @pytest.mark.slow
 def test_compile_matches_eager(pipe):
     _check_exact(pipe, "compile")
+
+
+@dataclass
+class Traced:
+    """The compile engine's tracing (`torch.compile(dynamic=False)`) without inductor's slow code generation:
+    dynamo's guards, graph breaks and recompiles are the same, the graph then runs eagerly."""
+
+    name: str = "traced"
+
+    def settings(self) -> dict:
+        return {}
+
+    def build(self, component, example):
+        if component.role != "unet":
+            return component.call
+        return torch.compile(component.call, backend="eager", dynamic=False)
+
+
+def test_the_compiled_unet_traces_once_per_size_and_never_recompiles_across_steps(pipe):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # a fresh code cache: graphs that earlier tests traced would hide new ones
+    counters.clear()
+    pipe.set_engine(Traced())
+    try:
+        pipe.txt2img("a red square", negative="blue", steps=4, seed=7, sampler="dpmpp_2m")
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 1, f"one size, {graphs} UNet graphs: recompiles across steps or graph breaks"
+        pipe.txt2img("a blue circle", negative="red", steps=3, seed=8)  # other prompts and sampler
+        assert counters["stats"]["unique_graphs"] == 1, "a second run at the same size traced again"
+        pipe.txt2img("a red square", steps=2, seed=7, width=64, height=64)
+        assert counters["stats"]["unique_graphs"] == 2, "a new size is one new graph"
+    finally:
+        pipe.set_engine("eager")
+    assert not counters["unimplemented"], dict(counters["unimplemented"])  # e.g. the recompile limit
