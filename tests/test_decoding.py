@@ -7,8 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import openldm
+from openldm.models.vae_tiling import encode_images
 from openldm.pipelines import images as im
 from openldm.pipelines.decoding import NonFiniteError
 from openldm.pipelines.params import GenerationParams
@@ -75,3 +77,39 @@ def test_a_float32_vae_that_gives_nan_is_an_error(checkpoint):
     with pytest.raises(NonFiniteError, match=r"decoded non-finite pixels \(\d+ of \d+ values NaN or inf\) in "
                                              r"torch.float32"):
         pipe.generate(GenerationParams("x", steps=1, seed=1, cfg=5))
+
+
+def _overflowing_encoder(pipe) -> None:
+    """Encoder moments near fp16's largest value: some overflow to inf in fp16, none in fp32."""
+    conv = pipe.vae.encoder.conv_out
+    with torch.no_grad():
+        conv.weight.mul_(1000)
+        conv.bias.fill_(65000)
+
+
+def test_a_half_vae_whose_encoder_overflows_encodes_again_in_float32(checkpoint):
+    """img2img and inpainting start from `encode_image`: an overflow there must not pass for bad sampling.
+
+    Tiled encodes take the same retry (`decoding._finite`); fp16 convolutions on the CPU are too slow to
+    run one here."""
+    pipe = openldm.load(checkpoint, dtype=torch.float16)
+    _overflowing_encoder(pipe)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = copy.deepcopy(pipe.vae).float()
+    with torch.no_grad():
+        half = pipe.vae.encode(x.half()).mode()
+        want = pipe.config.latent_format.to_model(encode_images(reference, x).mode())
+    assert not torch.isfinite(half).all(), "the weights must overflow in fp16 for this test to mean anything"
+    with pytest.warns(UserWarning, match="overflowed in torch.float16"):
+        got = pipe.encode_image(x)
+    assert torch.equal(got, want), f"retried encode differs from a float32 VAE by {(got - want).abs().max()}"
+    assert pipe.vae_dtype == torch.float32 and pipe.dtype == torch.float16
+
+
+def test_a_float32_vae_that_encodes_nan_is_an_error_that_names_the_encoder(checkpoint):
+    pipe = openldm.load(checkpoint)
+    with torch.no_grad():
+        pipe.vae.encoder.conv_out.bias[0] = float("nan")
+    message = r"^the VAE encoded non-finite latents \(\d+ of \d+ values NaN or inf\) in torch.float32"
+    with pytest.raises(NonFiniteError, match=message):
+        pipe.img2img(Image.new("RGB", (32, 32), "red"), "x", steps=1, seed=1, cfg=5)

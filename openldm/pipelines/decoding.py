@@ -1,9 +1,10 @@
-"""Latents to pixels, never NaN: a NaN or inf is never written as an image.
+"""Latents to pixels and pixels to latents, never NaN: a NaN or inf is never written as an image.
 
-A half-precision VAE can overflow (SDXL's original VAE does, in fp16, on many images): its decode is
-then retried in float32 and the VAE stays in float32 from then on, as A1111's "automatically revert
-VAE to 32-bit floats" does. Non-finite latents, or a float32 VAE that still gives NaN, are an error.
-`decode_latents` adds the `VAETiling` setting: whole through the engine, tiled eagerly, or sliced.
+A half-precision VAE can overflow (SDXL's original VAE does, in fp16, on many images): its decode
+(or encode) is then retried in float32 and the VAE stays in float32 from then on, as A1111's
+"automatically revert VAE to 32-bit floats" does. Non-finite latents, or a float32 VAE that still
+gives NaN, are an error. `decode_latents` adds the `VAETiling` setting: whole through the engine,
+tiled eagerly, or sliced; `encode_finite` takes it too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from openldm.models.vae_tiling import VAETiling, decode_tile
+from openldm.models.vae_tiling import VAETiling, decode_tile, encode_images
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -31,25 +32,41 @@ def decode_finite(vae: nn.Module, z: torch.Tensor,
     if not torch.isfinite(z).all():
         raise NonFiniteError(f"sampling produced non-finite latents ({_count(z)}): no image is written; "
                              "try float32 (--dtype fp32), another sampler or a lower CFG scale")
+    z_vae = z.to(next(vae.parameters()).dtype)
+
+    def first() -> torch.Tensor:
+        return decode(z_vae) if decode is not None else _decode(vae, z_vae, tile, overlap)
+
+    return _finite(vae, first, lambda: _decode(vae, z.float(), tile, overlap), "decoded non-finite pixels")
+
+
+def encode_finite(vae: nn.Module, x: torch.Tensor, tiling: VAETiling) -> torch.Tensor:
+    """Pixels in [-1, 1] -> unscaled latents (the posterior's mean) under `tiling`; a half VAE whose
+    encoder overflows is moved to float32 and encodes again."""
+    dtype = next(vae.parameters()).dtype
+    return _finite(vae, lambda: encode_images(vae, x.to(dtype), tiling).mode(),
+                   lambda: encode_images(vae, x.float(), tiling).mode(), "encoded non-finite latents")
+
+
+def _finite(vae: nn.Module, first: Callable[[], torch.Tensor], again: Callable[[], torch.Tensor],
+            what: str) -> torch.Tensor:
+    """`first()` if finite; else, for a half VAE, `again()` once the VAE is float32 for good."""
     dtype = next(vae.parameters()).dtype
     with torch.no_grad():
-        if decode is not None:
-            pixels = decode(z.to(dtype))
-        else:
-            pixels = _decode(vae, z.to(dtype), tile, overlap)
-        if torch.isfinite(pixels).all():
-            return pixels
+        out = first()
+        if torch.isfinite(out).all():
+            return out
         if dtype not in HALF:
-            raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) in {dtype}: "
-                                 "no image is written; the VAE's weights may be broken")
-        warnings.warn(f"the VAE overflowed in {dtype} ({_count(pixels)}): it runs in float32 from now on",
-                      stacklevel=3)
+            raise NonFiniteError(f"the VAE {what} ({_count(out)}) in {dtype}: no image is written; the "
+                                 "VAE's weights may be broken")
+        warnings.warn(f"the VAE overflowed in {dtype} ({_count(out)}): it runs in float32 from now on",
+                      stacklevel=4)
         vae.float()
-        pixels = _decode(vae, z.float(), tile, overlap)
-    if not torch.isfinite(pixels).all():
-        raise NonFiniteError(f"the VAE decoded non-finite pixels ({_count(pixels)}) even in float32: "
-                             "no image is written; the VAE's weights may be broken")
-    return pixels
+        out = again()
+    if not torch.isfinite(out).all():
+        raise NonFiniteError(f"the VAE {what} ({_count(out)}) even in float32: no image is written; the "
+                             "VAE's weights may be broken")
+    return out
 
 
 def decode_latents(vae: nn.Module, z: torch.Tensor, tiling: VAETiling,

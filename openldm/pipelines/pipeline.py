@@ -29,7 +29,7 @@ from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
 from openldm.models.tokenizer import CLIPTokenizer
-from openldm.models.vae_tiling import AUTO_TILING, VAETiling, encode_images
+from openldm.models.vae_tiling import AUTO_TILING, VAETiling
 from openldm.networks import (
     AppliedNetworks,
     Embedding,
@@ -42,7 +42,7 @@ from openldm.pipelines import images as im
 from openldm.pipelines import sampling
 from openldm.pipelines.conditioning import PromptEncoder, TextEncoder, with_embeddings
 from openldm.pipelines.control import ControlUnit, control_infotext, make_control
-from openldm.pipelines.decoding import check_taesd, decode_finite, decode_latents
+from openldm.pipelines.decoding import check_taesd, decode_finite, decode_latents, encode_finite
 from openldm.pipelines.guidance import Extra
 from openldm.pipelines.inpaint import Overlay, inpaint_start, outpaint_canvas, prepare_inpaint
 from openldm.pipelines.params import GenerationParams
@@ -274,8 +274,7 @@ class Pipeline:
                      tiling: VAETiling = AUTO_TILING) -> torch.Tensor:
         """A picture (or pixels in [-1, 1], batch first) -> model-space latent (the posterior's mean)."""
         x = im.to_tensor([image]) if isinstance(image, Image.Image) else image
-        posterior = encode_images(self.vae, x.to(self.device, self.vae_dtype), tiling)
-        return self.config.latent_format.to_model(posterior.mode())
+        return self.config.latent_format.to_model(encode_finite(self.vae, x.to(self.device), tiling))
 
     def sample(self, run: Run, start: Start | None = None) -> torch.Tensor:
         """One batch's final latents from `start` (None: pure noise), a refiner finishing (`sampling`)."""
