@@ -1,8 +1,9 @@
 """`torch.compile` with inductor's weight freezing: constant-folded weights, fused kernels, exact fp32.
 
 The issue's probe measured frozen compilation at about 1.36x eager on the SD1.5 UNet (the default
-mode was slower, 0.76x). Freezing bakes the weights into the program, so `Runner` rebuilds it
-when they change; a fresh `torch.compile` object never reuses another's guards.
+mode was slower, 0.76x). `Runner` builds a new program when the weights change, in case they are
+baked in; dynamo caches by code object, so a new wrapper reuses a graph whose guards still hold
+(docs/engines.md: the probe, and the limit of 8 signatures per process that this implies).
 """
 
 from __future__ import annotations
