@@ -87,7 +87,7 @@ def test_eval_runs_under_the_engine_it_is_given(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "missing.safetensors"  # not loaded: the engine is checked first
     assert main(["eval", "shapes", "--engine", "tensorrt", "--model", str(missing)]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"openldm eval: error: unknown engine 'tensorrt'; one of "
+    assert err.strip().splitlines() == ["openldm eval: error: unknown engine 'tensorrt'; one of "
                                         "auto, eager, compile, openvino, openvino-int8"], err
     model, out = tmp_path / "tiny.safetensors", tmp_path / "scores.json"
     assert main(["init", "tiny-sd1", str(model)]) == 0
