@@ -41,7 +41,7 @@ VARIANTS: dict[str, dict] = {
     "v0-mixed": {"preset": "mixed", "ignored": (), "prompts": 4, "steps": 8},
     "v0-sq0.5": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": 0.5},
     "v0-sqoff": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": -1},
-    "ignore-8x8": {"preset": "performance", "prompts": 8, "steps": 8},
+    "ignore-mixed-8x8": {"preset": "mixed", "prompts": 8, "steps": 8},
     "weights": {"mode": "weights"},
 }
 SD_PROMPTS = (

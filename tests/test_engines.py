@@ -210,7 +210,7 @@ def test_every_int8_setting_is_part_of_the_cache_key():
     from openldm.engines.int8 import OpenVINOInt8
 
     base = OpenVINOInt8()
-    changes = {"preset": "performance", "ignored": (), "smooth_quant": 0.5, "prompts": 3, "steps": 5,
+    changes = {"preset": "mixed", "ignored": (), "smooth_quant": 0.5, "prompts": 3, "steps": 5,
                "mode": "weights"}
     keys = {str(base.settings())} | {str(OpenVINOInt8(**{k: v}).settings()) for k, v in changes.items()}
     assert len(keys) == len(changes) + 1

@@ -32,10 +32,10 @@ SENSITIVE = ("time_embed", "input_blocks.0.0", "out.2")
 class OpenVINOInt8(OpenVINO):
     name: str = "openvino-int8"
     mode: str = "w8a8"  # see MODES
-    preset: str = "mixed"  # see PRESETS (w8a8 only)
+    preset: str = "performance"  # see PRESETS (w8a8 only); mixed passed the bar too, with a slower step
     ignored: tuple[str, ...] = SENSITIVE  # UNet module paths kept fp32
     smooth_quant: float | None = None  # SmoothQuant alpha for matmuls; None: NNCF's default; -1: off
-    prompts: int = 8  # calibration runs, one prompt each (w8a8 only)
+    prompts: int = 4  # calibration runs, one prompt each (w8a8 only); 16 measured no better
     steps: int = 8  # sampling steps per calibration run: one calibration input per step
 
     def __post_init__(self) -> None:
