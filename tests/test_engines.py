@@ -174,6 +174,50 @@ def test_int8_runs_near_eager_and_is_cached_apart_from_fp32(pipe, tmp_path):
     assert [n for n in notes if "converting unet" in n], "fp32 found the int8 entry"
 
 
+def _fp32_and_int8_layers(ir) -> tuple[set[str], set[str]]:
+    """Names of the IR's convolutions and matmuls whose input is / is not NNCF-quantized (FakeQuantize)."""
+    fp32, int8 = set(), set()
+    for op in ir.get_ops():
+        if op.get_type_name() in ("Convolution", "MatMul"):
+            sources = {i.get_source_output().get_node().get_type_name() for i in op.inputs()}
+            (int8 if "FakeQuantize" in sources else fp32).add(op.get_friendly_name())
+    return fp32, int8
+
+
+def test_int8_leaves_the_ignored_layers_in_fp32(pipe, tmp_path):
+    pytest.importorskip("nncf")
+    import functools
+
+    from openldm.engines.calibration import unet_inputs
+    from openldm.engines.int8 import OpenVINOInt8
+
+    engine = OpenVINOInt8(root=tmp_path, log=lambda _: None, ignored=("time_embed", "input_blocks.0.0"),
+                          prompts=1, steps=2)
+    cfg = pipe.config
+    side, tokens = cfg.image_size // cfg.vae.downsample_factor, cfg.text_encoders[0].max_length
+    context = torch.zeros(2, tokens, cfg.unet.context_dim)
+    example = (torch.zeros(2, 4, side, side), torch.zeros(2), context, None)
+    component = Component(pipe.unet, pipe.unet, "unet", functools.partial(unet_inputs, pipe))
+    fp32, int8 = _fp32_and_int8_layers(engine.convert(component, (True, True, True, False), example))
+    ignored = {n for n in fp32 | int8 if ".time_embed." in n or ".input_blocks.0.0/" in n}
+    assert len(ignored) == 3, ignored  # two time-embedding linears, the first convolution
+    assert ignored <= fp32, f"quantized though ignored: {sorted(ignored & int8)}"
+    assert any(".input_blocks.1.0." in n for n in int8), "the next block is not quantized either"
+
+
+def test_every_int8_setting_is_part_of_the_cache_key():
+    pytest.importorskip("nncf")
+    from openldm.engines.int8 import OpenVINOInt8
+
+    base = OpenVINOInt8()
+    changes = {"preset": "mixed", "ignored": (), "smooth_quant": 0.5, "prompts": 3, "steps": 5,
+               "mode": "weights"}
+    keys = {str(base.settings())} | {str(OpenVINOInt8(**{k: v}).settings()) for k, v in changes.items()}
+    assert len(keys) == len(changes) + 1
+    with pytest.raises(EngineError, match="mode one of w8a8, weights"):
+        OpenVINOInt8(mode="int4")
+
+
 def test_calibration_rows_are_regrouped_like_the_example():
     from openldm.engines.calibration import regroup
 

@@ -80,6 +80,22 @@ def test_eval_command_rejects_bad_input(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_eval_runs_under_the_engine_it_is_given(tmp_path, capsys, monkeypatch):
+    """A bad engine is one line before any loading; a good one runs the eval and is recorded."""
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("OPENLDM_CACHE", str(tmp_path / "cache"))
+    missing = tmp_path / "missing.safetensors"  # not loaded: the engine is checked first
+    assert main(["eval", "shapes", "--engine", "tensorrt", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["openldm eval: error: unknown engine 'tensorrt'; one of "
+                                        "auto, eager, compile, openvino, openvino-int8"], err
+    model, out = tmp_path / "tiny.safetensors", tmp_path / "scores.json"
+    assert main(["init", "tiny-sd1", str(model)]) == 0
+    assert main(["eval", "shapes", "--engine", "openvino", "--model", str(model), "--n", "1", "--steps", "1",
+                 "--sets", "in_distribution", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["engine"] == "openvino"
+
+
 @pytest.mark.parametrize("prompt_set", ["varied", "free", "free_two_shapes"])
 def test_a_perfect_generator_scores_100_on_every_attribute_the_prompts_state(prompt_set):
     prompts = eval_prompts(prompt_set, 40)

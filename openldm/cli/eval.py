@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from openldm.atomic import write_bytes_atomic
+from openldm.engines import ENGINE_NAMES
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,6 +37,9 @@ def add_commands(sub) -> None:
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (default: the model's own)")
     p.add_argument("--sampler", default=EVAL_SAMPLER)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--engine", default="eager",
+                   help=f"what runs the UNet and VAE decoder: {', '.join(ENGINE_NAMES)} (default eager, the "
+                        "reference; an inexact engine such as openvino-int8 is scored against it this way)")
     p.add_argument("--grid", type=Path,
                    help="also write a captioned grid of the first images of the first prompt set")
     p.add_argument("--grid-size", type=int, default=16, metavar="N",
@@ -70,6 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from openldm.data.shapes_eval import PROMPT_SETS, eval_prompts, evaluate, format_table
+    from openldm.engines.base import get_engine
     from openldm.models.embedded import default_model_path
     from openldm.pipelines.loading import load
 
@@ -78,9 +83,10 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown or args.n <= 0 or args.grid_size <= 0:
         raise ValueError(f"unknown prompt set(s) {', '.join(unknown)}" if unknown
                          else "--n must be positive" if args.n <= 0 else "--grid-size must be positive")
+    engine = get_engine(args.engine)  # an unknown or missing engine fails before the model loads
     model = Path(args.model) if args.model else default_model_path()
     started = time.perf_counter()
-    pipe = load(model)
+    pipe = load(model, engine=engine)
     print(f"loaded {model} in {time.perf_counter() - started:.1f} s")
     pipe.domain = None  # prompt sets may use words a model was never taught, on purpose: scored, not warned
 
@@ -108,7 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
         data = {name: {"n": s.n, **s.accuracy(), "came_out": {k: dict(v) for k, v in s.came_out.items() if v}}
                 for name, s in results.items()}
         cfg = pipe.config.guidance if args.cfg is None else args.cfg
-        settings = {"steps": args.steps, "cfg": cfg, "sampler": args.sampler, "model": str(model)}
+        settings = {"steps": args.steps, "cfg": cfg, "sampler": args.sampler, "model": str(model),
+                    "engine": engine.name}
         write_bytes_atomic(args.json, json.dumps({"settings": settings, "scores": data}, indent=2).encode())
     if args.grid and tiles:
         import io

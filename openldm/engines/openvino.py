@@ -7,6 +7,7 @@ conversion cache (see `cache`) and compiled with the f32 precision hint, so imag
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,11 @@ class _Traced(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         values = iter(tensors)
         return self.call(*(next(values) if p else None for p in self.present))
+
+
+def node_pattern(module: str) -> str:
+    """A regex for the OpenVINO nodes traced from `module` (a path in the component, e.g. `time_embed`)."""
+    return rf"__module\.owner\.{re.escape(module)}[./].*"
 
 
 def _stderr(message: str) -> None:

@@ -1,0 +1,201 @@
+"""The int8 fast mode's trade, measured: image PSNR against eager fp32, and UNet-step speed ratios.
+
+    python scripts/int8_accuracy.py build                 # random full-size SD1.5, fp32, into --dir
+    python scripts/int8_accuracy.py psnr --variant default                       # the embedded model
+    python scripts/int8_accuracy.py psnr --model sd15 --size 256 --variant default --threads 2
+    python scripts/int8_accuracy.py speed --model sd15 --size 256 --variants default,weights --diffusers
+
+`--model` is a path, `embedded` (the shipped shapes model, default) or `sd15` (the file `build`
+wrote). Eager fp32 images are made once per (model, size, steps, prompt) and kept under
+`--dir`/eager, so each variant costs only its own run. Prompts: the shapes eval's in-distribution
+set for the embedded model, a fixed list otherwise; seeds 1000+i, unlike calibration's 0..n-1.
+A variant is a named set of `OpenVINOInt8` fields (VARIANTS); `default` is what the engine ships.
+`speed` calls one CFG-batched UNet step per engine in turn, `--rounds` times, in one process, and
+prints medians and ratios to eager (and to diffusers' UNet with `--diffusers`). Conversions go to
+the engine cache ($OPENLDM_CACHE), so a second run of a variant pays nothing. docs/engines.md has
+the numbers this printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from openldm.engines.int8 import SENSITIVE, OpenVINOInt8
+from openldm.pipelines.conditioning import PromptEncoder
+from openldm.pipelines.loading import load
+
+ALL = SENSITIVE
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "v0": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8},  # the first W8A8
+    "v0-calib16": {"preset": "performance", "ignored": (), "prompts": 16, "steps": 8},
+    "v0-calib4x20": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 20},
+    "v0-ignore": {"preset": "performance", "ignored": ALL, "prompts": 4, "steps": 8},
+    "v0-mixed": {"preset": "mixed", "ignored": (), "prompts": 4, "steps": 8},
+    "v0-sq0.5": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": 0.5},
+    "v0-sqoff": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": -1},
+    "ignore-mixed-8x8": {"preset": "mixed", "prompts": 8, "steps": 8},
+    "weights": {"mode": "weights"},
+}
+SD_PROMPTS = (
+    "a castle on a hill under a stormy sky", "a cat sleeping on a windowsill", "a bowl of ramen, top view",
+    "a city street at night in the rain", "a portrait of a young woman, soft light",
+    "a mountain lake at dawn", "a vintage car parked by the sea", "an owl on a branch in winter",
+    "a field of sunflowers", "a spaceship over a desert planet", "a cup of coffee on a wooden desk",
+    "a fox in a snowy forest", "a sailboat at sunset", "a robot reading a book",
+    "a library with tall shelves", "a red bicycle", "a waterfall in a jungle",
+    "a plate of pancakes with berries", "a lighthouse in fog", "a dragon made of glass",
+)
+
+
+def model_path(name: str, folder: Path) -> Path:
+    from openldm.models.embedded import default_model_path
+
+    known = {"embedded": default_model_path(), "sd15": folder / "sd15-random.safetensors"}
+    return known.get(name, Path(name))
+
+
+def prompts(name: str, n: int) -> list[str]:
+    from openldm.data.shapes_eval import eval_prompts
+
+    texts = [p.text for p in eval_prompts("in_distribution", n)] if name == "embedded" else list(SD_PROMPTS)
+    if n > len(texts):
+        raise SystemExit(f"at most {len(texts)} prompts for {name}")
+    return texts[:n]
+
+
+def engine(variant: str) -> OpenVINOInt8:
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    return OpenVINOInt8(**VARIANTS[variant])
+
+
+def generate(pipe, texts: list[str], args) -> list[np.ndarray]:
+    size = args.size or pipe.config.image_size
+    images = [pipe.txt2img(t, seed=1000 + i, steps=args.steps, width=size, height=size)[0]
+              for i, t in enumerate(texts)]
+    return [np.asarray(i, dtype=np.float64) / 255 for i in images]
+
+
+def eager_images(pipe, texts: list[str], args, model: Path) -> list[np.ndarray]:
+    """Eager fp32 images, each made once and kept as PNG (lossless) for every later variant."""
+    folder = args.dir / "eager" / f"{model.stem}-{args.size or pipe.config.image_size}px-{args.steps}steps"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, text in enumerate(texts):
+        path = folder / f"{i:02d}.png"
+        if not path.exists():
+            pipe.set_engine("eager")
+            start = time.perf_counter()
+            Image.fromarray(np.round(generate(pipe, [text], args)[0] * 255).astype(np.uint8)).save(path)
+            print(f"eager {i}: {time.perf_counter() - start:.1f} s", flush=True)
+        out.append(np.asarray(Image.open(path), dtype=np.float64) / 255)
+    return out
+
+
+def psnr(got: np.ndarray, want: np.ndarray) -> float:
+    mse = float(np.mean((got - want) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
+def run_psnr(args) -> None:
+    model = model_path(args.model, args.dir)
+    texts = prompts(args.model, args.prompts)
+    pipe = load(model)
+    pipe.domain = None  # eval prompts are scored, not warned about
+    want = eager_images(pipe, texts, args, model)
+    for variant in args.variant.split(","):
+        pipe.set_engine(engine(variant))
+        start = time.perf_counter()
+        got = [generate(pipe, [t], args)[0] for t in texts]
+        values = [psnr(g, w) for g, w in zip(got, want)]
+        print(f"{variant}: PSNR per prompt " + " ".join(f"{v:.1f}" for v in values))
+        print(f"{variant}: median {statistics.median(values):.1f} dB, min {min(values):.1f} dB, "
+              f">= 30 dB: {sum(v >= 30 for v in values)}/{len(values)} "
+              f"({time.perf_counter() - start:.0f} s incl. calibration)", flush=True)
+
+
+def diffusers_unet(pipe, model: Path, folder: Path):
+    """diffusers' own UNet on the same weights (our diffusers-layout export, written once)."""
+    import diffusers
+
+    from openldm.checkpoints.save import save_diffusers
+
+    target = folder / f"{model.stem}-diffusers"
+    if not (target / "unet").exists():
+        save_diffusers(pipe.components, target)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(target / "unet").eval()
+    return lambda x, t, c, y: unet(x, t, encoder_hidden_states=c).sample
+
+
+def run_speed(args) -> None:
+    model = model_path(args.model, args.dir)
+    pipe = load(model)
+    pipe.domain = None
+    cfg = pipe.config
+    side = (args.size or cfg.image_size) // cfg.vae.downsample_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.unet.in_channels, side, side, generator=g)
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        context = PromptEncoder(pipe.text_encoders)(["a cat", ""]).context
+    runners = {}
+    for name in ["eager", "openvino", *args.variants.split(",")]:
+        pipe.set_engine(name if name in ("eager", "openvino") else engine(name))
+        runners[name] = pipe.unet_runner
+    if args.diffusers:
+        runners["diffusers"] = diffusers_unet(pipe, model, args.dir)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad():
+        for run in runners.values():
+            run(x, t, context, None)  # build / warm up
+        for _ in range(args.rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run(x, t, context, None)
+                times[name].append(time.perf_counter() - start)
+    base = {k: statistics.median(times[k]) for k in ("eager", "diffusers") if k in times}
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratios = ", ".join(f"{base[k] / median:.2f}x {k}" for k in base)
+        print(f"{name:>14}: median {median * 1000:.0f} ms (min {min(values) * 1000:.0f}), {ratios}")
+
+
+def build(args) -> None:
+    from openldm.checkpoints.io import write_safetensors_atomic
+    from openldm.checkpoints.save import random_state_dict
+    from openldm.config import SD15
+
+    path = args.dir / "sd15-random.safetensors"
+    write_safetensors_atomic(path, random_state_dict(SD15, seed=0, progress=True))
+    print(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("build", "psnr", "speed"))
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/openldm-int8"), help="scratch folder")
+    parser.add_argument("--variant", default="default", help="comma-separated variants (psnr)")
+    parser.add_argument("--variants", default="default", help="comma-separated variants (speed)")
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, help="image size (default: the model's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--diffusers", action="store_true", help="also time diffusers' UNet (speed)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    {"build": build, "psnr": run_psnr, "speed": run_speed}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
