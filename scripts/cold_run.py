@@ -1,6 +1,6 @@
 """Whole cold processes, openldm against diffusers: issue 19's "Whole CLI run" and "Peak RSS" bars.
 
-    python scripts/cold_run.py [--root DIR] [--rounds 2] [--fresh-cache]
+    python scripts/cold_run.py [--root DIR] [--rounds 2] [--fresh-cache] [--threads N] [--arms A,B]
 
 Makes once (and reuses) under `--root` a random-weight full-size SD1.5 single file in fp16, as real
 downloads are (`openldm init sd15 --dtype fp16`), and its diffusers folder (`openldm convert --to
@@ -86,15 +86,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fresh-cache", action="store_true", help="empty the conversion cache first")
     parser.add_argument("--arms", default="openldm,openldm eager,diffusers")
+    parser.add_argument("--before", type=Path, help="another openldm source tree (e.g. `git archive main`): "
+                        "adds the arm `openldm before`, its default engine, for a before/after ratio")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every arm (torch, and OpenVINO "
+                        "through openldm): one thread each on a host whose other cores are busy")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     single, folder = make_model(args.root)
     env = {**os.environ, "OPENLDM_CACHE": str(args.root / "cache"), "OPENLDM_ENGINE": ""}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if args.fresh_cache:
         shutil.rmtree(args.root / "cache", ignore_errors=True)
-    arms = args.arms.split(",")
+    arms = args.arms.split(",") + (["openldm before"] if args.before else [])
+    envs = {arm: env for arm in arms} | ({"openldm before": {**env, "PYTHONPATH": str(args.before)}}
+                                         if args.before else {})
     with tempfile.TemporaryDirectory() as out:
         cmds = commands(single, folder, Path(out))
+        cmds["openldm before"] = cmds["openldm"][:-1] + [str(Path(out) / "before.png")]
         rows: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
         if "openldm" in arms:  # the conversion cache warmed (or, fresh, timed as the cold-cache run)
             wall, rss = timed(cmds["openldm"], env)
@@ -102,7 +111,7 @@ def main() -> None:
             print(f"{label:<28} {wall:7.1f} s {rss:6.2f} GiB", flush=True)
         for round_ in range(args.rounds):
             for arm in arms if round_ % 2 == 0 else arms[::-1]:
-                wall, rss = timed(cmds[arm], env)
+                wall, rss = timed(cmds[arm], envs[arm])
                 rows[arm].append((wall, rss))
                 print(f"{arm:<28} {wall:7.1f} s {rss:6.2f} GiB   load {os.getloadavg()[0]:.1f}", flush=True)
     report(rows)

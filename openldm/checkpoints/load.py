@@ -144,6 +144,7 @@ def _load_file(path: Path, prediction, sidecar: LdmConfig | None, ema, dtype, de
     reader = CastReader(path, tensors) if path.suffix.lower() == ".safetensors" else None
     loaded = {k: m for k, m in modules.items() if not (defer_unet and k == "unet")}
     _check_fit(path, "unet", modules["unet"], parts["unet"])
+    modules["unet"].eval()  # `_load_all` sets what it loads; a deferred UNet is read in eval mode too
     _load_all(loaded, parts, config, path, dtype, device, reader)
     components = _components(modules, config, metadata, path, "single_file", used_ema, source)
     components.unet_weights = _unet_weights(components, path, used_ema, dtype, device, loaded=not defer_unet)

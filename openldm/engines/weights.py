@@ -39,6 +39,7 @@ class FileWeights:
         self.module, self._read, self.identity = module, read, identity
         self._placed = device, dtype  # where the file's weights go when read
         self._as_read: int | None = version(module) if loaded else None
+        self.reads = 0  # times read from the file (not counting a load that read them at once)
 
     @property
     def released(self) -> bool:
@@ -64,6 +65,7 @@ class FileWeights:
         """The module with its weights in memory (read from the file again if they were released)."""
         if self.released:
             self.module.load_state_dict(self._read(), strict=True, assign=True)
+            self.reads += 1
             self.module.eval()
             self._as_read = version(self.module)
         return self.module
