@@ -315,8 +315,8 @@ def _load_all(modules: dict[str, nn.Module], parts, config, path: Path, dtype, d
             raise CheckpointError(f"{path}: the checkpoint has no {name} (keys under "
                                   f"{component_prefixes(config).get(name, name)!r})")
         _check_fit(path, name, module, state)
-        _warn_non_finite(path, name, state)
         placed = {k: _place(v, dtype, device, reader) for k, v in state.items()}
+        _warn_non_finite(path, name, placed)  # on the copies: reading the map would keep its pages
         module.load_state_dict(placed, strict=True, assign=True)
         left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
         if left:  # a non-persistent buffer would stay on meta: a model bug, not a file problem
