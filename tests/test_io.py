@@ -136,3 +136,19 @@ def test_lightning_bookkeeping_in_original_ckpt_is_read_inertly(tmp_path, monkey
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.delitem(sys.modules, name)
     assert torch.equal(read_state_dict(path)[0]["w"], torch.ones(3))
+
+
+def test_a_cast_reads_the_file_not_its_memory_map(tmp_path):
+    from openldm.checkpoints.io import CastReader
+
+    want = {"w": torch.randn(64, 33).half(), "b": torch.randn(7).bfloat16(), "i": torch.arange(4)}
+    path = write_safetensors_atomic(tmp_path / "half.safetensors", want)
+    mapped, _ = read_state_dict(path)
+    reader = CastReader(path, mapped)
+    for tensor in mapped.values():  # a private map: the file keeps its bytes
+        tensor.zero_()
+    for key in ("w", "b"):
+        got = reader.cast(mapped[key], torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got, want[key].float()), key
+    stranger = torch.ones(3).half()  # not from the file: cast as it is
+    assert torch.equal(reader.cast(stranger, torch.float32), torch.ones(3))

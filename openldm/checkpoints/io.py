@@ -90,6 +90,41 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class CastReader:
+    """Casts a safetensors file's tensors to another dtype reading each from the file, not from its map.
+
+    A memory-mapped tensor that is cast leaves its pages in the process (RSS) until the whole map
+    goes: an fp16 file computed in fp32 would hold both copies. Read with plain file reads instead,
+    only the cast copy stays. `tensors` are the file's mapped tensors; any other tensor is cast as is.
+    """
+
+    def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor]):
+        self.path = path
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        start = 8 + size
+        self._where = {id(tensors[k]): (start + v["data_offsets"][0], v) for k, v in header.items()
+                       if k in tensors}
+
+    def cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        found = self._where.get(id(tensor))
+        if found is None or tensor.dtype == dtype or not tensor.is_floating_point():
+            return tensor.to(dtype=dtype)
+        offset, entry = found
+        raw = torch.empty(entry["data_offsets"][1] - entry["data_offsets"][0], dtype=torch.uint8)
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            f.readinto(raw.numpy())
+        return raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"]).to(dtype)
+
+
 def _torch_load(path: Path):
     with torch.serialization.safe_globals(_BOOKKEEPING_GLOBALS):
         try:  # zip-format files can be memory-mapped; the legacy format cannot

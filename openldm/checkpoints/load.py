@@ -27,13 +27,14 @@ from torch import nn
 
 from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.detect import detect
-from openldm.checkpoints.io import CheckpointError, read_state_dict
+from openldm.checkpoints.io import CastReader, CheckpointError, read_state_dict
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, component_prefixes, model_files, split_state_dict
 from openldm.checkpoints.ldm_config import LdmConfig, check_against, read_ldm_config
 from openldm.checkpoints.openclip import openclip_to_hf
 from openldm.checkpoints.save import EMA_PREFIX, META_PREDICTION
 from openldm.checkpoints.vae_file import load_vae
 from openldm.config import CLIPTextConfig, ModelConfig, Prediction
+from openldm.engines.weights import FileWeights, file_identity
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer, find_tokenizers
 from openldm.models.unet import UNetModel
@@ -75,6 +76,7 @@ class Components:
     prediction_from: str = "default"
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)  # one per text encoder
     vae_file: tuple[str, str] | None = None  # (name, short hash) of a standalone VAE in place of the model's
+    unet_weights: FileWeights | None = None  # a single file's UNet: may be dropped, read back
 
 
 def build_component(name: str, config: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
@@ -106,8 +108,12 @@ def load_components(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     vae: str | Path | None = None,
+    defer_unet: bool = False,
 ) -> Components:
-    """Load a model in any form (`layout.model_files`); `ema=None` takes the EMA weights a file has."""
+    """Load a model in any form (`layout.model_files`); `ema=None` takes the EMA weights a file has.
+
+    A single file's UNet can be read back from it (`unet_weights`); `defer_unet=True` leaves it
+    unread (on `meta`) until something needs it: an engine may find its own program of it cached."""
     path, tokenizer_folder = model_files(path)
     sidecar = sidecar_for(path, config_file)
     if path.is_dir():
@@ -115,7 +121,7 @@ def load_components(
             raise CheckpointError(f"{path}: a diffusers folder holds no EMA weights")
         components = _load_folder(path, prediction, sidecar, dtype, device)
     else:
-        components = _load_file(path, prediction, sidecar, ema, dtype, device)
+        components = _load_file(path, prediction, sidecar, ema, dtype, device, defer_unet)
     components.tokenizers = find_tokenizers(components.config.text_encoders, tokenizer_folder,
                                             components.metadata)
     if vae is not None:  # A1111's "SD VAE": the model's own is replaced whole
@@ -124,18 +130,40 @@ def load_components(
     return components
 
 
-def _load_file(path: Path, prediction, sidecar: LdmConfig | None, ema, dtype, device) -> Components:
+def _load_file(path: Path, prediction, sidecar: LdmConfig | None, ema, dtype, device,
+               defer_unet: bool = False) -> Components:
     tensors, metadata = read_state_dict(path)
     chosen, source = prediction_source(prediction, metadata, sidecar)
     config = detect({k: tuple(v.shape) for k, v in tensors.items()}, prediction=chosen, metadata=metadata,
                     hints=sidecar_hints(sidecar))
     if sidecar is not None:
         check_against(sidecar, config)
-    where = _build_device(tensors.values())
+    where = "meta" if defer_unet else _build_device(tensors.values())
     modules = {name: build_component(name, config, where) for name in component_prefixes(config)}
     parts, used_ema = _single_file_parts(tensors, config, modules["unet"], ema, path)
-    _load_all(modules, parts, config, path, dtype, device)
-    return _components(modules, config, metadata, path, "single_file", used_ema, source)
+    reader = CastReader(path, tensors) if path.suffix.lower() == ".safetensors" else None
+    loaded = {k: m for k, m in modules.items() if not (defer_unet and k == "unet")}
+    _check_fit(path, "unet", modules["unet"], parts["unet"])
+    modules["unet"].eval()  # `_load_all` sets what it loads; a deferred UNet is read in eval mode too
+    _load_all(loaded, parts, config, path, dtype, device, reader)
+    components = _components(modules, config, metadata, path, "single_file", used_ema, source)
+    components.unet_weights = _unet_weights(components, path, used_ema, dtype, device, loaded=not defer_unet)
+    return components
+
+
+def _unet_weights(components: Components, path: Path, ema: bool, dtype, device, loaded: bool) -> FileWeights:
+    """How to read the UNet back from its file (as loaded: EMA or not, `dtype`, `device`)."""
+    unet, config = components.unet, components.config
+
+    def read() -> dict[str, torch.Tensor]:
+        tensors, _ = read_state_dict(path)
+        parts, _ = _single_file_parts(tensors, config, unet, ema, path)
+        reader = CastReader(path, tensors) if path.suffix.lower() == ".safetensors" else None
+        return {k: _place(v, dtype, device, reader) for k, v in parts["unet"].items()}
+
+    placed = torch.device(device), dtype or next(unet.parameters()).dtype
+    identity = file_identity(path, "unet", dtype, {"ema": ema, "device": str(placed[0])})
+    return FileWeights(unet, read, identity, *placed, loaded=loaded)
 
 
 def _load_folder(folder: Path, prediction, sidecar: LdmConfig | None, dtype, device) -> Components:
@@ -269,20 +297,26 @@ def _warn_non_finite(path: Path, name: str, state: Mapping[str, torch.Tensor]) -
         warnings.warn(f"{path}: {name}: NaN or inf in {len(bad)} tensors: {_listed(bad)}", stacklevel=2)
 
 
-def _place(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
-    """Cast floating tensors to `dtype` and move to `device`; a no-op (no copy) when nothing changes."""
-    return tensor.to(device=device, dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
+def _place(tensor: torch.Tensor, dtype: torch.dtype | None, device, reader: CastReader | None = None
+           ) -> torch.Tensor:
+    """Cast floating tensors to `dtype` and move to `device`; a no-op (no copy) when nothing changes.
+    A cast from a safetensors file reads through `reader`, so the file's pages do not stay beside it."""
+    dtype = dtype if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype else None
+    if dtype is not None and reader is not None:
+        tensor = reader.cast(tensor, dtype)
+    return tensor.to(device=device, dtype=dtype)
 
 
-def _load_all(modules: dict[str, nn.Module], parts, config, path: Path, dtype, device) -> None:
+def _load_all(modules: dict[str, nn.Module], parts, config, path: Path, dtype, device,
+              reader: CastReader | None = None) -> None:
     for name, module in modules.items():
         state = parts.get(name) or {}
         if not state:
             raise CheckpointError(f"{path}: the checkpoint has no {name} (keys under "
                                   f"{component_prefixes(config).get(name, name)!r})")
         _check_fit(path, name, module, state)
-        _warn_non_finite(path, name, state)
-        placed = {k: _place(v, dtype, device) for k, v in state.items()}
+        placed = {k: _place(v, dtype, device, reader) for k, v in state.items()}
+        _warn_non_finite(path, name, placed)  # on the copies: reading the map would keep its pages
         module.load_state_dict(placed, strict=True, assign=True)
         left = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
         if left:  # a non-persistent buffer would stay on meta: a model bug, not a file problem

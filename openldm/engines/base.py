@@ -3,7 +3,7 @@
 An engine turns a component's call (`unet(x, t, context, y)`, `vae.decode(z)`) into a
 callable for fixed input shapes. Programs that bake the weights in (frozen `torch.compile`,
 OpenVINO) go stale when the weights change in place (a LoRA merge), so a `Runner` keys its
-programs by the inputs' shapes and dtypes and by the weights' identity (`weights_version`).
+programs by the inputs' shapes and dtypes and by the weights' identity (`Component.version`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from openldm.engines import ENGINE_NAMES
+from openldm.engines.weights import FileWeights, version
 
 Call = Callable[..., Any]
 Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per argument; None: absent
@@ -39,6 +40,26 @@ class Component:
     role: str  # "unet", "vae_decoder"
     # Inputs like the example's, from the model's own pipeline: what post-training quantization sees.
     calibration: Callable[[Sequence[Any]], list[tuple[Any, ...]]] | None = None
+    weights: FileWeights | None = None  # when the module's weights can be dropped and read back
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.device if self.weights is not None else next(self.module.parameters()).device
+
+    def ready(self) -> nn.Module:
+        """The module with its weights in memory, for a call or a conversion that needs torch's copy."""
+        return self.weights.materialize() if self.weights is not None else self.module
+
+    def release(self) -> None:
+        """An engine baked the weights into its program: drop torch's copy if the file can give it back."""
+        if self.weights is not None:
+            self.weights.release()
+
+    def version(self) -> int | str:
+        """The weights' identity: the file's while they are its own (even released), else a version."""
+        if self.weights is not None and self.weights.pristine():
+            return self.weights.identity
+        return version(self.module)
 
 
 class Engine(Protocol):
@@ -65,18 +86,13 @@ def signature(args: Sequence[Any]) -> Signature:
     return tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else None for a in args)
 
 
-def weights_version(module: nn.Module) -> int:
-    """Changes whenever a parameter is replaced (`.data = ...`) or modified in place."""
-    return hash(tuple((p.data_ptr(), p._version) for p in module.parameters()))
-
-
 @dataclass
 class Runner:
     """A component called through an engine: one program per (signature, weights version), built lazily."""
 
     engine: Engine
     component: Component
-    programs: dict[tuple[Signature, int], Call] = field(default_factory=dict)
+    programs: dict[tuple[Signature, int | str], Call] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -84,8 +100,9 @@ class Runner:
 
     def __call__(self, *args: Any) -> Any:
         if self.engine.name == "eager":
+            self.component.ready()
             return self.component.call(*args)
-        key = (signature(args), weights_version(self.component.module))
+        key = (signature(args), self.component.version())
         program = self.programs.get(key)
         if program is None:
             self.programs = {k: v for k, v in self.programs.items() if k[1] == key[1]}  # drop stale weights

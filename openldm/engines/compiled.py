@@ -26,6 +26,7 @@ class Compiled:
         return dict(self.options)
 
     def build(self, component: Component, example: Sequence[torch.Tensor | None]) -> Call:
+        component.ready()
         return torch.compile(component.call, dynamic=False, options=dict(self.options))
 
 

@@ -55,6 +55,9 @@ class OpenVINO:
     root: Path | None = None  # the cache folder; None: `cache.cache_root()`
     log: Callable[[str], None] = field(default=_stderr, compare=False)
     roles: frozenset[str] = frozenset({"unet", "vae_decoder"})
+    # Its programs hold their own weights, found in the cache by the file's identity: a model loaded for
+    # it need not read its UNet (`loading.load`), and drops torch's copy once compiled.
+    bakes_weights: bool = True
 
     def settings(self) -> dict[str, Any]:
         import openvino
@@ -64,24 +67,25 @@ class OpenVINO:
     def build(self, component: Component, example: Sequence[torch.Tensor | None]) -> Call:
         import openvino
 
-        if component.role not in self.roles or _device(component.module) != "cpu":
-            return component.call  # eager: a role left out, or a model on an accelerator
+        if component.role not in self.roles or component.device.type != "cpu":
+            return _eager(component)  # a role left out, or a model on an accelerator
         present = tuple(a is not None for a in example)
         tensors = [a for a in example if a is not None]
         shapes = [(tuple(t.shape), str(t.dtype)) for t in tensors]
-        model = cache.tensor_hash(component.module)
+        model = cache.weights_hash(component, self.root)
         key = cache.cache_key(model, component.role, self.name, self.settings(), shapes)
         folder = cache.entry(key, self.root)
         core = openvino.Core()
-        if (folder / IR).exists():
-            ir = core.read_model(folder / IR)
-        else:
-            ir = self.convert(component, present, example)
-            _save(ir, folder)
+        if not (folder / IR).exists():
+            component.ready()
+            _save(self.convert(component, present, example), folder)
+        ir = core.read_model(folder / IR)  # read back even after converting: the traced graph is let go
         # The IR keeps dynamic dimensions; fixing them to this entry's shapes (part of its key) spares the
         # first call its shape inference (full-size SD1.5 UNet at 256 px: first step 2.2 s -> 0.6 s).
         ir.reshape({port: openvino.PartialShape(list(t.shape)) for port, t in zip(ir.inputs, tensors)})
-        return _caller(core.compile_model(ir, "CPU", self.runtime_config()), present)
+        compiled = core.compile_model(ir, "CPU", self.runtime_config())
+        component.release()  # the program holds the weights now; torch's copy comes back from the file
+        return _caller(compiled, present)
 
     def runtime_config(self) -> dict[str, str]:
         """The compile options: the settings, and torch's thread count (`--threads`), which the IR ignores."""
@@ -112,8 +116,16 @@ def _save(ir: Any, folder: Path) -> None:
     partial.rename(folder)
 
 
-def _device(module: nn.Module) -> str:
-    return next(module.parameters()).device.type
+def _eager(component: Component) -> Call:
+    """The component's own call, its weights read back first if an engine had dropped them."""
+    if component.weights is None:
+        return component.call
+
+    def run(*args: Any) -> Any:
+        component.ready()
+        return component.call(*args)
+
+    return run
 
 
 def _caller(compiled: Any, present: tuple[bool, ...]) -> Call:

@@ -60,8 +60,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     if folder is not None and not (folder / MODEL_FILE).is_file():
         raise CheckpointError(f"{folder}: neither a diffusers folder (model_index.json) nor a model folder "
                               f"({MODEL_FILE})")
+    defer = getattr(engine, "bakes_weights", False) and torch.device(device).type == "cpu"
     components = load_components(folder / MODEL_FILE if folder else path, prediction=prediction,
-                                 config_file=config_file, dtype=dtype, device=device, vae=vae)
+                                 config_file=config_file, dtype=dtype, device=device, vae=vae,
+                                 defer_unet=defer)
     pipe = Pipeline(components, default_tokenizers(components, folder), engine)
     pipe.networks, pipe.domain = networks, read_domain(folder) if folder else None
     for skipped in pipe.add_embeddings(embeddings):

@@ -59,7 +59,7 @@ class Pipeline:
                  engine: str | Engine = "eager"):
         self.components = components
         self.config: ModelConfig = components.config
-        self.unet, self.vae = components.unet.eval(), components.vae.eval()
+        self.vae = components.vae.eval()
         if tokenizers is None:
             from openldm.pipelines.loading import default_tokenizers  # loading builds Pipelines
 
@@ -77,14 +77,16 @@ class Pipeline:
         self.prompt_cache = PromptCache()  # recent prompt encodings (`prompt_encoder`)
         self._text_merges: list[tuple[int, AppliedNetworks]] = []  # (serial, merge) reaching the encoders
         self._merge_serials = itertools.count(1)
+        unet = components.unet.eval()  # called as a module, so hooks run; calibrated on pipeline inputs
+        calibration = functools.partial(unet_inputs, self)
+        self._unet_component = Component(unet, unet, "unet", calibration, components.unet_weights)
         self.set_engine(engine)
 
     def set_engine(self, engine: str | Engine) -> None:
         """Run the UNet and VAE decoder through `engine` (see `openldm.engines`); eager is the reference."""
         engine = get_engine(engine)
         self.engine = engine.name
-        calibration = functools.partial(unet_inputs, self)  # what a quantizing engine calibrates on
-        self.unet_runner = Runner(engine, Component(self.unet, self.unet, "unet", calibration))  # hooks run
+        self.unet_runner = Runner(engine, self._unet_component)
         decoder = self.taesd or self.vae
         self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
 
@@ -97,12 +99,18 @@ class Pipeline:
         self.set_engine(self.unet_runner.engine)
 
     @property
+    def unet(self) -> torch.nn.Module:
+        """The torch UNet, its weights read back from the file if an engine had dropped them."""
+        return self._unet_component.ready()
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self._unet_component.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        weights = self._unet_component.weights
+        return weights.dtype if weights is not None else next(self.components.unet.parameters()).dtype
 
     @property
     def vae_dtype(self) -> torch.dtype:

@@ -132,7 +132,8 @@ class Renderer:
 
 def pipeline_weights(pipe: Pipeline) -> int:
     """The bytes of a loaded pipeline's weights (its UNet, VAE and text encoders), for the estimate."""
-    return module_bytes(pipe.unet, pipe.vae, *(e.model for e in pipe.text_encoders))
+    unet = pipe.components.unet  # as built: its weights may be an engine's alone (on `meta`), same size
+    return module_bytes(unet, pipe.vae, *(e.model for e in pipe.text_encoders))
 
 
 def check_run_memory(

@@ -1,0 +1,121 @@
+"""FileWeights: torch's copy of a component dropped while its file can give it back, read back on demand."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from helpers import make_checkpoint
+
+from openldm.checkpoints.load import load_components
+from openldm.engines.weights import FileWeights, file_identity
+
+
+def _weights(tmp_path):
+    module = torch.nn.Linear(3, 2)
+    saved = {k: v.clone() for k, v in module.state_dict().items()}
+    reads: list[int] = []
+
+    def read():
+        reads.append(1)
+        return {k: v.clone() for k, v in saved.items()}
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x")
+    return FileWeights(module, read, file_identity(path, "unet", torch.float32), torch.device("cpu"),
+                       torch.float32), saved, reads
+
+
+def test_pristine_weights_are_dropped_and_read_back_equal(tmp_path):
+    weights, saved, reads = _weights(tmp_path)
+    assert weights.release() and weights.released
+    assert all(p.is_meta for p in weights.module.parameters())
+    assert (weights.device, weights.dtype) == (torch.device("cpu"), torch.float32)  # where they will be
+    module = weights.materialize()
+    assert reads == [1] and not weights.released and weights.pristine()
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_weights_changed_in_memory_are_never_dropped(tmp_path):
+    weights, _, _ = _weights(tmp_path)
+    with torch.no_grad():
+        weights.module.weight.add_(1)  # as a LoRA merge does
+    assert not weights.pristine()
+    assert not weights.release() and not weights.released
+    weights.mark_pristine()  # what the cache does once the bytes equal the file's again
+    assert weights.release()
+
+
+def test_the_identity_follows_the_file_and_the_placement(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"one")
+    first = file_identity(path, "unet", torch.float32)
+    assert first == file_identity(path, "unet", torch.float32)
+    assert first != file_identity(path, "unet", torch.float16)
+    assert first != file_identity(path, "vae", torch.float32)
+    path.write_bytes(b"other")
+    os.utime(path, ns=(1, 1))
+    assert first != file_identity(path, "unet", torch.float32)
+
+
+def test_a_deferred_unet_is_not_read_until_needed_and_then_matches(tmp_path):
+    path = make_checkpoint(tmp_path, "tiny-sd1", dtype=torch.float16)
+    lazy = load_components(path, dtype=torch.float32, defer_unet=True)
+    assert all(p.is_meta for p in lazy.unet.parameters())
+    assert not lazy.unet.training  # built for inference, as the loaded components are
+    eager = load_components(path, dtype=torch.float32)
+    got = lazy.unet_weights.materialize().state_dict()
+    for key, value in eager.unet.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(got[key], value), key
+
+
+@pytest.fixture(scope="module")
+def openvino_run(tmp_path_factory, one_thread):
+    pytest.importorskip("openvino")
+    from openldm.engines.openvino import OpenVINO
+    from openldm.pipelines.loading import load
+
+    root = tmp_path_factory.mktemp("ov")
+    path = make_checkpoint(root, "tiny-sd1")
+    notes: list[str] = []
+    pipe = load(path, engine=OpenVINO(root=root / "cache", log=notes.append))
+    images = pipe.txt2img("a red square", steps=2, seed=3)
+    return pipe, images, notes, path, root
+
+
+def test_after_an_openvino_run_only_the_program_holds_the_unet(openvino_run):
+    pipe, _, notes, _, _ = openvino_run
+    assert [n for n in notes if "converting" in n], "nothing was converted"
+    assert all(p.is_meta for p in pipe.components.unet.parameters()), "torch's UNet weights stayed"
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+
+
+def test_eager_after_release_reads_the_unet_back_and_draws_the_same(openvino_run):
+    import numpy as np
+
+    pipe, images, _, _, _ = openvino_run
+    engine, reads = pipe.unet_runner.engine, pipe.components.unet_weights.reads  # read once to convert
+    pipe.set_engine("eager")
+    try:
+        again = pipe.txt2img("a red square", steps=2, seed=3)
+    finally:
+        pipe.set_engine(engine)
+    assert not any(p.is_meta for p in pipe.components.unet.parameters())
+    assert pipe.components.unet_weights.reads == reads + 1
+    err = np.abs(np.asarray(again[0], float) - np.asarray(images[0], float)).max()
+    assert err <= 1, f"eager after release differs by {err}/255"
+
+
+def test_a_restart_finds_the_program_without_reading_the_unet(openvino_run):
+    from openldm.engines.openvino import OpenVINO
+    from openldm.pipelines.loading import load
+
+    _, images, _, path, root = openvino_run
+    notes: list[str] = []
+    pipe = load(path, engine=OpenVINO(root=root / "cache", log=notes.append))
+    again = pipe.txt2img("a red square", steps=2, seed=3)
+    assert not [n for n in notes if "converting" in n], notes
+    assert pipe.components.unet_weights.reads == 0, "the UNet was read although its program was cached"
+    assert list(again[0].getdata()) == list(images[0].getdata())
