@@ -47,7 +47,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from openldm.data.shapes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, Shape
+from openldm.data.shapes import PALETTE, POSITIONS, SHAPES, SIZES, Scene
 
 STYLES = ("template", "varied")
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
@@ -62,7 +62,8 @@ POSITION_WORDS: dict[str, tuple[str, ...]] = {
 # {position} slots from POSITION_WORDS, so adding a phrase here leaves the held-out set as it was
 POSITION_EXTRA: dict[str, tuple[str, ...]] = {
     "on the left": ("in the left half", "on the left half", "towards the left", "at the left side"),
-    "on the right": ("in the right half", "on the right half", "towards the right", "at the right side"),
+    "on the right": ("in the right half", "on the right half", "towards the right",
+                     "at the right side"),
     "at the top": ("in the top half", "on the upper side", "towards the top", "upper side", "at the top side"),
     "at the bottom": ("on the lower side", "towards the bottom", "lower side", "at the bottom side"),
     "in the center": ("towards the center", "towards the centre", "towards the middle"),
