@@ -80,7 +80,7 @@ def test_eval_command_rejects_bad_input(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("prompt_set", ["varied", "free", "free_two_shapes"])
+@pytest.mark.parametrize("prompt_set", ["varied", "varied_two_shapes", "free", "free_two_shapes"])
 def test_a_perfect_generator_scores_100_on_every_attribute_the_prompts_state(prompt_set):
     prompts = eval_prompts(prompt_set, 40)
     assert prompts == eval_prompts(prompt_set, 40)

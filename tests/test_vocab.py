@@ -79,6 +79,7 @@ def test_carried_embedding_keeps_old_rows_and_starts_new_ones_from_their_spellin
     weight = torch.randn(len(old.vocab), 8)
     rows = carry_embedding(weight, old, new)
     assert rows.shape == (len(new.vocab), 8)
-    assert torch.equal(rows[new.end_id], weight[old.end_id]) and torch.equal(rows[:old.start_id], weight[:old.start_id])
+    assert torch.equal(rows[new.end_id], weight[old.end_id])
+    assert torch.equal(rows[:old.start_id], weight[:old.start_id])
     (big,) = new.encode("big")
     assert torch.allclose(rows[big], weight[list(old.encode("big"))].mean(0))

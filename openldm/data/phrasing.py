@@ -64,7 +64,8 @@ POSITION_EXTRA: dict[str, tuple[str, ...]] = {
     "on the left": ("in the left half", "on the left half", "towards the left", "at the left side"),
     "on the right": ("in the right half", "on the right half", "towards the right",
                      "at the right side"),
-    "at the top": ("in the top half", "on the upper side", "towards the top", "upper side", "at the top side"),
+    "at the top": ("in the top half", "on the upper side", "towards the top", "upper side",
+                   "at the top side"),
     "at the bottom": ("on the lower side", "towards the bottom", "lower side", "at the bottom side"),
     "in the center": ("towards the center", "towards the centre", "towards the middle"),
 }
@@ -154,7 +155,8 @@ def _background(colour: str, rng: random.Random, forms: tuple[str, ...] = BACKGR
 def _one(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
     shape = scene.shapes[0]
     omit = _omitted(rng, ("size", "colour", "position", "background"))
-    size, colour, position = (None if a in omit else getattr(shape, a) for a in ("size", "colour", "position"))
+    size, colour, position = (None if a in omit else getattr(shape, a)
+                              for a in ("size", "colour", "position"))
     background = None if "background" in omit else scene.background
     stated = Stated(shape.kind, colour, size, position)
     form = _form(ONE_FORMS, rng, size, colour)
@@ -201,7 +203,8 @@ def _two(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
                           Stated(shape.kind, colour, size, shape.position)))
     if rng.random() < 0.5:
         described.reverse()
-    pair = f"{described[0][0]}, {described[1][0]}" if join == "," else f"{described[0][0]} {join} {described[1][0]}"
+    (first, _), (second, _) = described
+    pair = f"{first}, {second}" if join == "," else f"{first} {join} {second}"
     clauses = [pair]
     background = None if rng.random() < OMIT else scene.background
     if background:
@@ -270,7 +273,8 @@ def _grammar_pattern() -> re.Pattern:
     here: they are what keeps the held-out free-phrasing templates out of this language.
     """
     size = _alternatives(w for forms in SIZE_WORDS.values() for w in forms)
-    position = _alternatives(w for forms in (*POSITION_WORDS.values(), *POSITION_EXTRA.values()) for w in forms)
+    position = _alternatives(w for table in (POSITION_WORDS, POSITION_EXTRA) for forms in table.values()
+                             for w in forms)
     colour, kind = _alternatives(PALETTE), _alternatives(SHAPES)
     slot = "colourslot"
 
@@ -323,7 +327,8 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             tokens.append(("background", word))
         elif word == "is" and words[i - 1:i] == ["background"]:
             tokens.append(("is", word))
-        elif word in {",", ";", ":", ".", "and", "with", "beside"} or (word == "next" and words[i + 1:i + 2] == ["to"]):
+        elif word in {",", ";", ":", ".", "and", "with", "beside"} or (
+                word == "next" and words[i + 1:i + 2] == ["to"]):
             tokens.append(("sep", word))
     return tokens
 
