@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 EVAL_STEPS = 20
 EVAL_CFG = None  # the model's own guidance scale (`ModelConfig.guidance`)
 EVAL_SAMPLER = "dpmpp_2m"
-DEFAULT_SETS = "in_distribution,compositional,two_shapes,free,free_two_shapes"
+DEFAULT_SETS = "in_distribution,compositional,two_shapes,varied_two_shapes,free,free_two_shapes"
 
 
 def add_commands(sub) -> None:
