@@ -17,6 +17,7 @@ The varied grammar (words in lower case; case, commas and articles are a surface
     shape-clause:= ["a"] [size] [colour] kind [position]       (size, colour, position optional)
                  | colour size kind [position]                 (background not "on a ... background")
                  | kind "in" colour [size] [position]          (one shape)
+                 | colour kind "," size                        (one shape, with a position or background)
                  | kind ("," attribute)*                       (one shape: a list of size, colour, position)
     shape       := ["a"] [size] [colour] kind | colour size kind | size kind "in" colour
     size        := small | little | large | big
@@ -31,7 +32,7 @@ The varied grammar (words in lower case; case, commas and articles are a surface
                    on the upper/lower side, upper/lower side
     position-clause := position, said on its own when the shape clause has none ("red circle, left")
     background  := on a COLOUR background | COLOUR background | with a COLOUR background
-                 | the background is COLOUR
+                 | the background is COLOUR | background COLOUR      (the last one shape, said first)
 
 Clauses are joined by ", " or " "; articles (a, an, the) are all kept or all dropped; the whole
 caption is in lower, sentence, title or upper case. A quarter of varied captions are the template.
@@ -80,7 +81,10 @@ OMIT = 0.2  # chance of leaving out each of size, colour, position (one shape) a
 SHORT_FORM = 0.3  # a stated single-shape position is its own clause ("red circle, left")
 # how a shape clause is worded (the forms the docstring lists); a form that needs an attribute the
 # caption leaves out falls back to "plain"
-ONE_FORMS = {"plain": 0.5, "colour_first": 0.12, "in_colour": 0.13, "list": 0.15, "background_with": 0.1}
+ONE_FORMS = {"plain": 0.42, "colour_first": 0.12, "in_colour": 0.13, "list": 0.15, "background_with": 0.1,
+             "size_after": 0.08}
+LEADING_BACKGROUND = 0.15  # a stated one-shape background said first as "background X"
+LEADING_FORM = "background {}"
 TWO_FORMS = {"plain": 0.7, "colour_first": 0.15, "in_colour": 0.15}
 PRE_POSITION = 0.3  # two shapes joined by "and" with each position said first ("on the left a red circle")
 # the keyword of a position phrase, whichever form it takes (the parser reads any of them)
@@ -130,14 +134,15 @@ def _position_phrase(position: str, rng: random.Random, extra: bool = True) -> s
 def _form(weights: dict[str, float], rng: random.Random, size: str | None, colour: str | None) -> str:
     form = rng.choices(list(weights), list(weights.values()))[0]
     needs = {"colour_first": bool(size and colour), "in_colour": bool(colour),
-             "background_with": not size}
+             "background_with": not size, "size_after": bool(size and colour)}
     return form if needs.get(form, True) else "plain"
 
 
 def _shape_words(kind: str, size: str | None, colour: str | None, form: str, rng: random.Random) -> list[str]:
-    """The shape itself in a form: [a] [size] [colour] kind, colour size kind, [size] kind in colour."""
+    """The shape itself in a form: [a] [size] [colour] kind, colour size kind, [size] kind in colour
+    (the caller moves the size of "size_after" and of a single "in_colour" shape after the kind)."""
     size_word = [rng.choice(SIZE_WORDS[size])] if size else []
-    if form == "colour_first":
+    if form in ("colour_first", "size_after"):
         return ["a", colour, *size_word, kind]
     if form == "in_colour":
         return ["a", *size_word, kind, "in", colour]
@@ -160,30 +165,41 @@ def _one(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
     background = None if "background" in omit else scene.background
     stated = Stated(shape.kind, colour, size, position)
     form = _form(ONE_FORMS, rng, size, colour)
-    if form == "background_with" and not background:
+    alone = not (position or background)
+    if (form == "background_with" and not background) or (form == "size_after" and alone):
         form = "plain"
     where = _position_phrase(position, rng) if position else None
+    leading = background is not None and rng.random() < LEADING_BACKGROUND
     if form == "list":  # "circle, red, small, on the left": the attributes after the kind, any order
         attributes = [w for w in (colour, where) if w] + ([rng.choice(SIZE_WORDS[size])] if size else [])
         rng.shuffle(attributes)
         clauses = [shape.kind, *attributes]
-        if background:
+        if background and not leading:
             clauses.insert(rng.choice((0, len(clauses))), _background(background, rng))
+        return _lead(clauses, background if leading else None), PromptFacts((stated,), background)
+    if form == "background_with":
+        words = _shape_words(shape.kind, size, colour, "plain", rng)
+        clauses = [f"a {background} background with {' '.join(words)}"] + ([where] if where else [])
         return clauses, PromptFacts((stated,), background)
     short = where is not None and rng.random() < SHORT_FORM
-    words = _shape_words(shape.kind, size, colour, "plain" if form == "background_with" else form, rng)
+    words = _shape_words(shape.kind, size, colour, form, rng)
     if form == "in_colour" and size:  # "small circle in red ..." is a held-out form: "circle in red, small"
         words = [*words[:1], *words[2:], words[1]]
-    clause = " ".join(words + ([where] if where and not short else []))
-    if form == "background_with":
-        clauses = [f"a {background} background with {clause}"] + ([where] if short else [])
-        return clauses, PromptFacts((stated,), background)
-    clauses = [clause] + ([where] if short else [])
-    if background:  # "colour size kind ... on a X background" is a held-out form
-        forms = BACKGROUND_FORMS[1:] if form == "colour_first" else BACKGROUND_FORMS
-        clauses.append(_background(background, rng, forms))
+    if form == "size_after":  # "a red circle, small" is held out alone: here a position or background follows
+        (article, colour_word, size_word, kind), short = words, where is not None
+        words = [article, colour_word, kind, ",", size_word]
+    clauses = [" ".join(words + ([where] if where and not short else [])).replace(" ,", ",")]
+    clauses += [where] if short else []
+    if background and not leading:  # "colour size kind ... on a X background" is a held-out form
+        clauses.append(_background(background, rng, BACKGROUND_FORMS[1:] if form == "colour_first" else
+                                   BACKGROUND_FORMS))
     rng.shuffle(clauses)
-    return clauses, PromptFacts((stated,), background)
+    return _lead(clauses, background if leading else None), PromptFacts((stated,), background)
+
+
+def _lead(clauses: list[str], background: str | None) -> list[str]:
+    """The clauses after "background X" (a form said only first: "background blue, a red circle")."""
+    return [LEADING_FORM.format(background), *clauses] if background else clauses
 
 
 def _two(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
@@ -285,13 +301,19 @@ def _grammar_pattern() -> re.Pattern:
     plain = f"(?:{size} )?(?:{colour} )?{kind}"
     colour_first = f"{colour} {size} {kind}"
     attribute = f"(?:{colour}|{size}|{position})"
+    lead = normalise(LEADING_FORM.format(slot)).replace(slot, colour)
     ones = []
-    for core, background in ((plain, any_background), (f"{kind} in {colour}(?: {size})?", any_background),
-                             (colour_first, not_on)):
+    cores = ((plain, any_background, False), (f"{kind} in {colour}(?: {size})?", any_background, False),
+             (colour_first, not_on, False), (f"{colour} {kind} {size}", any_background, True))
+    for core, background, needs_more in cores:  # needs_more: never alone (held out)
         for extra in ((), (position,), (background,), (position, background)):
-            ones += [" ".join(o) for o in itertools.permutations((f"{core}(?: {position})?", *extra))]
+            if extra or not needs_more:
+                ones += [" ".join(o) for o in itertools.permutations((f"{core}(?: {position})?", *extra))]
+        for extra in ((), (position,)):
+            ones += [f"{lead} " + " ".join(o)
+                     for o in itertools.permutations((f"{core}(?: {position})?", *extra))]
     listed = f"{kind}(?: {attribute})*"
-    ones += [listed, f"{listed} {any_background}", f"{any_background} {listed}"]
+    ones += [listed, f"{listed} {any_background}", f"{any_background} {listed}", f"{lead} {listed}"]
     with_shape = f"{colour} background with (?:{colour} )?{kind}(?: {position})?"
     ones += [with_shape, f"{with_shape} {position}", f"{position} {with_shape}"]
     shape = f"(?:{plain}|{colour_first}|{size} {kind} in {colour})"
