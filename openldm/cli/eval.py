@@ -30,8 +30,8 @@ def add_commands(sub) -> None:
     p.add_argument("--n", type=int, default=200, help="prompts per prompt set (default 200)")
     p.add_argument("--sets", default=DEFAULT_SETS,
                    help="comma-separated prompt sets: in_distribution, compositional, two_shapes (the "
-                        "training template), varied, varied_two_shapes (the training grammar), free, free_two_shapes "
-                        "(held-out "
+                        "training template), varied, varied_two_shapes (the training grammar), free, "
+                        "free_two_shapes (held-out "
                         f"free phrasing); default {DEFAULT_SETS}")
     p.add_argument("--steps", type=int, default=EVAL_STEPS)
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (default: the model's own)")
