@@ -401,13 +401,20 @@ SHAPES = ModelConfig(
     # Shape accuracy on a validation split (docs/embedded.md) falls as guidance rises: 95% at 2, 86% at 3.
     guidance=2.0,
 )
+# The shipped embedded model: `shapes` fine-tuned on the phrasing grammar, its vocabulary grown so that
+# each of the grammar's words is one token (configs/shapes-ldm-phrasing.yaml, `ldm.extend_vocabulary`).
+SHAPES_PHRASING_VOCAB_SIZE = 632  # the 596 above + 36 merges for the grammar's new words
+SHAPES_PHRASING = replace(SHAPES, name="shapes-phrasing", text_encoders=(
+    replace(SHAPES.text_encoders[0], vocab_size=SHAPES_PHRASING_VOCAB_SIZE,
+            pad_token=SHAPES_PHRASING_VOCAB_SIZE - 1),
+))
 
 PRESETS: dict[str, ModelConfig] = {
     p.name: p
     for p in (
         SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER,
         TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SDXL, TINY_SDXL_REFINER, SHAPES,
-        SD_X4_UPSCALER, TINY_X4_UPSCALER,
+        SHAPES_PHRASING, SD_X4_UPSCALER, TINY_X4_UPSCALER,
     )
 }
 FULL_SIZE_PRESETS = (SD15, SD15_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SDXL_BASE, SDXL_INPAINT, SDXL_REFINER)

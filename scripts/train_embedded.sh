@@ -39,5 +39,7 @@ if [ ! -f runs/shapes-ldm-phrasing/model.safetensors ]; then
   openldm train ldm shapes-ldm-phrasing $(resume_flag runs/shapes-ldm-phrasing)
 fi
 openldm convert runs/shapes-ldm-phrasing/model.safetensors openldm/weights/shapes/model.safetensors --to single-file --dtype fp16
+# its vocabulary grew (ldm.extend_vocabulary: each of the grammar's words is one token)
+rm -rf openldm/weights/shapes/tokenizer && cp -r runs/shapes-ldm-phrasing/tokenizer openldm/weights/shapes/tokenizer
 cp runs/shapes-ldm-phrasing/domain.json openldm/weights/shapes/domain.json  # the grammar's words: no warning for "big"
 openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json

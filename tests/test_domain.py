@@ -37,8 +37,8 @@ def test_the_shipped_model_declares_the_words_of_its_training_captions(tmp_path)
     assert domain is not None and domain.words == vocabulary("varied")  # fine-tuned on the grammar
     vocab = json.loads((default_model_path() / "tokenizer" / "vocab.json").read_text())
     whole_words = {t[:-4] for t in vocab if t.endswith("</w>") and t[:-4] in domain.words}
-    assert whole_words == vocabulary("template")  # its first training's words are one token each;
-    # the grammar's new ones ("big", "middle") are spelled by BPE pieces of the same vocabulary
+    assert whole_words == vocabulary("varied")  # every word of the grammar is one token (the vocabulary
+    # of its first, template-only training, grown by ldm.extend_vocabulary for the grammar's new words)
     assert read_domain(tmp_path) is None
     (tmp_path / DOMAIN_FILE).write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a domain file"):

@@ -17,7 +17,7 @@ from openldm.checkpoints.io import CheckpointError, read_metadata
 from openldm.checkpoints.load import load_components
 from openldm.checkpoints.save import save_single_file
 from openldm.cli import main
-from openldm.config import SHAPES
+from openldm.config import SHAPES_PHRASING
 
 EMBEDDED = Path(openldm.__file__).parent / "weights" / "shapes"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,13 +39,13 @@ def test_single_file_without_its_tokenizer_is_refused_in_one_line(tmp_path):
         load_components(tmp_path / "model.safetensors")
     message = str(info.value)
     assert "\n" not in message
-    assert "the tokenizer has 49408 tokens but the text encoder's embedding table 596" in message
+    assert "the tokenizer has 49408 tokens but the text encoder's embedding table 632" in message
     assert "tokenizer/ folder beside the weights" in message
 
 
 def test_a_single_file_we_write_carries_its_tokenizer(tmp_path):
     folder = load_components(EMBEDDED)
-    assert folder.config == SHAPES and len(folder.tokenizers[0].vocab) == 596
+    assert folder.config == SHAPES_PHRASING and len(folder.tokenizers[0].vocab) == 632
     alone = save_single_file(folder, tmp_path / "alone" / "shapes.safetensors")
     assert "openldm.tokenizer" in read_metadata(alone)
     again = load_components(alone)
@@ -59,17 +59,18 @@ def test_info_and_convert_take_a_model_folder(capsys, tmp_path):
     code, out, err = _run(capsys, "info", str(EMBEDDED), "--json")
     assert code == 0, err
     facts = json.loads(out)
-    assert (facts["preset"], facts["model"], facts["layout"]) == ("shapes", "shapes", "single-file")
+    assert (facts["preset"], facts["model"], facts["layout"]) == ("shapes-phrasing", "shapes-phrasing",
+                                                                  "single-file")
     assert not any(k.startswith("openldm.tokenizer") for k in facts["metadata"])
     code, out, err = _run(capsys, "convert", str(EMBEDDED), str(tmp_path / "diffusers"), "--to", "diffusers")
     assert code == 0, err
     vocab = json.loads((tmp_path / "diffusers" / "tokenizer" / "vocab.json").read_text())
-    assert len(vocab) == 596  # the model's own vocabulary, not CLIP's 49,408 tokens
+    assert len(vocab) == 632  # the model's own vocabulary, not CLIP's 49,408 tokens
     config = json.loads((tmp_path / "diffusers" / "unet" / "config.json").read_text())
     assert config["norm_num_groups"] == 8
     assert json.loads((tmp_path / "diffusers" / "vae" / "config.json").read_text())["norm_num_groups"] == 4
     code, out, err = _run(capsys, "info", str(tmp_path / "diffusers"), "--json")
-    assert code == 0 and json.loads(out)["preset"] == "shapes", err
+    assert code == 0 and json.loads(out)["preset"] == "shapes-phrasing", err
 
 
 def test_info_on_a_non_preset_checkpoint_says_what_was_inferred_from_what(capsys, tmp_path):

@@ -96,7 +96,7 @@ def test_eval_runs_under_the_engine_it_is_given(tmp_path, capsys, monkeypatch):
     assert json.loads(out.read_text())["settings"]["engine"] == "openvino"
 
 
-@pytest.mark.parametrize("prompt_set", ["varied", "free", "free_two_shapes"])
+@pytest.mark.parametrize("prompt_set", ["varied", "varied_two_shapes", "free", "free_two_shapes"])
 def test_a_perfect_generator_scores_100_on_every_attribute_the_prompts_state(prompt_set):
     prompts = eval_prompts(prompt_set, 40)
     assert prompts == eval_prompts(prompt_set, 40)

@@ -51,3 +51,35 @@ def test_saved_vocabulary_round_trips_and_matches_transformers(tmp_path, caption
         ours = tokenizer.encode(caption)
         assert again.encode(caption) == ours
         assert reference(caption, add_special_tokens=False)["input_ids"] == ours
+
+
+def test_extending_makes_new_words_one_token_and_keeps_every_old_id(captions):
+    from openldm.training.vocab import extend_tokenizer
+
+    old = build_tokenizer(captions, max_length=32)
+    new = extend_tokenizer(old, ["a big circle next to a little square", "in the middle"])
+    for word in ("big", "next", "little", "middle", "circle"):
+        assert len(new.encode(word)) == 1, word
+    for token, i in old.vocab.items():
+        if i < old.start_id:
+            assert new.vocab[token] == i, token  # a word the old tokenizer knew keeps its ids
+    assert (new.start_id, new.end_id) == (len(new.vocab) - 2, len(new.vocab) - 1)
+    assert old.encode("a small red circle") == new.encode("a small red circle")
+    assert new.max_length == 32 and new.pad_id == new.end_id
+    assert extend_tokenizer(new, ["a big circle"]) is new  # nothing new: the same tokenizer
+
+
+def test_carried_embedding_keeps_old_rows_and_starts_new_ones_from_their_spelling(captions):
+    import torch
+
+    from openldm.training.vocab import carry_embedding, extend_tokenizer
+
+    old = build_tokenizer(captions)
+    new = extend_tokenizer(old, ["big"])
+    weight = torch.randn(len(old.vocab), 8)
+    rows = carry_embedding(weight, old, new)
+    assert rows.shape == (len(new.vocab), 8)
+    assert torch.equal(rows[new.end_id], weight[old.end_id])
+    assert torch.equal(rows[:old.start_id], weight[:old.start_id])
+    (big,) = new.encode("big")
+    assert torch.allclose(rows[big], weight[list(old.encode("big"))].mean(0))

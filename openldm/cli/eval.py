@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 EVAL_STEPS = 20
 EVAL_CFG = None  # the model's own guidance scale (`ModelConfig.guidance`)
 EVAL_SAMPLER = "dpmpp_2m"
-DEFAULT_SETS = "in_distribution,compositional,two_shapes,free,free_two_shapes"
+DEFAULT_SETS = "in_distribution,compositional,two_shapes,varied_two_shapes,free,free_two_shapes"
 
 
 def add_commands(sub) -> None:
@@ -31,7 +31,8 @@ def add_commands(sub) -> None:
     p.add_argument("--n", type=int, default=200, help="prompts per prompt set (default 200)")
     p.add_argument("--sets", default=DEFAULT_SETS,
                    help="comma-separated prompt sets: in_distribution, compositional, two_shapes (the "
-                        "training template), varied (the training grammar), free, free_two_shapes (held-out "
+                        "training template), varied, varied_two_shapes (the training grammar), free, "
+                        "free_two_shapes (held-out "
                         f"free phrasing); default {DEFAULT_SETS}")
     p.add_argument("--steps", type=int, default=EVAL_STEPS)
     p.add_argument("--cfg", type=float, default=EVAL_CFG, help="guidance scale (default: the model's own)")

@@ -9,10 +9,17 @@ The varied grammar (words in lower case; case, commas and articles are a surface
 
     caption     := one | two
     one         := any order of: shape-clause [position-clause] [background]
-    two         := (shape-clause position) ("and" | "next to") (shape-clause position) , [background]
-                   in either order of the two shapes (before or after the background);
-                   "next to" only for side-by-side shapes; both positions are always stated
+                 | COLOUR background with shape-clause [position-clause]   (size not stated)
+    two         := pair [background] | background pair
+    pair        := placed join placed | position shape "and" position shape
+    placed      := shape position
+    join        := "and" | "with" | "," | "next to" | "beside"  ("next to", "beside": side by side only)
     shape-clause:= ["a"] [size] [colour] kind [position]       (size, colour, position optional)
+                 | colour size kind [position]                 (background not "on a ... background")
+                 | kind "in" colour [size] [position]          (one shape)
+                 | colour kind "," size                        (one shape, with a position or background)
+                 | kind ("," attribute)*                       (one shape: a list of size, colour, position)
+    shape       := ["a"] [size] [colour] kind | colour size kind | size kind "in" colour
     size        := small | little | large | big
     colour      := red | green | blue | yellow | purple | orange | white | black
     kind        := circle | square | triangle
@@ -20,13 +27,18 @@ The varied grammar (words in lower case; case, commas and articles are a surface
                  | at the top | top | upper | in the upper half
                  | at the bottom | bottom | lower | in the lower half
                  | in the center | in the centre | in the middle | center | centre | middle
+                 | (training only, POSITION_EXTRA) in/on the left/right half, towards the left/right/top/
+                   bottom/center/centre/middle, at the left/right/top/bottom side, in the top half,
+                   on the upper/lower side, upper/lower side
     position-clause := position, said on its own when the shape clause has none ("red circle, left")
     background  := on a COLOUR background | COLOUR background | with a COLOUR background
+                 | the background is COLOUR | background COLOUR      (the last one shape, said first)
 
 Clauses are joined by ", " or " "; articles (a, an, the) are all kept or all dropped; the whole
 caption is in lower, sentence, title or upper case. A quarter of varied captions are the template.
 `matches_grammar` recognises (a superset of) this language, so a test can prove that the held-out
-free-phrasing prompts (`openldm.data.free_phrasing`) are none of it.
+free-phrasing prompts (`openldm.data.free_phrasing`) are none of it: the restrictions in brackets
+above are what keeps each held-out template out.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from openldm.data.shapes import PALETTE, POSITIONS, SHAPES, SIZES, Scene, Shape
+from openldm.data.shapes import PALETTE, POSITIONS, SHAPES, SIZES, Scene
 
 STYLES = ("template", "varied")
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("large", "big")}
@@ -47,18 +59,39 @@ POSITION_WORDS: dict[str, tuple[str, ...]] = {
     "at the bottom": ("at the bottom", "bottom", "lower", "in the lower half"),
     "in the center": ("in the center", "in the centre", "in the middle", "center", "centre", "middle"),
 }
-BACKGROUND_FORMS = ("on a {} background", "{} background", "with a {} background")
-PAIR_JOINS = ("and", "next to")
+# more ways of saying each position, in training captions only: the free-phrasing prompts fill their
+# {position} slots from POSITION_WORDS, so adding a phrase here leaves the held-out set as it was
+POSITION_EXTRA: dict[str, tuple[str, ...]] = {
+    "on the left": ("in the left half", "on the left half", "towards the left", "at the left side"),
+    "on the right": ("in the right half", "on the right half", "towards the right",
+                     "at the right side"),
+    "at the top": ("in the top half", "on the upper side", "towards the top", "upper side",
+                   "at the top side"),
+    "at the bottom": ("on the lower side", "towards the bottom", "lower side", "at the bottom side"),
+    "in the center": ("towards the center", "towards the centre", "towards the middle"),
+}
+EXTRA_SHARE = 0.35  # of training position phrases taken from POSITION_EXTRA
+BACKGROUND_FORMS = ("on a {} background", "{} background", "with a {} background", "the background is {}")
+PAIR_JOINS = ("and", "with", ",")
+SIDE_BY_SIDE_JOINS = ("next to", "beside")
 ARTICLES = frozenset({"a", "an", "the"})
 
 TEMPLATE_SHARE = 0.25  # varied captions that are exactly the template
 OMIT = 0.2  # chance of leaving out each of size, colour, position (one shape) and background
 SHORT_FORM = 0.3  # a stated single-shape position is its own clause ("red circle, left")
+# how a shape clause is worded (the forms the docstring lists); a form that needs an attribute the
+# caption leaves out falls back to "plain"
+ONE_FORMS = {"plain": 0.42, "colour_first": 0.12, "in_colour": 0.13, "list": 0.15, "background_with": 0.1,
+             "size_after": 0.08}
+LEADING_BACKGROUND = 0.15  # a stated one-shape background said first as "background X"
+LEADING_FORM = "background {}"
+TWO_FORMS = {"plain": 0.7, "colour_first": 0.15, "in_colour": 0.15}
+PRE_POSITION = 0.3  # two shapes joined by "and" with each position said first ("on the left a red circle")
 # the keyword of a position phrase, whichever form it takes (the parser reads any of them)
 POSITION_KEYWORDS = {"left": "on the left", "right": "on the right", "top": "at the top",
                      "upper": "at the top", "bottom": "at the bottom", "lower": "at the bottom",
                      "center": "in the center", "centre": "in the center", "middle": "in the center"}
-assert set(POSITIONS) == set(POSITION_WORDS) and set(SIZES) == set(SIZE_WORDS)
+assert set(POSITIONS) == set(POSITION_WORDS) == set(POSITION_EXTRA) and set(SIZES) == set(SIZE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -93,50 +126,105 @@ def stated_all(scene: Scene) -> PromptFacts:
 
 # --- the generator ---------------------------------------------------------------------------
 
-def _shape_clause(shape: Shape, rng: random.Random, omit: set[str], inline: bool) -> tuple[str, Stated]:
-    size = None if "size" in omit else shape.size
-    colour = None if "colour" in omit else shape.colour
-    position = None if "position" in omit else shape.position
-    words = ["a"]
-    if size:
-        words.append(rng.choice(SIZE_WORDS[size]))
-    if colour:
-        words.append(colour)
-    words.append(shape.kind)
-    if position and inline:
-        words.append(rng.choice(POSITION_WORDS[position]))
-    return " ".join(words), Stated(shape.kind, colour, size, position)
+def _position_phrase(position: str, rng: random.Random, extra: bool = True) -> str:
+    forms = POSITION_EXTRA if extra and rng.random() < EXTRA_SHARE else POSITION_WORDS
+    return rng.choice(forms[position])
+
+
+def _form(weights: dict[str, float], rng: random.Random, size: str | None, colour: str | None) -> str:
+    form = rng.choices(list(weights), list(weights.values()))[0]
+    needs = {"colour_first": bool(size and colour), "in_colour": bool(colour),
+             "background_with": not size, "size_after": bool(size and colour)}
+    return form if needs.get(form, True) else "plain"
+
+
+def _shape_words(kind: str, size: str | None, colour: str | None, form: str, rng: random.Random) -> list[str]:
+    """The shape itself in a form: [a] [size] [colour] kind, colour size kind, [size] kind in colour
+    (the caller moves the size of "size_after" and of a single "in_colour" shape after the kind)."""
+    size_word = [rng.choice(SIZE_WORDS[size])] if size else []
+    if form in ("colour_first", "size_after"):
+        return ["a", colour, *size_word, kind]
+    if form == "in_colour":
+        return ["a", *size_word, kind, "in", colour]
+    return ["a", *size_word, *([colour] if colour else []), kind]
 
 
 def _omitted(rng: random.Random, names: tuple[str, ...]) -> set[str]:
     return {name for name in names if rng.random() < OMIT}
 
 
+def _background(colour: str, rng: random.Random, forms: tuple[str, ...] = BACKGROUND_FORMS) -> str:
+    return rng.choice(forms).format(colour)
+
+
 def _one(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
     shape = scene.shapes[0]
     omit = _omitted(rng, ("size", "colour", "position", "background"))
-    short = rng.random() < SHORT_FORM
-    clause, stated = _shape_clause(shape, rng, omit, inline=not short)
-    clauses = [clause]
-    if short and stated.position:
-        clauses.append(rng.choice(POSITION_WORDS[shape.position]))
+    size, colour, position = (None if a in omit else getattr(shape, a)
+                              for a in ("size", "colour", "position"))
     background = None if "background" in omit else scene.background
-    if background:
-        clauses.append(rng.choice(BACKGROUND_FORMS).format(background))
+    stated = Stated(shape.kind, colour, size, position)
+    form = _form(ONE_FORMS, rng, size, colour)
+    alone = not (position or background)
+    if (form == "background_with" and not background) or (form == "size_after" and alone):
+        form = "plain"
+    where = _position_phrase(position, rng) if position else None
+    leading = background is not None and rng.random() < LEADING_BACKGROUND
+    if form == "list":  # "circle, red, small, on the left": the attributes after the kind, any order
+        attributes = [w for w in (colour, where) if w] + ([rng.choice(SIZE_WORDS[size])] if size else [])
+        rng.shuffle(attributes)
+        clauses = [shape.kind, *attributes]
+        if background and not leading:
+            clauses.insert(rng.choice((0, len(clauses))), _background(background, rng))
+        return _lead(clauses, background if leading else None), PromptFacts((stated,), background)
+    if form == "background_with":
+        words = _shape_words(shape.kind, size, colour, "plain", rng)
+        clauses = [f"a {background} background with {' '.join(words)}"] + ([where] if where else [])
+        return clauses, PromptFacts((stated,), background)
+    short = where is not None and rng.random() < SHORT_FORM
+    words = _shape_words(shape.kind, size, colour, form, rng)
+    if form == "in_colour" and size:  # "small circle in red ..." is a held-out form: "circle in red, small"
+        words = [*words[:1], *words[2:], words[1]]
+    if form == "size_after":  # "a red circle, small" is held out alone: here a position or background follows
+        (article, colour_word, size_word, kind), short = words, where is not None
+        words = [article, colour_word, kind, ",", size_word]
+    clauses = [" ".join(words + ([where] if where and not short else [])).replace(" ,", ",")]
+    clauses += [where] if short else []
+    if background and not leading:  # "colour size kind ... on a X background" is a held-out form
+        clauses.append(_background(background, rng, BACKGROUND_FORMS[1:] if form == "colour_first" else
+                                   BACKGROUND_FORMS))
     rng.shuffle(clauses)
-    return clauses, PromptFacts((stated,), background)
+    return _lead(clauses, background if leading else None), PromptFacts((stated,), background)
+
+
+def _lead(clauses: list[str], background: str | None) -> list[str]:
+    """The clauses after "background X" (a form said only first: "background blue, a red circle")."""
+    return [LEADING_FORM.format(background), *clauses] if background else clauses
 
 
 def _two(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
-    described = [_shape_clause(s, rng, _omitted(rng, ("size", "colour")), inline=True) for s in scene.shapes]
+    side_by_side = scene.shapes[0].position == "on the left"
+    join = rng.choice(PAIR_JOINS + (SIDE_BY_SIDE_JOINS if side_by_side else ()))
+    pre = join == "and" and rng.random() < PRE_POSITION
+    described = []
+    for shape in scene.shapes:
+        omit = _omitted(rng, ("size", "colour"))
+        size, colour = (None if a in omit else getattr(shape, a) for a in ("size", "colour"))
+        form = _form(TWO_FORMS, rng, size, colour)
+        if form == "in_colour" and not size:  # "kind in colour" without a size is a held-out two-shape form
+            form = "plain"
+        words = _shape_words(shape.kind, size, colour, form, rng)
+        where = _position_phrase(shape.position, rng, extra=False)  # two shapes: keep within 32 tokens
+        described.append((" ".join([where, *words] if pre else [*words, where]),
+                          Stated(shape.kind, colour, size, shape.position)))
     if rng.random() < 0.5:
         described.reverse()
-    side_by_side = scene.shapes[0].position == "on the left"
-    join = rng.choice(PAIR_JOINS) if side_by_side else "and"
-    clauses = [f"{described[0][0]} {join} {described[1][0]}"]
+    (first, _), (second, _) = described
+    pair = f"{first}, {second}" if join == "," else f"{first} {join} {second}"
+    clauses = [pair]
     background = None if rng.random() < OMIT else scene.background
     if background:
-        clauses.insert(rng.randrange(2), rng.choice(BACKGROUND_FORMS).format(background))
+        clauses.insert(rng.randrange(2), _background(background, rng, BACKGROUND_FORMS[:3]))
     return clauses, PromptFacts(tuple(stated for _, stated in described), background)
 
 
@@ -175,9 +263,10 @@ def vocabulary(style: str = "varied") -> frozenset[str]:
     """Every word a caption of the style can contain: what a model trained on it knows."""
     phrases = [*POSITIONS, "a an on background and"]
     if style == "varied":
-        phrases += [*(w for forms in POSITION_WORDS.values() for w in forms), *BACKGROUND_FORMS, *PAIR_JOINS,
+        phrases += [*(w for forms in (*POSITION_WORDS.values(), *POSITION_EXTRA.values()) for w in forms),
+                    *BACKGROUND_FORMS, *PAIR_JOINS, *SIDE_BY_SIDE_JOINS, "in",
                     *(w for forms in SIZE_WORDS.values() for w in forms)]
-    words = {w for p in phrases for w in p.replace("{}", " ").split()}
+    words = {w for p in phrases for w in re.findall(r"[a-z]+", p)}
     return frozenset(words | set(PALETTE) | set(SHAPES) | set(SIZES))
 
 
@@ -194,19 +283,43 @@ def _alternatives(options) -> str:
 
 
 def _grammar_pattern() -> re.Pattern:
-    """A regular expression for every normalised caption the grammar can write (and a little more)."""
+    """A regular expression for every normalised caption the grammar can write (and a little more).
+
+    Punctuation is gone once normalised, so each restriction of the docstring's grammar is spelt out
+    here: they are what keeps the held-out free-phrasing templates out of this language.
+    """
     size = _alternatives(w for forms in SIZE_WORDS.values() for w in forms)
-    position = _alternatives(w for forms in POSITION_WORDS.values() for w in forms)
+    position = _alternatives(w for table in (POSITION_WORDS, POSITION_EXTRA) for forms in table.values()
+                             for w in forms)
     colour, kind = _alternatives(PALETTE), _alternatives(SHAPES)
-    shape = f"(?:{size} )?(?:{colour} )?{kind}"
     slot = "colourslot"
-    forms = (normalise(f.format(slot)).replace(slot, colour) for f in BACKGROUND_FORMS)
-    background = "(?:" + "|".join(forms) + ")"
+
+    def backgrounds(forms) -> str:
+        return "(?:" + "|".join(normalise(f.format(slot)).replace(slot, colour) for f in forms) + ")"
+
+    any_background, not_on = backgrounds(BACKGROUND_FORMS), backgrounds(BACKGROUND_FORMS[1:])
+    plain = f"(?:{size} )?(?:{colour} )?{kind}"
+    colour_first = f"{colour} {size} {kind}"
+    attribute = f"(?:{colour}|{size}|{position})"
+    lead = normalise(LEADING_FORM.format(slot)).replace(slot, colour)
     ones = []
-    for extra in ((), (position,), (background,), (position, background)):
-        ones += [" ".join(order) for order in itertools.permutations((f"{shape}(?: {position})?", *extra))]
-    pair = f"{shape} {position} {_alternatives(PAIR_JOINS)} {shape} {position}"
-    twos = [pair, f"{pair} {background}", f"{background} {pair}"]
+    cores = ((plain, any_background, False), (f"{kind} in {colour}(?: {size})?", any_background, False),
+             (colour_first, not_on, False), (f"{colour} {kind} {size}", any_background, True))
+    for core, background, needs_more in cores:  # needs_more: never alone (held out)
+        for extra in ((), (position,), (background,), (position, background)):
+            if extra or not needs_more:
+                ones += [" ".join(o) for o in itertools.permutations((f"{core}(?: {position})?", *extra))]
+        for extra in ((), (position,)):
+            ones += [f"{lead} " + " ".join(o)
+                     for o in itertools.permutations((f"{core}(?: {position})?", *extra))]
+    listed = f"{kind}(?: {attribute})*"
+    ones += [listed, f"{listed} {any_background}", f"{any_background} {listed}", f"{lead} {listed}"]
+    with_shape = f"{colour} background with (?:{colour} )?{kind}(?: {position})?"
+    ones += [with_shape, f"{with_shape} {position}", f"{position} {with_shape}"]
+    shape = f"(?:{plain}|{colour_first}|{size} {kind} in {colour})"
+    joins = _alternatives(PAIR_JOINS[:2] + SIDE_BY_SIDE_JOINS)
+    pair = f"(?:{shape} {position}(?: {joins})? {shape} {position}|{position} {shape} and {position} {shape})"
+    twos = [pair, f"{pair} {any_background}", f"{any_background} {pair}"]
     return re.compile("|".join(f"(?:{p})" for p in ones + twos))
 
 
@@ -234,18 +347,24 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             tokens.append(("position", POSITION_KEYWORDS[word]))
         elif word == "background":
             tokens.append(("background", word))
-        elif word in {",", ";", ":", ".", "and", "with"} or (word == "next" and words[i + 1:i + 2] == ["to"]):
+        elif word == "is" and words[i - 1:i] == ["background"]:
+            tokens.append(("is", word))
+        elif word in {",", ";", ":", ".", "and", "with", "beside"} or (
+                word == "next" and words[i + 1:i + 2] == ["to"]):
             tokens.append(("sep", word))
     return tokens
 
 
 def _take_background(tokens: list[tuple[str, str]]) -> str | None:
-    """The colour just before "background", else just after it (past punctuation); both leave `tokens`."""
+    """The colour after "background is", else just before "background", else just after it (past
+    punctuation); both leave `tokens`."""
     words = [i for i, token in enumerate(tokens) if token[0] != "sep" or token[1].isalpha()]
     for n, i in enumerate(words):
         if tokens[i][0] != "background":
             continue
-        for j in words[max(0, n - 1):n] + words[n + 1:n + 2]:
+        after = words[n + 1:n + 2]
+        said = after and tokens[after[0]][0] == "is"
+        for j in words[n + 2:n + 3] if said else words[max(0, n - 1):n] + after:
             if tokens[j][0] == "colour":
                 colour = tokens[j][1]
                 tokens[j] = tokens[i] = ("sep", "")

@@ -36,6 +36,7 @@ PROMPT_SETS: dict[str, tuple[ShapesConfig, str]] = {  # name -> (scenes, phrasin
     "compositional": (ShapesConfig(split="held_out"), "template"),
     "two_shapes": (_TWO, "template"),
     "varied": (_ONE, "varied"),
+    "varied_two_shapes": (_TWO, "varied"),  # the grammar's two-shape forms: both orders, every joiner
     "free": (_ONE, "free"),
     "free_two_shapes": (_TWO, "free"),
 }

@@ -8,6 +8,8 @@ hidden state the UNet sees, and whether the final norm is applied to it, is the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +111,14 @@ class CLIPTextModel(nn.Module):
         if not 1 <= skip <= self.cfg.num_layers:
             raise ValueError(f"skip must be in 1..{self.cfg.num_layers} (1 = last layer), got {skip}")
         return self.cfg.num_layers - skip + 1
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.text_model.embeddings.token_embedding.weight.detach()
+
+    def set_vocabulary(self, rows: torch.Tensor, pad_token: int) -> None:
+        """A new token table (a vocabulary grown for training); the config follows its size."""
+        self.text_model.embeddings.token_embedding = nn.Embedding.from_pretrained(rows.clone(), freeze=False)
+        self.cfg = replace(self.cfg, vocab_size=rows.shape[0], pad_token=pad_token)
 
     def forward(
         self, input_ids: torch.Tensor, skip: int | None = None, token_embeds: torch.Tensor | None = None,

@@ -104,6 +104,7 @@ class LDMConfig:
     init: str | None = None  # fine-tune from this checkpoint (any layout openldm loads)
     vae: str | None = None  # replace the VAE by this trained VAE file
     tokenizer: str | None = None  # a tokenizer folder (vocab.json, merges.txt); else standard CLIP
+    extend_vocabulary: bool = False  # add merges so each caption word is one token; grows the embedding
     domain: str | None = None  # "the ... model knows only ...": export domain.json (its captions' words) too
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # defaults to optim.lr

@@ -35,7 +35,7 @@ from openldm.training.config import TrainConfig
 from openldm.training.data import Batch, BatchStream, DataError, make_source, sample_rng, transform
 from openldm.training.loop import Auxiliary, TrainingError
 from openldm.training.vae import load_vae_into
-from openldm.training.vocab import build_tokenizer
+from openldm.training.vocab import build_tokenizer, carry_embedding, extend_tokenizer
 
 MODEL_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -110,6 +110,22 @@ class LDMTask:
         self.stream = BatchStream(self.source, config.data, config.run.seed, config.run.batch_size, rank,
                                   world, load_images=self.latents is None)
 
+    def _extend_vocabulary(self, tokenizer: CLIPTokenizer) -> CLIPTokenizer:
+        """New words of the captions (and of the source's vocabulary) become one token each: the text
+        encoder's embedding grows to fit, and the model's config with it (it is then no preset)."""
+        words = self.source.words() if hasattr(self.source, "words") else ()
+        extended = extend_tokenizer(tokenizer, [*_captions(self.source), " ".join(sorted(words))])
+        if extended is tokenizer:
+            return tokenizer
+        encoder = self.components.text_encoders[0]
+        encoder.set_vocabulary(carry_embedding(encoder.embedding_weight(), tokenizer, extended),
+                               extended.pad_id)
+        config = replace(self.model_config, text_encoders=(encoder.cfg,))
+        self.components = replace(self.components, config=config)
+        self.model_config = config
+        print(f"vocabulary extended: {len(tokenizer.vocab)} -> {len(extended.vocab)} tokens")
+        return extended
+
     def _schedule(self) -> DiscreteSchedule:
         return DiscreteSchedule.stable_diffusion()
 
@@ -123,6 +139,9 @@ class LDMTask:
             tokenizer, own = CLIPTokenizer.for_config(encoder, choice), True
         else:
             tokenizer, own = CLIPTokenizer.for_config(encoder), False
+        if self.options.extend_vocabulary:
+            tokenizer, own = self._extend_vocabulary(tokenizer), True
+            encoder = self.model_config.text_encoders[0]
         if len(tokenizer.vocab) != encoder.vocab_size:
             raise DataError(f"the tokenizer has {len(tokenizer.vocab)} tokens but the text encoder's "
                             f"embedding has {encoder.vocab_size}; use the vocabulary the preset was made for")
