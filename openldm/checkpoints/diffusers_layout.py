@@ -437,7 +437,7 @@ def _folder_signature(configs: Mapping[str, Mapping]) -> tuple:
     vae = configs["vae"]
     encoders = tuple(sorted(
         (folder, c["hidden_size"], c["num_hidden_layers"], c.get("projection_dim") if "WithProjection"
-         in c.get("architectures", [""])[0] else None)
+         in c.get("architectures", [""])[0] else None, c.get("vocab_size", 49408))  # transformers' default
         for folder, c in configs.items() if folder.startswith("text_encoder")
     ))
     return (_unet_signature(configs["unet"]), tuple(vae["block_out_channels"]), vae["layers_per_block"],
