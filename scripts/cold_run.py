@@ -82,7 +82,7 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, default=Path("/work/cache-coldrss"))
+    parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "openldm-cold-run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--fresh-cache", action="store_true", help="empty the conversion cache first")
     parser.add_argument("--arms", default="openldm,openldm eager,diffusers")
