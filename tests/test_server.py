@@ -399,3 +399,42 @@ def test_serve_takes_a_memory_budget_in_gib(model, tmp_path):
     assert server_config(args).limits.memory_budget == 3 * 2**29
     default = build_parser().parse_args(["serve", "--model", str(model)])
     assert server_config(default).limits.memory_budget is None
+
+
+# --- the warm-up: the first job finds the model loaded ------------------------------------------
+
+def test_the_warm_up_loads_the_default_model_and_writes_nothing(model, tmp_path, capsys):
+    from openldm.server.jobs import JobStore
+    from openldm.server.worker import Worker
+
+    config = ServerConfig(data_dir=tmp_path, default_model=model, warmup=True)
+    store = JobStore(config.database)
+    worker = Worker(config, store)
+    worker.warm_up()
+    assert [r.model_name for r in worker.models.loaded.values()] == ["tiny"]
+    assert "warmed up in" in capsys.readouterr().err
+    assert store.list() == ([], 0)
+    assert not config.outputs.exists() or not any(config.outputs.iterdir())
+
+
+def test_a_default_model_that_fails_its_warm_up_leaves_the_worker_running(tmp_path, capsys):
+    from openldm.server.jobs import JobStore
+    from openldm.server.worker import Worker
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    config = ServerConfig(data_dir=tmp_path, default_model=broken, warmup=True)
+    Worker(config, JobStore(config.database)).warm_up()  # must not raise
+    err = capsys.readouterr().err
+    assert "warm-up of the default model failed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_warms_up_unless_told_not_to(model, tmp_path):
+    from openldm.cli.serve import server_config
+
+    parser = cli.build_parser()
+    on = server_config(parser.parse_args(["serve", "--model", str(model), "--data-dir", str(tmp_path)]))
+    off = server_config(parser.parse_args(["serve", "--model", str(model), "--data-dir", str(tmp_path),
+                                           "--no-warmup"]))
+    assert (on.warmup, off.warmup) == (True, False)
+    assert ServerConfig(data_dir=tmp_path, default_model=model).warmup is False  # embedding it: opt in

@@ -38,6 +38,9 @@ def add_commands(sub) -> None:
                    help="folder of textual-inversion embeddings (repeatable)")
     g.add_argument("--keep-models", type=int, default=1, metavar="K", help="models each worker keeps loaded")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default fp16 on cuda, fp32 elsewhere")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="do not load the default model and run it once at start (the warm-up spares the "
+                        "first job the load and the engine's compile)")
     g.add_argument("--engine", choices=ENGINE_NAMES,
                    help="what runs the UNet and decoder ($OPENLDM_ENGINE or auto; see openldm txt2img -h)")
     s = p.add_argument_group("server")
@@ -88,7 +91,7 @@ def server_config(args: argparse.Namespace):
         lora_dirs=tuple(p.resolve() for p in args.lora_dir),
         embedding_dirs=tuple(p.resolve() for p in args.embeddings), keep_models=args.keep_models,
         workers=args.workers, devices=devices, dtype=args.dtype, engine=args.engine or default_engine(),
-        threads=args.threads,
+        threads=args.threads, warmup=not args.no_warmup,
         auth=parse_auth(args.api_auth) if args.api_auth else (), api_key=args.api_key,
         a1111=not args.no_a1111, limits=limits,
     )

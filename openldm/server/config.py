@@ -53,6 +53,7 @@ class ServerConfig:
     dtype: str | None = None
     engine: str = "eager"  # what runs the UNet and decoder (`openldm.engines`); `openldm serve`: auto
     threads: int | None = None  # torch threads per worker (None: torch's default)
+    warmup: bool = False  # each worker loads the default model and renders once at start (serve: on)
     auth: tuple[tuple[str, str], ...] = ()  # --api-auth user:pass pairs
     api_key: str | None = None
     a1111: bool = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from pathlib import Path
@@ -76,6 +77,8 @@ class Worker:
         self.thread: threading.Thread | None = None
 
     def run_forever(self) -> None:
+        if self.config.warmup:
+            self.warm_up()
         while not self.stop.is_set():
             try:
                 job = self.store.claim(self.name)
@@ -86,6 +89,21 @@ class Worker:
                 self.stop.wait(POLL_SECONDS)
                 continue
             self.run(job)
+
+    def warm_up(self) -> None:
+        """Load the default model and render one 1-step image at its native size, discarded: the first
+        job then finds the model loaded and the engine's program built (never raises: a model that
+        fails here fails its jobs with the reason)."""
+        started = time.perf_counter()
+        try:
+            renderer = self.models.get(self._entry(None))
+            renderer.render("txt2img", GenerationParams(prompt="", steps=1, seed=0))
+        except Exception as e:
+            print(f"warm-up of the default model failed: {str(e).splitlines()[0] if str(e) else e!r}",
+                  file=sys.stderr)
+        else:
+            print(f"{self.name}: default model loaded and warmed up in {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr)
 
     def run(self, job: Job) -> None:
         """Render one claimed job and record how it ended; never raises."""
