@@ -32,7 +32,9 @@ The varied grammar (words in lower case; case, commas and articles are a surface
                    on the upper/lower side, upper/lower side
     position-clause := position, said on its own when the shape clause has none ("red circle, left")
     background  := on a COLOUR background | COLOUR background | with a COLOUR background
-                 | the background is COLOUR | background COLOUR      (the last one shape, said first)
+                 | the background is COLOUR
+                 | background COLOUR    (one shape: said first, or after a shape clause that is
+                                         neither a list nor "kind in colour")
 
 Clauses are joined by ", " or " "; articles (a, an, the) are all kept or all dropped; the whole
 caption is in lower, sentence, title or upper case. A quarter of varied captions are the template.
@@ -72,6 +74,10 @@ POSITION_EXTRA: dict[str, tuple[str, ...]] = {
 }
 EXTRA_SHARE = 0.35  # of training position phrases taken from POSITION_EXTRA
 BACKGROUND_FORMS = ("on a {} background", "{} background", "with a {} background", "the background is {}")
+# "background X" also closes one-shape captions ("a red circle on the left, background blue"), except
+# after a list ("circle, red, small, background blue" is held out) and after "kind in colour" ("circle in
+# red background blue" reads both ways without commas); said first it leads any form
+BARE_BACKGROUND = "background {}"
 PAIR_JOINS = ("and", "with", ",")
 SIDE_BY_SIDE_JOINS = ("next to", "beside")
 ARTICLES = frozenset({"a", "an", "the"})
@@ -84,7 +90,7 @@ SHORT_FORM = 0.3  # a stated single-shape position is its own clause ("red circl
 ONE_FORMS = {"plain": 0.42, "colour_first": 0.12, "in_colour": 0.13, "list": 0.15, "background_with": 0.1,
              "size_after": 0.08}
 LEADING_BACKGROUND = 0.15  # a stated one-shape background said first as "background X"
-LEADING_FORM = "background {}"
+LEADING_FORM = BARE_BACKGROUND
 TWO_FORMS = {"plain": 0.7, "colour_first": 0.15, "in_colour": 0.15}
 PRE_POSITION = 0.3  # two shapes joined by "and" with each position said first ("on the left a red circle")
 # the keyword of a position phrase, whichever form it takes (the parser reads any of them)
@@ -191,8 +197,8 @@ def _one(scene: Scene, rng: random.Random) -> tuple[list[str], PromptFacts]:
     clauses = [" ".join(words + ([where] if where and not short else [])).replace(" ,", ",")]
     clauses += [where] if short else []
     if background and not leading:  # "colour size kind ... on a X background" is a held-out form
-        clauses.append(_background(background, rng, BACKGROUND_FORMS[1:] if form == "colour_first" else
-                                   BACKGROUND_FORMS))
+        forms = BACKGROUND_FORMS if form == "in_colour" else (*BACKGROUND_FORMS, BARE_BACKGROUND)
+        clauses.append(_background(background, rng, forms[1:] if form == "colour_first" else forms))
     rng.shuffle(clauses)
     return _lead(clauses, background if leading else None), PromptFacts((stated,), background)
 
@@ -297,14 +303,16 @@ def _grammar_pattern() -> re.Pattern:
     def backgrounds(forms) -> str:
         return "(?:" + "|".join(normalise(f.format(slot)).replace(slot, colour) for f in forms) + ")"
 
-    any_background, not_on = backgrounds(BACKGROUND_FORMS), backgrounds(BACKGROUND_FORMS[1:])
+    any_background = backgrounds(BACKGROUND_FORMS)
+    clause_background, not_on = (backgrounds((*forms, BARE_BACKGROUND)) for forms in
+                                 (BACKGROUND_FORMS, BACKGROUND_FORMS[1:]))
     plain = f"(?:{size} )?(?:{colour} )?{kind}"
     colour_first = f"{colour} {size} {kind}"
     attribute = f"(?:{colour}|{size}|{position})"
     lead = normalise(LEADING_FORM.format(slot)).replace(slot, colour)
     ones = []
-    cores = ((plain, any_background, False), (f"{kind} in {colour}(?: {size})?", any_background, False),
-             (colour_first, not_on, False), (f"{colour} {kind} {size}", any_background, True))
+    cores = ((plain, clause_background, False), (f"{kind} in {colour}(?: {size})?", any_background, False),
+             (colour_first, not_on, False), (f"{colour} {kind} {size}", clause_background, True))
     for core, background, needs_more in cores:  # needs_more: never alone (held out)
         for extra in ((), (position,), (background,), (position, background)):
             if extra or not needs_more:
