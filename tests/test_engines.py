@@ -128,9 +128,11 @@ def test_openvino_matches_eager_and_converts_once(pipe, tmp_path):
     _check_exact(pipe, engine)
     converted = [n for n in notes if "converting" in n]
     assert converted, "nothing was converted"
+    assert [n for n in notes if "compiled in" in n] and list(tmp_path.glob("*/compiled/*"))
     notes.clear()
     _images(pipe, OpenVINO(root=tmp_path, log=notes.append))  # a fresh engine, as after a restart
     assert not [n for n in notes if "converting" in n], f"the cache missed: {notes}"
+    assert not [n for n in notes if "compiled in" in n], f"compiled again instead of imported: {notes}"
 
 
 def test_auto_matches_eager(pipe, tmp_path, monkeypatch):

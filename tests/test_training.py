@@ -259,7 +259,7 @@ def test_summary_runs_from_the_first_step_to_the_last(tmp_path, capsys):
     assert "latent statistics" in err and "8/8" in err, "the statistics pass needs a progress bar"
 
 
-SHIPPED_NAMES = ("shapes-ldm", "shapes-ldm-phrasing", "shapes-vae")
+SHIPPED_NAMES = ("shapes-ldm", "shapes-ldm-phrasing", "shapes-ldm-phrasing-2", "shapes-vae")
 
 
 def test_shipped_configs_load_by_name_and_by_path(tmp_path, monkeypatch):
@@ -272,7 +272,7 @@ def test_shipped_configs_load_by_name_and_by_path(tmp_path, monkeypatch):
         assert by_name.run == by_path.run and by_name.run.output_dir == f"runs/{name}"
     assert load_config("shapes-ldm", "ldm").ldm.vae == str(tmp_path / "runs/shapes-vae/vae.safetensors")
     assert load_config(SHIPPED / "shapes-ldm.yaml", "ldm").ldm.tokenizer == "captions"
-    with pytest.raises(ConfigError, match="shipped configs: shapes-ldm, shapes-ldm-phrasing, shapes-vae"):
+    with pytest.raises(ConfigError, match=f"shipped configs: {', '.join(SHIPPED_NAMES)}"):
         load_config("shapes-vea", "vae")
 
 
