@@ -43,3 +43,12 @@ openldm convert runs/shapes-ldm-phrasing/model.safetensors openldm/weights/shape
 rm -rf openldm/weights/shapes/tokenizer && cp -r runs/shapes-ldm-phrasing/tokenizer openldm/weights/shapes/tokenizer
 cp runs/shapes-ldm-phrasing/domain.json openldm/weights/shapes/domain.json  # the grammar's words: no warning for "big"
 openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json
+
+# 5. Second phrasing fine-tune (issue 17): new scenes, more two-shape scenes, "background X" closings.
+if [ ! -f runs/shapes-ldm-phrasing-2/model.safetensors ]; then
+  openldm train ldm shapes-ldm-phrasing-2 $(resume_flag runs/shapes-ldm-phrasing-2)
+fi
+openldm convert runs/shapes-ldm-phrasing-2/model.safetensors openldm/weights/shapes/model.safetensors --to single-file --dtype fp16
+rm -rf openldm/weights/shapes/tokenizer && cp -r runs/shapes-ldm-phrasing-2/tokenizer openldm/weights/shapes/tokenizer
+cp runs/shapes-ldm-phrasing-2/domain.json openldm/weights/shapes/domain.json
+openldm eval shapes --model openldm/weights/shapes --n 200 --grid docs/shapes-grid.png --json docs/shapes-eval.json
