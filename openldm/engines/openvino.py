@@ -85,7 +85,8 @@ class OpenVINO:
             component.ready()
             _save(self.convert(component, present, example), folder)
         # from the file, not a model object: OpenVINO then keys its compiled-program cache by the file and
-        # imports the program, sparing the compile and the IR's copy in memory
+        # imports the program, sparing the compile (SD1.5 UNet 12.7 s -> 7.4 s); memory is unchanged, as the
+        # plugin's repacked weights and the mapped constants both stay (docs/engines.md)
         start = time.perf_counter()
         compiled = openvino.Core().compile_model(str(folder / IR), "CPU", self.runtime_config(folder))
         if not compiled.get_property("LOADED_FROM_CACHE"):
