@@ -3,13 +3,15 @@
 The names are the A1111 ControlNet extension's modules. Those that run a network (depth, pose,
 lineart, normal, segmentation) are not built in: asking for one says so, and a control image made
 elsewhere can always be given ready (`none`).
+
+numpy is imported where it is used: the CLI lists PREPROCESSORS while building its parser, and a
+`--server` client should not pay for numpy (a fifth of its start-up) to send a prompt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image, ImageFilter
 
 NEEDS_WEIGHTS = ("depth", "depth_midas", "depth_zoe", "openpose", "lineart", "lineart_anime", "normal_bae",
@@ -50,11 +52,15 @@ def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
         raise ValueError("the canny preprocessor needs OpenCV: pip install 'openldm[control]'") from None
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds {low}, {high}: need 0 <= low <= high")
+    import numpy as np
+
     edges = cv2.Canny(np.asarray(image.convert("L")), low, high)
     return Image.fromarray(edges).convert("RGB")
 
 
 def invert(image: Image.Image) -> Image.Image:
     """Black strokes on white (a drawing) -> white on black, what scribble and lineart ControlNets take."""
+    import numpy as np
+
     grey = 255 - np.asarray(image.convert("L"), dtype=np.int16)
     return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
