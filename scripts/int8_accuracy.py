@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict] = {
     "v0-sq0.5": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": 0.5},
     "v0-sqoff": {"preset": "performance", "ignored": (), "prompts": 4, "steps": 8, "smooth_quant": -1},
     "ignore-mixed-8x8": {"preset": "mixed", "prompts": 8, "steps": 8},
+    "mixed": {"preset": "mixed"},
+    "fp32-attention": {"ignored_types": ("ScaledDotProductAttention",)},  # softmax(QK) inputs unquantized
+    "convs": {"ignored_types": ("ScaledDotProductAttention", "MatMul")},  # only convolutions W8A8
     "weights": {"mode": "weights"},
 }
 SD_PROMPTS = (

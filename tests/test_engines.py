@@ -67,13 +67,21 @@ def test_tensor_hash_follows_the_weights():
 
 
 def test_unknown_or_missing_engines_are_one_line(monkeypatch):
-    names = "auto, eager, compile, openvino, openvino-int8"
-    with pytest.raises(EngineError, match=f"unknown engine 'tensorrt'; one of {names}"):
+    names = "auto, eager, compile, openvino, openvino-int8, openvino-int8-weights"
+    with pytest.raises(EngineError, match=f"unknown engine 'tensorrt'; one of {names}$"):
         get_engine("tensorrt")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    for name in ("openvino", "openvino-int8"):
-        with pytest.raises(EngineError, match=r'pip install "openldm\[cpu\]"'):
+    for name in ("openvino", "openvino-int8", "openvino-int8-weights"):
+        with pytest.raises(EngineError, match=rf'^the {name} engine needs .*pip install "openldm\[cpu\]"$'
+                           if "int8" in name else r'pip install "openldm\[cpu\]"'):
             get_engine(name)
+
+
+def test_the_int8_weights_engine_is_weight_only_int8():
+    pytest.importorskip("nncf")
+    engine = get_engine("openvino-int8-weights")
+    assert (engine.name, engine.mode) == ("openvino-int8-weights", "weights")
+    assert engine.settings() != get_engine("openvino-int8").settings()  # cached apart
 
 
 def test_auto_is_eager_on_a_plain_install_without_a_word(monkeypatch, capsys):
@@ -207,13 +215,33 @@ def test_int8_leaves_the_ignored_layers_in_fp32(pipe, tmp_path):
     assert any(".input_blocks.1.0." in n for n in int8), "the next block is not quantized either"
 
 
+def test_int8_ignored_types_keep_every_such_op_fp32(pipe, tmp_path):
+    pytest.importorskip("nncf")
+    import functools
+
+    from openldm.engines.calibration import unet_inputs
+    from openldm.engines.int8 import OpenVINOInt8
+
+    engine = OpenVINOInt8(root=tmp_path, log=lambda _: None, ignored=(), ignored_types=("MatMul",),
+                          prompts=1, steps=2)
+    cfg = pipe.config
+    side, tokens = cfg.image_size // cfg.vae.downsample_factor, cfg.text_encoders[0].max_length
+    example = (torch.zeros(2, 4, side, side), torch.zeros(2), torch.zeros(2, tokens, cfg.unet.context_dim), None)
+    component = Component(pipe.unet, pipe.unet, "unet", functools.partial(unet_inputs, pipe))
+    ir = engine.convert(component, (True, True, True, False), example)
+    fp32, int8 = _fp32_and_int8_layers(ir)
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in ir.get_ops()}
+    assert int8 and all(kinds[n] == "Convolution" for n in int8), sorted(int8)  # convolutions still int8
+    assert any(kinds[n] == "MatMul" for n in fp32), "no fp32 matmul left"
+
+
 def test_every_int8_setting_is_part_of_the_cache_key():
     pytest.importorskip("nncf")
     from openldm.engines.int8 import OpenVINOInt8
 
     base = OpenVINOInt8()
     changes = {"preset": "mixed", "ignored": (), "smooth_quant": 0.5, "prompts": 3, "steps": 5,
-               "mode": "weights"}
+               "mode": "weights", "ignored_types": ("MatMul",)}
     keys = {str(base.settings())} | {str(OpenVINOInt8(**{k: v}).settings()) for k, v in changes.items()}
     assert len(keys) == len(changes) + 1
     with pytest.raises(EngineError, match="mode one of w8a8, weights"):

@@ -24,7 +24,7 @@ Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per
 
 _MODULES = {"auto": "openldm.engines.auto", "eager": "openldm.engines.eager",
             "compile": "openldm.engines.compiled", "openvino": "openldm.engines.openvino",
-            "openvino-int8": "openldm.engines.int8"}
+            "openvino-int8": "openldm.engines.int8", "openvino-int8-weights": "openldm.engines.int8:make_weights"}
 
 
 class EngineError(ValueError):
@@ -78,7 +78,8 @@ def get_engine(name: str | Engine) -> Engine:
         return name
     if name not in _MODULES:
         raise EngineError(f"unknown engine {name!r}; one of {', '.join(ENGINE_NAMES)}")
-    return importlib.import_module(_MODULES[name]).make()
+    module, _, factory = _MODULES[name].partition(":")  # "module" or "module:factory" (default make)
+    return getattr(importlib.import_module(module), factory or "make")()
 
 
 def signature(args: Sequence[Any]) -> Signature:

@@ -34,6 +34,7 @@ class OpenVINOInt8(OpenVINO):
     mode: str = "w8a8"  # see MODES
     preset: str = "performance"  # see PRESETS (w8a8 only); mixed passed the bar too, with a slower step
     ignored: tuple[str, ...] = SENSITIVE  # UNet module paths kept fp32
+    ignored_types: tuple[str, ...] = ()  # OpenVINO op types whose inputs stay fp32 (w8a8 only)
     smooth_quant: float | None = None  # SmoothQuant alpha for matmuls; None: NNCF's default; -1: off
     prompts: int = 4  # calibration runs, one prompt each (w8a8 only); 16 measured no better
     steps: int = 8  # sampling steps per calibration run: one calibration input per step
@@ -48,6 +49,8 @@ class OpenVINOInt8(OpenVINO):
         import nncf
 
         quantization = {"mode": self.mode, "ignored": list(self.ignored)}
+        if self.ignored_types:
+            quantization["ignored_types"] = list(self.ignored_types)
         if self.mode == "w8a8":
             quantization |= {"preset": self.preset, "smooth_quant": self.smooth_quant,
                              "prompts": self.prompts, "steps": self.steps}
@@ -61,7 +64,8 @@ class OpenVINOInt8(OpenVINO):
         ir = super().convert(component, present, example)
         if component.role != "unet":
             return ir
-        scope = nncf.IgnoredScope(patterns=[node_pattern(m) for m in self.ignored], validate=False)
+        scope = nncf.IgnoredScope(patterns=[node_pattern(m) for m in self.ignored],
+                                  types=list(self.ignored_types), validate=False)
         start = time.perf_counter()
         if self.mode == "weights":
             out = nncf.compress_weights(ir, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
@@ -91,10 +95,19 @@ class OpenVINOInt8(OpenVINO):
 
 
 def make() -> OpenVINOInt8:
+    _require("openvino-int8")
+    return OpenVINOInt8()
+
+
+def make_weights() -> OpenVINOInt8:
+    """`openvino-int8-weights`: int8 weights, exact activations; near-exact, smaller gain, no calibration."""
+    _require("openvino-int8-weights")
+    return OpenVINOInt8(name="openvino-int8-weights", mode="weights")
+
+
+def _require(name: str) -> None:
     try:
         import nncf  # noqa: F401
         import openvino  # noqa: F401
     except ImportError as e:
-        raise EngineError('the openvino-int8 engine needs OpenVINO and NNCF: '
-                          'pip install "openldm[cpu]"') from e
-    return OpenVINOInt8()
+        raise EngineError(f'the {name} engine needs OpenVINO and NNCF: pip install "openldm[cpu]"') from e
