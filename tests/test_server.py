@@ -336,7 +336,7 @@ def test_the_embedded_models_preview_of_a_red_picture_is_red():
 
     pipe = load(default_model_path())
     red = Image.new("RGB", (128, 128), (200, 30, 30))
-    rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).float().mean(dim=(0, 1))
+    rgb = latent_rgb(pipe.encode_image(red)[0], pipe.config.latent_format).astype(float).mean(axis=(0, 1))
     assert rgb[0] > rgb[1] + 50 and rgb[0] > rgb[2] + 50, rgb.tolist()
 
 

@@ -1,4 +1,5 @@
-"""The job store's change counter: in-process event streams wait on it instead of polling SQLite."""
+"""The job store: its change counter (in-process event streams and the worker thread wait on it instead
+of polling SQLite), and its connections."""
 
 from __future__ import annotations
 
@@ -42,6 +43,45 @@ def test_a_waiter_wakes_at_the_write_not_at_its_timeout(tmp_path):
     assert version == seen + 1 and waited < 10, f"woken after {waited:.2f} s"
     timed_out = asyncio.run(store.changes.wait(version, timeout=0.05))
     assert timed_out == version  # nothing changed: back after the timeout with the same version
+
+
+def test_a_worker_thread_wakes_at_the_submit_not_at_its_timeout(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    seen = store.changes.version
+    woken: list[tuple[int, float]] = []
+
+    def wait() -> None:
+        start = time.perf_counter()
+        woken.append((store.changes.wait_blocking(seen, timeout=30), time.perf_counter() - start))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.05)
+    store.submit("v1", "txt2img", {"prompt": "x"})
+    waiter.join(timeout=10)
+    assert woken and woken[0][0] == seen + 1 and woken[0][1] < 10, woken
+    start = time.perf_counter()
+    assert store.changes.wait_blocking(seen + 1, timeout=0.05) == seen + 1  # nothing new: the timeout
+    assert time.perf_counter() - start >= 0.04
+
+
+def test_each_thread_keeps_one_connection_and_sees_the_others_commits(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.submit("v1", "txt2img", {"prompt": "x"})
+    mine = store._connection()
+    assert store._connection() is mine  # reused: opening one per call cost milliseconds
+    theirs: list[object] = []
+
+    def other_thread() -> None:
+        theirs.append(store._connection())
+        store.progress(job.id, 3, 20)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert theirs[0] is not mine and store.get(job.id).step == 3
+    store.close()
+    assert store.get(job.id).step == 3 and store._connection() is not mine  # reopened after close
 
 
 def test_a_store_from_before_the_extras_and_skip_columns_gets_them(tmp_path):

@@ -1,7 +1,7 @@
 """The job queue: one SQLite table (stdlib `sqlite3`, WAL) that the API, the workers and a restart share.
 
-Every call opens its own short connection, so threads and worker processes need no other locking:
-SQLite serialises the writers, and `claim` takes the oldest queued job in one IMMEDIATE transaction.
+Each thread keeps its own connection and each call is one short transaction, so threads and worker
+processes need no other locking: SQLite serialises the writers, and `claim` takes the oldest queued job in one IMMEDIATE transaction.
 A job's outputs are listed only after their files are complete (the worker writes them atomically).
 """
 
@@ -122,6 +122,7 @@ class Changes:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # for threads: the in-process worker
         self.version = 0
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()
 
@@ -129,8 +130,15 @@ class Changes:
         with self._lock:
             self.version += 1
             waiters, self._waiters = self._waiters, set()
+            self._changed.notify_all()
         for loop, future in waiters:
             loop.call_soon_threadsafe(_resolve, future)
+
+    def wait_blocking(self, seen: int, timeout: float) -> int:
+        """`wait` for a thread: the version once it differs from `seen`, or after `timeout` seconds."""
+        with self._lock:
+            self._changed.wait_for(lambda: self.version != seen, timeout)
+            return self.version
 
     async def wait(self, seen: int, timeout: float) -> int:
         """The version once it differs from `seen`, or after `timeout` seconds (a safety net)."""
@@ -163,6 +171,7 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.changes = Changes()
+        self._local = threading.local()  # one connection per thread, kept open (see `_connect`)
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=30)
         try:
@@ -172,21 +181,35 @@ class JobStore:
         finally:
             db.close()
 
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened once. Opening one per call cost 0.3-2.6 ms here (closing
+        the last connection checkpoints the WAL to disk), 40-100x a transaction on an open one, and a
+        worker makes two such calls per sampling step."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
     @contextmanager
     def _connect(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close this thread's connection (the others close with their threads)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
             db.close()
+            self._local.db = None
 
     @contextmanager
     def _write(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:

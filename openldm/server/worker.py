@@ -29,7 +29,7 @@ from openldm.server.jobs import Job, JobStore
 from openldm.server.models import ModelCatalog, ModelEntry
 from openldm.server.previews import preview_jpeg
 
-POLL_SECONDS = 0.05  # an idle worker's look at the queue
+POLL_SECONDS = 0.05  # an idle worker's look at the queue (and at `stop`), when no submit wakes it
 
 
 class JobCancelled(Exception):
@@ -80,13 +80,14 @@ class Worker:
         if self.config.warmup:
             self.warm_up()
         while not self.stop.is_set():
+            seen = self.store.changes.version
             try:
                 job = self.store.claim(self.name)
             except Exception:  # the store briefly unreachable (locked, disk full): log, wait, retry
                 traceback.print_exc(file=sys.stderr)
                 job = None
-            if job is None:
-                self.stop.wait(POLL_SECONDS)
+            if job is None:  # woken at once by a submit in this process, else it looks again
+                self.store.changes.wait_blocking(seen, POLL_SECONDS)
                 continue
             self.run(job)
 
