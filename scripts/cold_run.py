@@ -110,7 +110,8 @@ def main() -> None:
         cmds = commands(single, folder, Path(out))
         cmds["openldm before"] = cmds["openldm"][:-1] + [str(Path(out) / "before.png")]
         rows: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
-        for arm in ("openldm", "openldm int8", "openldm int8-weights", "openldm before"):  # their conversion caches warmed (or, fresh, timed)
+        # their conversion caches warmed (or, fresh, timed)
+        for arm in ("openldm", "openldm int8", "openldm int8-weights", "openldm before"):
             if arm in arms:
                 wall, rss = timed(cmds[arm], envs[arm])
                 label = f"{arm}, cold cache" if args.fresh_cache else f"{arm}, warm-up (untimed)"

@@ -2,6 +2,7 @@
 
     python scripts/memory_table.py            # tiny presets, a few seconds
     python scripts/memory_table.py --full     # also full-size SD1.5 (random weights): minutes
+    python scripts/memory_table.py --slicing  # only SD1.5's 512 px batch-4 decode, whole and sliced
 
 Each case runs in its own process: build the model with random weights, then either a whole
 one-step generation (text encoder, one CFG UNet step, VAE decode, PNG-ready image) or a VAE decode
@@ -40,16 +41,20 @@ class Case:
     batch: int = 1
     stage: str = "generate"  # or "decode"
     tiling: str = "off"  # decode: "off" or "on"
+    sliced: bool = False  # decode: the batch one image at a time
 
     @property
     def label(self) -> str:
         tiled = ", tiled" if self.tiling == "on" else ""
-        return f"{self.preset} {self.size}px b{self.batch} {self.stage}{tiled}"
+        sliced = ", sliced" if self.sliced else ""
+        return f"{self.preset} {self.size}px b{self.batch} {self.stage}{tiled}{sliced}"
 
 
 TINY_CASES = (Case("tiny-sd1", 64), Case("tiny-sd1", 256, 2), Case("tiny-sdxl", 128, 2))
 FULL_CASES = (Case("sd15", 256), Case("sd15", 512), Case("sd15", 1024, stage="decode"),
-              Case("sd15", 1024, stage="decode", tiling="on"))
+              Case("sd15", 1024, stage="decode", tiling="on"), Case("sd15", 512, 4, stage="decode"),
+              Case("sd15", 512, 4, stage="decode", sliced=True))
+SLICING_CASES = FULL_CASES[-2:]
 
 
 def _status_mib(field: str) -> float:
@@ -74,7 +79,7 @@ def _child(case: Case) -> dict:
         vae = build_component("vae", config, device="cpu").eval()
         f = config.vae.downsample_factor
         z = torch.randn(case.batch, config.vae.embed_dim, case.size // f, case.size // f)
-        run = lambda: decode_latents(vae, z, VAETiling(mode=case.tiling))  # noqa: E731
+        run = lambda: decode_latents(vae, z, VAETiling(mode=case.tiling, sliced=case.sliced))  # noqa: E731
     else:
         parts = {n: build_component(n, config, device="cpu") for n in ("unet", "vae", *TEXT_ENCODER_NAMES)
                  if n == "unet" or n == "vae" or TEXT_ENCODER_NAMES.index(n) < len(config.text_encoders)}
@@ -107,7 +112,8 @@ def estimate(case: Case) -> tuple[float, float]:
     if case.stage == "decode":
         f = config.vae.downsample_factor
         tile = DEFAULT_VAE_TILE if case.tiling == "on" else None
-        work = vae_decode_bytes(config.vae, case.batch, case.size // f, case.size // f, 4, tile=tile)
+        batch = 1 if case.sliced else case.batch  # as `memory.estimate_peak` counts a sliced decode
+        work = vae_decode_bytes(config.vae, batch, case.size // f, case.size // f, 4, tile=tile)
         return (RUNTIME_CPU + parameter_counts(config)["vae"] * 4 + work) / MiB, work / MiB
     found = estimate_peak(config, width=case.size, height=case.size, batch=case.batch)
     return found.total / MiB, max(found.stages.values()) / MiB
@@ -127,13 +133,15 @@ def table(cases) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="also full-size SD1.5 cases (minutes)")
+    parser.add_argument("--slicing", action="store_true",
+                        help="only the SD1.5 batch-4 decode, whole and sliced")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(Case(**json.loads(args.child)))))
         return
     print(f"{'case':34} {'estimate':>9} {'measured':>9} {'error':>7}   {'run est.':>9} {'run meas.':>9}")
-    for row in table(TINY_CASES + (FULL_CASES if args.full else ())):
+    for row in table(SLICING_CASES if args.slicing else TINY_CASES + (FULL_CASES if args.full else ())):
         print(f"{row['case']:34} {row['estimate_mib']:8.0f}M {row['measured_mib']:8.0f}M {row['error']:+7.1%}"
               f"   {row['work_estimate_mib']:8.0f}M {row['work_measured_mib']:8.0f}M", flush=True)
 

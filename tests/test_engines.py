@@ -143,6 +143,41 @@ def test_openvino_matches_eager_and_converts_once(pipe, tmp_path):
     assert not [n for n in notes if "compiled in" in n], f"compiled again instead of imported: {notes}"
 
 
+def _constants(path) -> dict[str, str]:
+    import openvino
+
+    ops = openvino.Core().read_model(path).get_ops()
+    return {op.get_friendly_name(): str(op.get_element_type())
+            for op in ops if op.get_type_name() == "Constant"}
+
+
+def test_openvino_stores_fp16_exact_weights_in_fp16_and_the_rest_in_fp32(tmp_path):
+    openvino = pytest.importorskip("openvino")
+    import openvino.opset13 as ops
+
+    from openldm.engines.openvino import IR, _save
+
+    rng = np.random.default_rng(0)
+    exact = rng.standard_normal((128, 64)).astype(np.float16).astype(np.float32)  # an fp16 file's weights
+    rounded = np.full((1, 64), 1 / 3, dtype=np.float32)  # fp16 would round it (as the timestep frequencies)
+
+    def model(weight: np.ndarray) -> object:
+        x = ops.parameter([2, 128], np.float32, name="x")
+        w, b = ops.constant(weight, name="weight"), ops.constant(rounded, name="offset")
+        return openvino.Model([ops.add(ops.matmul(x, w, False, False), b)], [x])
+
+    _save(model(exact), tmp_path / "half")
+    assert _constants(tmp_path / "half" / IR) == {"weight_compressed": "<Type: 'float16'>",
+                                                 "offset": "<Type: 'float32'>"}
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    want = x @ exact + rounded
+    got = openvino.Core().compile_model(str(tmp_path / "half" / IR), "CPU",
+                                        {"INFERENCE_PRECISION_HINT": "f32"})([x])[0]
+    assert np.abs(got - want).max() < 1e-5
+    _save(model(exact + np.float32(1e-4)), tmp_path / "full")  # fp32-only weights: nothing to gain
+    assert set(_constants(tmp_path / "full" / IR).values()) == {"<Type: 'float32'>"}
+
+
 def test_auto_matches_eager(pipe, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
@@ -226,7 +261,8 @@ def test_int8_ignored_types_keep_every_such_op_fp32(pipe, tmp_path):
                           prompts=1, steps=2)
     cfg = pipe.config
     side, tokens = cfg.image_size // cfg.vae.downsample_factor, cfg.text_encoders[0].max_length
-    example = (torch.zeros(2, 4, side, side), torch.zeros(2), torch.zeros(2, tokens, cfg.unet.context_dim), None)
+    context = torch.zeros(2, tokens, cfg.unet.context_dim)
+    example = (torch.zeros(2, 4, side, side), torch.zeros(2), context, None)
     component = Component(pipe.unet, pipe.unet, "unet", functools.partial(unet_inputs, pipe))
     ir = engine.convert(component, (True, True, True, False), example)
     fp32, int8 = _fp32_and_int8_layers(ir)

@@ -1,7 +1,8 @@
 """The job queue: one SQLite table (stdlib `sqlite3`, WAL) that the API, the workers and a restart share.
 
 Each thread keeps its own connection and each call is one short transaction, so threads and worker
-processes need no other locking: SQLite serialises the writers, and `claim` takes the oldest queued job in one IMMEDIATE transaction.
+processes need no other locking: SQLite serialises the writers, and `claim` takes the oldest queued
+job in one IMMEDIATE transaction.
 A job's outputs are listed only after their files are complete (the worker writes them atomically).
 """
 
