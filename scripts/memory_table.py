@@ -21,6 +21,11 @@ Measured with torch 2.13 CPU, float32, random weights, on a 2-core host under lo
     sd15 512px b1 generate                 5402M     5557M   -2.8%       1055M     1210M
     sd15 1024px b1 decode                  4744M     4429M   +7.1%       4145M     3880M
     sd15 1024px b1 decode, tiled           1674M     1599M   +4.7%       1075M     1051M
+
+VAE slicing (`python scripts/memory_table.py --slicing`, 2-core Zen 4 host, idle):
+
+    sd15 512px b4 decode                   4744M     4417M   +7.4%       4145M     3867M
+    sd15 512px b4 decode, sliced           1654M     1569M   +5.4%       1055M     1019M
 """
 
 from __future__ import annotations
