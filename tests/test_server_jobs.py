@@ -84,6 +84,28 @@ def test_each_thread_keeps_one_connection_and_sees_the_others_commits(tmp_path):
     assert store.get(job.id).step == 3 and store._connection() is not mine  # reopened after close
 
 
+def test_a_failed_transaction_leaves_the_threads_connection_usable(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    job, _ = store.submit("v1", "txt2img", {"prompt": "x"})
+    try:
+        with store._write() as db:
+            db.execute("UPDATE jobs SET step = 5 WHERE id = ?", (job.id,))
+            raise RuntimeError("the body failed")
+    except RuntimeError:
+        pass
+    assert not store._connection().in_transaction and store.get(job.id).step == 0  # rolled back
+    other = sqlite3.connect(tmp_path / "jobs.sqlite", timeout=0.1, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: this thread's write times out
+    store._connection().execute("PRAGMA busy_timeout = 50")
+    try:
+        store.progress(job.id, 1, 2)
+    except sqlite3.OperationalError:
+        pass
+    other.execute("ROLLBACK")
+    store.progress(job.id, 2, 2)  # no transaction was left open on the connection
+    assert store.get(job.id).step == 2
+
+
 def test_a_store_from_before_the_extras_and_skip_columns_gets_them(tmp_path):
     path = tmp_path / "jobs.sqlite"
     db = sqlite3.connect(path)

@@ -200,10 +200,14 @@ class JobStore:
         db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
         try:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except BaseException:  # the body or the COMMIT (busy past the timeout): leave no transaction open
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error:  # a connection that cannot roll back is dropped; the next call reopens
+                self.close()
             raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         """Close this thread's connection (the others close with their threads)."""
