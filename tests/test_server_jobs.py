@@ -4,6 +4,7 @@ of polling SQLite), and its connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -87,20 +88,15 @@ def test_each_thread_keeps_one_connection_and_sees_the_others_commits(tmp_path):
 def test_a_failed_transaction_leaves_the_threads_connection_usable(tmp_path):
     store = JobStore(tmp_path / "jobs.sqlite")
     job, _ = store.submit("v1", "txt2img", {"prompt": "x"})
-    try:
-        with store._write() as db:
-            db.execute("UPDATE jobs SET step = 5 WHERE id = ?", (job.id,))
-            raise RuntimeError("the body failed")
-    except RuntimeError:
-        pass
+    with contextlib.suppress(RuntimeError), store._write() as db:
+        db.execute("UPDATE jobs SET step = 5 WHERE id = ?", (job.id,))
+        raise RuntimeError("the body failed")
     assert not store._connection().in_transaction and store.get(job.id).step == 0  # rolled back
     other = sqlite3.connect(tmp_path / "jobs.sqlite", timeout=0.1, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock: this thread's write times out
     store._connection().execute("PRAGMA busy_timeout = 50")
-    try:
+    with contextlib.suppress(sqlite3.OperationalError):
         store.progress(job.id, 1, 2)
-    except sqlite3.OperationalError:
-        pass
     other.execute("ROLLBACK")
     store.progress(job.id, 2, 2)  # no transaction was left open on the connection
     assert store.get(job.id).step == 2
