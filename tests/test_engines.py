@@ -229,21 +229,26 @@ def _fp32_and_int8_layers(ir) -> tuple[set[str], set[str]]:
     return fp32, int8
 
 
-def test_int8_leaves_the_ignored_layers_in_fp32(pipe, tmp_path):
-    pytest.importorskip("nncf")
+def _int8_unet_ir(pipe, tmp_path, **settings):
+    """The tiny UNet converted and quantized by an `OpenVINOInt8(**settings)`, calibrated briefly."""
     import functools
 
     from openldm.engines.calibration import unet_inputs
     from openldm.engines.int8 import OpenVINOInt8
 
-    engine = OpenVINOInt8(root=tmp_path, log=lambda _: None, ignored=("time_embed", "input_blocks.0.0"),
-                          prompts=1, steps=2)
+    engine = OpenVINOInt8(root=tmp_path, log=lambda _: None, prompts=1, steps=2, **settings)
     cfg = pipe.config
     side, tokens = cfg.image_size // cfg.vae.downsample_factor, cfg.text_encoders[0].max_length
     context = torch.zeros(2, tokens, cfg.unet.context_dim)
     example = (torch.zeros(2, 4, side, side), torch.zeros(2), context, None)
     component = Component(pipe.unet, pipe.unet, "unet", functools.partial(unet_inputs, pipe))
-    fp32, int8 = _fp32_and_int8_layers(engine.convert(component, (True, True, True, False), example))
+    return engine.convert(component, (True, True, True, False), example)
+
+
+def test_int8_leaves_the_ignored_layers_in_fp32(pipe, tmp_path):
+    pytest.importorskip("nncf")
+    ir = _int8_unet_ir(pipe, tmp_path, ignored=("time_embed", "input_blocks.0.0"))
+    fp32, int8 = _fp32_and_int8_layers(ir)
     ignored = {n for n in fp32 | int8 if ".time_embed." in n or ".input_blocks.0.0/" in n}
     assert len(ignored) == 3, ignored  # two time-embedding linears, the first convolution
     assert ignored <= fp32, f"quantized though ignored: {sorted(ignored & int8)}"
@@ -252,19 +257,7 @@ def test_int8_leaves_the_ignored_layers_in_fp32(pipe, tmp_path):
 
 def test_int8_ignored_types_keep_every_such_op_fp32(pipe, tmp_path):
     pytest.importorskip("nncf")
-    import functools
-
-    from openldm.engines.calibration import unet_inputs
-    from openldm.engines.int8 import OpenVINOInt8
-
-    engine = OpenVINOInt8(root=tmp_path, log=lambda _: None, ignored=(), ignored_types=("MatMul",),
-                          prompts=1, steps=2)
-    cfg = pipe.config
-    side, tokens = cfg.image_size // cfg.vae.downsample_factor, cfg.text_encoders[0].max_length
-    context = torch.zeros(2, tokens, cfg.unet.context_dim)
-    example = (torch.zeros(2, 4, side, side), torch.zeros(2), context, None)
-    component = Component(pipe.unet, pipe.unet, "unet", functools.partial(unet_inputs, pipe))
-    ir = engine.convert(component, (True, True, True, False), example)
+    ir = _int8_unet_ir(pipe, tmp_path, ignored=(), ignored_types=("MatMul",))
     fp32, int8 = _fp32_and_int8_layers(ir)
     kinds = {op.get_friendly_name(): op.get_type_name() for op in ir.get_ops()}
     assert int8 and all(kinds[n] == "Convolution" for n in int8), sorted(int8)  # convolutions still int8
