@@ -9,12 +9,15 @@ whose spinning threads then slow the next step (the embedded model through the d
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from openldm.config import LatentFormat
+
+if TYPE_CHECKING:
+    import torch
 
 
 def latent_rgb(x: torch.Tensor, latent_format: LatentFormat) -> np.ndarray:
