@@ -5,6 +5,8 @@ ours -> OpenCLIP layout (our converter) -> HF layout (diffusers' own `convert_op
 -> transformers, so a mistake in our converter cannot cancel against the same mistake in the test.
 """
 
+import subprocess
+import sys
 from dataclasses import replace
 from functools import cache
 
@@ -18,6 +20,7 @@ from openldm.checkpoints.openclip import hf_to_openclip, openclip_to_hf, split_e
 from openldm.config import CLIP_L, OPENCLIP_BIGG, OPENCLIP_H, TINY_SD1, TINY_SD2, TINY_SDXL, CLIPTextConfig
 from openldm.models.clip import CLIPTextModel
 from openldm.models.tokenizer import CLIPTokenizer
+from openldm.nn.lookup import Embedding
 
 TOL = 1e-5
 SDXL_PREFIX = "conditioner.embedders.1.model."  # not SD2's: diffusers drops SD2's resblock 23 there
@@ -265,3 +268,23 @@ def test_unknown_keys_raise_and_are_listed():
         openclip_to_hf(bad, cfg)
     with pytest.raises(CheckpointError, match="text_model.embeddings.position_ids"):
         hf_to_openclip(openclip_to_hf(theirs) | {"text_model.embeddings.position_ids": torch.arange(77)})
+
+
+def test_building_on_meta_skips_the_init_that_imports_dynamo():
+    """A checkpoint's modules are built on `meta`; torch's `normal_` there would import torch._dynamo."""
+    code = ("import sys, torch\n"
+            "from openldm.checkpoints.load import build_component\n"
+            "from openldm.config import SD15, SD_X4_UPSCALER\n"
+            "for name in ('text_encoder', 'unet', 'vae'):\n"
+            "    build_component(name, SD15)\n"
+            "build_component('unet', SD_X4_UPSCALER)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_embeddings_built_off_meta_are_initialised_as_torchs():
+    torch.manual_seed(3)
+    ours = Embedding(50, 8)
+    torch.manual_seed(3)
+    assert torch.equal(ours.weight, torch.nn.Embedding(50, 8).weight)

@@ -16,6 +16,7 @@ from torch import nn
 
 from openldm.config import CLIPTextConfig
 from openldm.nn.attention import Backend, attention
+from openldm.nn.lookup import Embedding
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,8 @@ class CLIPEmbeddings(nn.Module):
 
     def __init__(self, cfg: CLIPTextConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_length, cfg.hidden_size)
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = Embedding(cfg.max_length, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         if token_embeds is None:
@@ -117,7 +118,7 @@ class CLIPTextModel(nn.Module):
 
     def set_vocabulary(self, rows: torch.Tensor, pad_token: int) -> None:
         """A new token table (a vocabulary grown for training); the config follows its size."""
-        self.text_model.embeddings.token_embedding = nn.Embedding.from_pretrained(rows.clone(), freeze=False)
+        self.text_model.embeddings.token_embedding = Embedding.from_pretrained(rows.clone(), freeze=False)
         self.cfg = replace(self.cfg, vocab_size=rows.shape[0], pad_token=pad_token)
 
     def forward(

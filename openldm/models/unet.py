@@ -26,6 +26,7 @@ from openldm.config import UNetConfig
 from openldm.nn.attention import Backend
 from openldm.nn.blocks import Downsample, GroupNorm32, Upsample, checkpointed, zero_init
 from openldm.nn.embeddings import timestep_embedding
+from openldm.nn.lookup import Embedding
 from openldm.nn.transformer import BasicTransformerBlock, CrossAttention, SpatialTransformer
 
 
@@ -88,7 +89,7 @@ class UNetModel(nn.Module):
             # ldm's "sequential" class embedding wraps the MLP in one more Sequential: `label_emb.0.0`.
             self.label_emb = nn.Sequential(_mlp(cfg.adm_in_channels, emb_dim))
         elif cfg.num_classes is not None:
-            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+            self.label_emb = Embedding(cfg.num_classes, emb_dim)
         self.input_blocks, skips = _input_blocks(cfg, emb_dim)
         top = skips[-1]
         self.middle_block = None if cfg.transformer_depth_middle is None else Block(
