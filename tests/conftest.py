@@ -30,6 +30,14 @@ def _eager_cli():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """Hashes and engine programs of the tests' throwaway models stay out of the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENLDM_CACHE", str(tmp_path_factory.mktemp("openldm-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

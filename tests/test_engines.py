@@ -13,6 +13,7 @@ from helpers import make_checkpoint
 from openldm.engines import cache
 from openldm.engines.base import Component, EngineError, Runner, get_engine
 from openldm.pipelines.loading import load
+from openldm.user_cache import CACHE_ENV
 
 PIXEL = 1 / 255
 
@@ -180,7 +181,7 @@ def test_openvino_stores_fp16_exact_weights_in_fp16_and_the_rest_in_fp32(tmp_pat
 
 def test_auto_matches_eager(pipe, tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     _check_exact(pipe, "auto")
 
 

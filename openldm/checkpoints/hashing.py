@@ -2,12 +2,19 @@
 
 A single file hashes like A1111 (`sha256` of the file), so the two tools print the same hash for it.
 A folder (diffusers, or a model folder) hashes its weight files in path order, names included.
+Hashing a 2 GB file takes 1.6 s, so each hash is kept under `user_cache` "hashes", keyed as A1111's
+cache is by the files' identities (path, size, modification time): a later run reads it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 from pathlib import Path
+
+from openldm.atomic import write_bytes_atomic
+from openldm.user_cache import cache_dir
 
 SHORT = 10  # A1111's `shorthash` length
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -20,20 +27,43 @@ def _update(digest, path: Path) -> None:
             digest.update(block)
 
 
-def sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, or of a folder's weight files (relative path, then bytes, in path order)."""
-    path = Path(path)
-    digest = hashlib.sha256()
+def _files(path: Path) -> list[Path]:
     if path.is_file():
-        _update(digest, path)
-        return digest.hexdigest()
+        return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     if not files:
         raise ValueError(f"{path}: no weight files to hash")
+    return files
+
+
+def _compute(path: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    if files == [path]:
+        _update(digest, path)
+        return digest.hexdigest()
     for file in files:
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         _update(digest, file)
     return digest.hexdigest()
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, or of a folder's weight files (relative path, then bytes, in path order)."""
+    path = Path(path)
+    files = _files(path)
+    stats = [(f, f.stat()) for f in files]
+    identity = json.dumps([str(path.resolve())] + [[str(f), s.st_size, s.st_mtime_ns] for f, s in stats])
+    memo = cache_dir("hashes") / hashlib.sha256(identity.encode()).hexdigest()
+    try:
+        known = memo.read_text()
+    except OSError:
+        known = ""
+    if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+        return known
+    digest = _compute(path, files)
+    with contextlib.suppress(OSError):  # a read-only cache: the hash is only not remembered
+        write_bytes_atomic(memo, digest.encode())
+    return digest
 
 
 def model_hash(path: str | Path) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ from torch import nn
 
 from openldm.atomic import write_bytes_atomic
 from openldm.engines.base import Component
-
-CACHE_ENV = "OPENLDM_CACHE"
+from openldm.user_cache import cache_dir
 
 
 def cache_root() -> Path:
-    base = os.environ.get(CACHE_ENV)
-    return (Path(base) if base else Path.home() / ".cache" / "openldm") / "engines"
+    return cache_dir("engines")
 
 
 def tensor_hash(module: nn.Module) -> str:
