@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +94,21 @@ def test_after_an_openvino_run_only_the_program_holds_the_unet(openvino_run):
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_after_an_openvino_run_its_cached_program_is_not_resident_twice(openvino_run):
+    """The plugin keeps its own copy of the weights: of its mappings of the cache files, only the few
+    constants it reads in place come back (without the drop, all of what it compiled from stays)."""
+    from test_pages import resident_kib
+
+    _, _, _, _, root = openvino_run
+    files = [f.resolve() for f in (root / "cache").rglob("*") if f.is_file()]
+    mapped = [f for f in files if str(f) in Path("/proc/self/maps").read_text()]
+    assert mapped, "OpenVINO maps no cache file: nothing left to check"
+    resident = sum(resident_kib(f) for f in mapped) * 1024
+    size = sum(f.stat().st_size for f in mapped)
+    assert resident < 0.25 * size, f"{resident / size:.0%} of the mapped cache files is resident"
+
+
 def test_eager_after_release_reads_the_unet_back_and_draws_the_same(openvino_run):
     import numpy as np
 
@@ -119,3 +136,44 @@ def test_a_restart_finds_the_program_without_reading_the_unet(openvino_run):
     assert not [n for n in notes if "converting" in n], notes
     assert pipe.components.unet_weights.reads == 0, "the UNet was read although its program was cached"
     assert list(again[0].getdata()) == list(images[0].getdata())
+
+
+def _pixels(images):
+    return [image.tobytes() for image in images]
+
+
+def test_text_encoders_not_held_go_back_to_their_file_and_draw_the_same(tmp_path):
+    from openldm.pipelines.loading import load
+
+    path = make_checkpoint(tmp_path, "tiny-sd1", dtype=torch.float16)
+    held = load(path)
+    expected = [held.txt2img(p, steps=2, seed=3) for p in ("a red square", "a blue circle")]
+    pipe = load(path)
+    pipe.hold_text_encoders = False
+    [encoder] = pipe.text_encoders
+    assert _pixels(pipe.txt2img("a red square", steps=2, seed=3)) == _pixels(expected[0])
+    assert encoder.weights.released and all(p.is_meta for p in encoder.model.parameters())
+    assert encoder.placement == (torch.device("cpu"), torch.float32)  # where they come back to
+    assert _pixels(pipe.txt2img("a red square", steps=2, seed=3, batch_count=2)[:1]) == _pixels(expected[0])
+    assert encoder.weights.reads == 0, "a prompt already encoded read the encoder back"
+    assert _pixels(pipe.txt2img("a blue circle", steps=2, seed=3)) == _pixels(expected[1])
+    assert encoder.weights.reads == 1 and encoder.weights.released
+
+
+def test_text_encoders_holding_a_lora_merge_stay(tmp_path):
+    from helpers import write_tiny_lora
+
+    from openldm.networks import load_network
+    from openldm.pipelines.loading import load
+
+    path = make_checkpoint(tmp_path, "tiny-sd1")
+    write_tiny_lora(tmp_path / "style.safetensors", 1)
+    pipe = load(path)
+    pipe.hold_text_encoders = False
+    [encoder] = pipe.text_encoders
+    with pipe.merge_networks([(load_network(tmp_path / "style.safetensors"), 0.8)]):
+        pipe.txt2img("a red square", steps=1, seed=3)
+        assert not encoder.weights.released, "weights merged in memory were dropped"
+    held = load(path)
+    after = pipe.txt2img("a green star", steps=1, seed=3)  # the merge undone: the file's model draws
+    assert _pixels(after) == _pixels(held.txt2img("a green star", steps=1, seed=3))

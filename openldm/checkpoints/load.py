@@ -77,6 +77,7 @@ class Components:
     tokenizers: list[CLIPTokenizer] = field(default_factory=list)  # one per text encoder
     vae_file: tuple[str, str] | None = None  # (name, short hash) of a standalone VAE in place of the model's
     unet_weights: FileWeights | None = None  # a single file's UNet: may be dropped, read back
+    text_weights: list[FileWeights] = field(default_factory=list)  # its text encoders, the same way
 
 
 def build_component(name: str, config: ModelConfig, device: torch.device | str = "meta") -> nn.Module:
@@ -147,23 +148,29 @@ def _load_file(path: Path, prediction, sidecar: LdmConfig | None, ema, dtype, de
     modules["unet"].eval()  # `_load_all` sets what it loads; a deferred UNet is read in eval mode too
     _load_all(loaded, parts, config, path, dtype, device, reader)
     components = _components(modules, config, metadata, path, "single_file", used_ema, source)
-    components.unet_weights = _unet_weights(components, path, used_ema, dtype, device, loaded=not defer_unet)
+    components.unet_weights = _file_weights(components, path, "unet", used_ema, dtype, device,
+                                            loaded=not defer_unet)
+    components.text_weights = [_file_weights(components, path, name, used_ema, dtype, device)
+                               for name in TEXT_ENCODER_NAMES[: len(components.text_encoders)]]
     return components
 
 
-def _unet_weights(components: Components, path: Path, ema: bool, dtype, device, loaded: bool) -> FileWeights:
-    """How to read the UNet back from its file (as loaded: EMA or not, `dtype`, `device`)."""
+def _file_weights(components: Components, path: Path, name: str, ema: bool, dtype, device,
+                  loaded: bool = True) -> FileWeights:
+    """How to read one component (`unet`, `text_encoder`, ...) back from its file, as it was loaded:
+    EMA or not, in `dtype`, on `device`."""
     unet, config = components.unet, components.config
+    module = unet if name == "unet" else components.text_encoders[TEXT_ENCODER_NAMES.index(name)]
 
     def read() -> dict[str, torch.Tensor]:
         tensors, _ = read_state_dict(path)
         parts, _ = _single_file_parts(tensors, config, unet, ema, path)
         reader = CastReader(path, tensors) if path.suffix.lower() == ".safetensors" else None
-        return {k: _place(v, dtype, device, reader) for k, v in parts["unet"].items()}
+        return {k: _place(v, dtype, device, reader) for k, v in parts[name].items()}
 
-    placed = torch.device(device), dtype or next(unet.parameters()).dtype
-    identity = file_identity(path, "unet", dtype, {"ema": ema, "device": str(placed[0])})
-    return FileWeights(unet, read, identity, *placed, loaded=loaded)
+    placed = torch.device(device), dtype or next(module.parameters()).dtype
+    identity = file_identity(path, name, dtype, {"ema": ema, "device": str(placed[0])})
+    return FileWeights(module, read, identity, *placed, loaded=loaded)
 
 
 def _load_folder(folder: Path, prediction, sidecar: LdmConfig | None, dtype, device) -> Components:

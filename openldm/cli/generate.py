@@ -463,6 +463,10 @@ def _render_here(args: argparse.Namespace, jobs: list[GenerationParams]) -> tupl
         check_inputs(args.command, params, **inputs)
     controls = control_units(args)
     renderer = load_here(args, [text for params in jobs for text in (params.prompt, params.negative)])
+    # one prompt for the whole process (its other batches hit the prompt cache): the text encoders need
+    # not stay in memory while it samples; several prompts keep them, rather than reading them per batch
+    one_prompt = len({(params.prompt, params.negative) for params in jobs}) == 1
+    renderer.pipe.hold_text_encoders = not one_prompt or args.offload is not None
     render = functools.partial(renderer.render, args.command, controls=controls, x4=x4_settings(args),
                                **inputs)
     return render, lambda: renderer.model_hash

@@ -28,6 +28,7 @@ from openldm.pipelines.params import GenerationParams
 from openldm.prompts import extract_networks, parse_attention, prompt_schedule
 
 if TYPE_CHECKING:
+    from openldm.engines.weights import FileWeights
     from openldm.networks import Embedding
     from openldm.pipelines.prompt_cache import PromptCache
 
@@ -44,11 +45,27 @@ class Chunk:
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """One tokenizer + encoder pair, and the embeddings (name -> vectors) usable in its prompts."""
+    """One tokenizer + encoder pair, and the embeddings (name -> vectors) usable in its prompts.
+
+    With `weights` (a single file's encoder), the model's weights may be dropped to the file between
+    runs (`Pipeline.hold_text_encoders`): `ready` reads them back."""
 
     tokenizer: CLIPTokenizer
     model: CLIPTextModel
     embeddings: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    weights: FileWeights | None = None
+
+    def ready(self) -> CLIPTextModel:
+        """The model with its weights in memory."""
+        return self.weights.materialize() if self.weights is not None else self.model
+
+    @property
+    def placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where the weights are (or go when read back), without reading them."""
+        if self.weights is not None:
+            return self.weights.device, self.weights.dtype
+        weight = self.model.text_model.embeddings.token_embedding.weight
+        return weight.device, weight.dtype
 
 
 def _embedding_at(tokens: list[int], i: int, names: Mapping[tuple[int, ...], str]) -> tuple[int, ...] | None:
@@ -121,7 +138,7 @@ def encode_chunks(
     chunks: Sequence[Chunk], encoder: TextEncoder, skip: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(1, 77 * len(chunks), width) weighted hidden states, and the first chunk's pooled output."""
-    model = encoder.model
+    model = encoder.ready()
     device = model.text_model.embeddings.token_embedding.weight.device
     hidden, pooled = [], None
     for chunk in chunks:
@@ -191,8 +208,7 @@ class PromptEncoder:
 
         if self.cache is None:
             return encode()
-        weight = encoder.model.text_model.embeddings.token_embedding.weight
-        key = (index, prompt, count, self.clip_skip, weight.device, weight.dtype, self.weights)
+        key = (index, prompt, count, self.clip_skip, *encoder.placement, self.weights)
         return self.cache.get(self.encoders, key, encode)
 
 

@@ -77,6 +77,7 @@ def _sample_parts(pipe: Pipeline, run: Run, spec: SamplerSpec, x: torch.Tensor, 
         for part_pipe, part_start, part, offset in parts:
             if len(part) > 1:
                 denoiser, tracker = guided_denoiser(part_pipe, run, part_start, sigmas, offset)
+                part_pipe.prompts_encoded()
                 x = spec(denoiser, x, part, noise_sampler=noise_sampler, callback=tracker, **options)
     return x
 
