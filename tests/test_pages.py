@@ -49,3 +49,15 @@ def test_dropped_pages_stop_counting_and_read_back_the_same(tmp_path):
         assert drop_mapped_pages(folder) >= len(data)
         assert resident_kib(blob.resolve()) < 100
         assert view[:] == data  # read again from the file
+
+
+def test_without_proc_nothing_is_dropped_and_nothing_fails(tmp_path, monkeypatch):
+    from openldm.engines import pages
+
+    def unreadable(folder, maps=None):
+        raise FileNotFoundError("/proc/self/maps")
+
+    monkeypatch.setattr(pages, "read_only_mappings", unreadable)
+    with pages.dropping_mapped_pages(tmp_path, every=0.01):
+        pass
+    assert pages.drop_mapped_pages(tmp_path) == 0

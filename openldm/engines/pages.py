@@ -43,8 +43,12 @@ def drop_mapped_pages(folder: Path) -> int:
     returns the bytes advised (0 where this is not Linux)."""
     if not sys.platform.startswith("linux"):
         return 0
+    try:
+        mappings = read_only_mappings(folder)
+    except OSError:  # no /proc here (a sandbox): the pages only stay counted
+        return 0
     madvise, advised = _madvise(), 0
-    for start, end in read_only_mappings(folder):
+    for start, end in mappings:
         if madvise(start, end - start, MADV_DONTNEED) == 0:
             advised += end - start
     return advised
