@@ -88,7 +88,7 @@ class OpenVINO:
         # imports the program, sparing the compile (SD1.5 UNet 12.7 s -> 7.4 s); memory is unchanged, as the
         # plugin's repacked weights and the mapped constants both stay (docs/engines.md)
         start = time.perf_counter()
-        with pages.dropping_mapped_pages(folder):  # the mapped IR and blob are read once, while compiling
+        with pages.dropping_mapped_pages(folder):  # the mapped IR and blob: read to compile, barely after
             compiled = openvino.Core().compile_model(str(folder / IR), "CPU", self.runtime_config(folder))
         if not compiled.get_property("LOADED_FROM_CACHE"):
             seconds = time.perf_counter() - start
