@@ -306,3 +306,24 @@ def test_a_pad_token_outside_the_vocabulary_is_refused(ours_hf, tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<|pad|>"}))
     with pytest.raises(tk.CheckpointError, match=r"the pad token '<\|pad\|>' of its tokenizer config"):
         CLIPTokenizer.from_folder(folder)
+
+
+def test_unicode_classes_are_remembered_and_a_broken_memo_is_rescanned(tmp_path, monkeypatch):
+    from openldm.user_cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    scanned = tk._scan_classes()
+    tk._classes.cache_clear()
+    try:
+        assert tk._classes() == scanned
+        [memo] = (tmp_path / "tokenizer").iterdir()
+        assert unicodedata.unidata_version in memo.name and json.loads(memo.read_text()) == list(scanned)
+        ascii_only = ["\\U00000041-\\U0000005a"] * 3  # a memo in the scan's form is what a later run uses
+        memo.write_text(json.dumps(ascii_only))
+        tk._classes.cache_clear()
+        assert list(tk._classes()) == [r"\U00000041-\U0000005a"] * 3
+        memo.write_text('["[a-z]", "x", "y"]')  # not what a scan writes: ignored, rescanned
+        tk._classes.cache_clear()
+        assert tk._classes() == scanned
+    finally:
+        tk._classes.cache_clear()

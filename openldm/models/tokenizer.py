@@ -20,6 +20,7 @@ Unicode version counts as punctuation here (the references, on newer tables, may
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import html
 import itertools
@@ -34,8 +35,10 @@ from typing import Literal
 
 import torch
 
+from openldm.atomic import write_bytes_atomic
 from openldm.checkpoints.errors import CheckpointError
 from openldm.config import CLIPTextConfig
+from openldm.user_cache import cache_dir
 
 Cleaning = Literal["hf", "openclip"]
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -59,13 +62,33 @@ def byte_symbols() -> dict[int, str]:
     return {b: chr(b) for b in kept} | {b: chr(0x100 + i) for i, b in enumerate(moved)}
 
 
+_RANGES = re.compile(r"(?:\\U[0-9a-f]{8}-\\U[0-9a-f]{8})+")  # what `_scan_classes` writes
+
+
 @cache
 def _classes() -> tuple[str, str, str]:
     """Bodies of `[...]` classes for \\p{L}, \\p{N} and \\s, read from `unicodedata`.
 
     \\s is Unicode White_Space (what `regex` and Oniguruma use): Python's `isspace` also counts the
     information separators U+001C..U+001F, which both references treat as punctuation.
+    Scanning every code point takes 0.3 s, a tenth of a cold run of the embedded model, so the result
+    is kept under `user_cache` "tokenizer", keyed by the Unicode version it was read from.
     """
+    memo = cache_dir("tokenizer") / f"classes-unicode-{unicodedata.unidata_version}.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = None
+    if isinstance(known, list) and len(known) == 3 and all(isinstance(c, str) and _RANGES.fullmatch(c)
+                                                           for c in known):
+        return tuple(known)
+    classes = _scan_classes()
+    with contextlib.suppress(OSError):  # a read-only cache: only not remembered
+        write_bytes_atomic(memo, json.dumps(classes).encode())
+    return classes
+
+
+def _scan_classes() -> tuple[str, str, str]:
     def body(flags: list[bool]) -> str:
         parts, cp = [], 0
         for keep, run in itertools.groupby(flags):
