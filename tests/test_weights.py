@@ -142,22 +142,24 @@ def _pixels(images):
     return [image.tobytes() for image in images]
 
 
-def test_text_encoders_not_held_go_back_to_their_file_and_draw_the_same(tmp_path):
+@pytest.mark.parametrize("config", ["tiny-sd1", "tiny-sdxl"])  # one CLIP; CLIP and OpenCLIP (converted)
+def test_text_encoders_not_held_go_back_to_their_file_and_draw_the_same(tmp_path, config):
     from openldm.pipelines.loading import load
 
-    path = make_checkpoint(tmp_path, "tiny-sd1", dtype=torch.float16)
+    path = make_checkpoint(tmp_path, config, dtype=torch.float16)
     held = load(path)
     expected = [held.txt2img(p, steps=2, seed=3) for p in ("a red square", "a blue circle")]
     pipe = load(path)
     pipe.hold_text_encoders = False
-    [encoder] = pipe.text_encoders
+    encoders = pipe.text_encoders
     assert _pixels(pipe.txt2img("a red square", steps=2, seed=3)) == _pixels(expected[0])
-    assert encoder.weights.released and all(p.is_meta for p in encoder.model.parameters())
-    assert encoder.placement == (torch.device("cpu"), torch.float32)  # where they come back to
+    for encoder in encoders:
+        assert encoder.weights.released and all(p.is_meta for p in encoder.model.parameters())
+        assert encoder.placement == (torch.device("cpu"), torch.float32)  # where they come back to
     assert _pixels(pipe.txt2img("a red square", steps=2, seed=3, batch_count=2)[:1]) == _pixels(expected[0])
-    assert encoder.weights.reads == 0, "a prompt already encoded read the encoder back"
+    assert [e.weights.reads for e in encoders] == [0] * len(encoders), "an encoded prompt read them back"
     assert _pixels(pipe.txt2img("a blue circle", steps=2, seed=3)) == _pixels(expected[1])
-    assert encoder.weights.reads == 1 and encoder.weights.released
+    assert [(e.weights.reads, e.weights.released) for e in encoders] == [(1, True)] * len(encoders)
 
 
 def test_text_encoders_holding_a_lora_merge_stay(tmp_path):
