@@ -8,13 +8,11 @@ cache is by the files' identities (path, size, modification time): a later run r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
 
-from openldm.atomic import write_bytes_atomic
-from openldm.user_cache import cache_dir
+from openldm.user_cache import remembered
 
 SHORT = 10  # A1111's `shorthash` length
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -38,7 +36,7 @@ def _files(path: Path) -> list[Path]:
 
 def _compute(path: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    if files == [path]:
+    if path.is_file():
         _update(digest, path)
         return digest.hexdigest()
     for file in files:
@@ -47,23 +45,18 @@ def _compute(path: Path, files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def sha256(path: str | Path) -> str:
     """Hex SHA-256 of a file, or of a folder's weight files (relative path, then bytes, in path order)."""
     path = Path(path)
     files = _files(path)
     stats = [(f, f.stat()) for f in files]
     identity = json.dumps([str(path.resolve())] + [[str(f), s.st_size, s.st_mtime_ns] for f, s in stats])
-    memo = cache_dir("hashes") / hashlib.sha256(identity.encode()).hexdigest()
-    try:
-        known = memo.read_text()
-    except OSError:
-        known = ""
-    if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
-        return known
-    digest = _compute(path, files)
-    with contextlib.suppress(OSError):  # a read-only cache: the hash is only not remembered
-        write_bytes_atomic(memo, digest.encode())
-    return digest
+    name = hashlib.sha256(identity.encode()).hexdigest()
+    return remembered("hashes", name, lambda: _compute(path, files), _is_digest)
 
 
 def model_hash(path: str | Path) -> str:

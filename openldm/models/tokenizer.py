@@ -20,7 +20,6 @@ Unicode version counts as punctuation here (the references, on newer tables, may
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import html
 import itertools
@@ -35,10 +34,9 @@ from typing import Literal
 
 import torch
 
-from openldm.atomic import write_bytes_atomic
 from openldm.checkpoints.errors import CheckpointError
 from openldm.config import CLIPTextConfig
-from openldm.user_cache import cache_dir
+from openldm.user_cache import remembered
 
 Cleaning = Literal["hf", "openclip"]
 START, END = "<|startoftext|>", "<|endoftext|>"
@@ -74,18 +72,17 @@ def _classes() -> tuple[str, str, str]:
     Scanning every code point takes 0.3 s, a tenth of a cold run of the embedded model, so the result
     is kept under `user_cache` "tokenizer", keyed by the Unicode version it was read from.
     """
-    memo = cache_dir("tokenizer") / f"classes-unicode-{unicodedata.unidata_version}.json"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = None
-    if isinstance(known, list) and len(known) == 3 and all(isinstance(c, str) and _RANGES.fullmatch(c)
-                                                           for c in known):
-        return tuple(known)
-    classes = _scan_classes()
-    with contextlib.suppress(OSError):  # a read-only cache: only not remembered
-        write_bytes_atomic(memo, json.dumps(classes).encode())
-    return classes
+    def valid(text: str) -> bool:
+        try:
+            classes = json.loads(text)
+        except ValueError:
+            return False
+        return (isinstance(classes, list) and len(classes) == 3
+                and all(isinstance(c, str) and _RANGES.fullmatch(c) for c in classes))
+
+    name = f"classes-unicode-{unicodedata.unidata_version}.json"
+    text = remembered("tokenizer", name, lambda: json.dumps(_scan_classes()), valid)
+    return tuple(json.loads(text))
 
 
 def _scan_classes() -> tuple[str, str, str]:
