@@ -46,6 +46,7 @@ VARIANTS: dict[str, dict] = {
     "fp32-attention": {"ignored_types": ("ScaledDotProductAttention",)},  # softmax(QK) inputs unquantized
     "convs": {"ignored_types": ("ScaledDotProductAttention", "MatMul")},  # only convolutions W8A8
     "weights": {"mode": "weights"},
+    "hybrid": {"mode": "hybrid"},  # matmuls W8A8, convolutions int8 weights with exact activations
 }
 SD_PROMPTS = (
     "a castle on a hill under a stormy sky", "a cat sleeping on a windowsill", "a bowl of ramen, top view",

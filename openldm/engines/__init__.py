@@ -5,7 +5,8 @@ it. `base.get_engine(name)` refuses an engine whose package is missing with one 
 extra that installs it. This module imports no torch, so the CLI can list the names at once.
 """
 
-ENGINE_NAMES = ("auto", "eager", "compile", "openvino", "openvino-int8", "openvino-int8-weights")
+ENGINE_NAMES = ("auto", "eager", "compile", "openvino", "openvino-int8", "openvino-int8-weights",
+                "openvino-int8-hybrid")
 OFFLOAD_MODES = ("model", "sequential")  # see `offload`
 DEFAULT_ENGINE = "auto"  # the fastest exact engine installed (OpenVINO on the CPU), else eager
 ENGINE_ENV = "OPENLDM_ENGINE"  # the CLI's and server's engine when --engine is not given

@@ -25,7 +25,8 @@ Signature = tuple[tuple[tuple[int, ...], str] | None, ...]  # (shape, dtype) per
 _MODULES = {"auto": "openldm.engines.auto", "eager": "openldm.engines.eager",
             "compile": "openldm.engines.compiled", "openvino": "openldm.engines.openvino",
             "openvino-int8": "openldm.engines.int8",
-            "openvino-int8-weights": "openldm.engines.int8:make_weights"}
+            "openvino-int8-weights": "openldm.engines.int8:make_weights",
+            "openvino-int8-hybrid": "openldm.engines.int8:make_hybrid"}
 
 
 class EngineError(ValueError):
