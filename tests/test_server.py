@@ -195,6 +195,19 @@ def test_events_stream_steps_with_previews_then_done(server):
     assert [i["seed"] for i in done["images"]] == [1, 2] and done["step"] == done["total"] == 6
 
 
+def test_step_events_are_sent_at_most_every_step_events_every(server):
+    from openldm.server.app import STEP_EVENTS_EVERY
+
+    job = server.http.post("/v1/jobs", json={"params": {"prompt": "a", "steps": 60, "seed": 2}}).json()
+    events = list(RemoteRenderer(server.url).events(job["id"]))
+    done = server.http.get(f"/v1/jobs/{job['id']}").json()
+    steps = [data["step"] for name, data in events if name == "step"]
+    assert [name for name, _ in events][-2:] == ["image", "done"] and steps == sorted(steps)
+    seconds = done["finished"] - done["started"]
+    bound = seconds / STEP_EVENTS_EVERY + 2  # the tiny model steps faster: unthrottled, most of 60 go
+    assert bound < 60 and 1 <= len(steps) <= bound, (len(steps), seconds)
+
+
 def test_a_queued_job_is_cancelled_at_once_and_a_running_one_keeps_its_finished_images(server):
     params = {"prompt": "a", "steps": 40, "batch_count": 50}
     long = server.http.post("/v1/jobs", json={"params": params}).json()

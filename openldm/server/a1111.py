@@ -203,10 +203,12 @@ def submit(state: ServerState, request: A1111Request, img2img: bool) -> Job:
 
 async def wait(state: ServerState, job: Job) -> Job:
     """Wait without holding a thread (many A1111 callers may wait at once), woken by the store's changes."""
-    seen = state.store.changes.version
+    seen, store = state.store.changes.version, state.store
     while job.state not in FINISHED:
         seen = await state.next_change(seen)
-        job = state.store.get(job.id)
+        glance = store.glance(job.id)  # a step changes nothing it reads: decode the row only when done
+        if glance is None or glance[0] in FINISHED:
+            job = store.get(job.id)
     return job
 
 

@@ -33,6 +33,9 @@ from openldm.server.submit import Refused, decode_image, enqueue, prepare, read_
 
 STATIC = Path(__file__).parent / "static"
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-\d{4}\.png$")
+# Step events (with their previews) at most this often per stream: a small model steps every 15 ms, and
+# a stream sending each one held the worker's GIL long enough to slow the job itself by 15%.
+STEP_EVENTS_EVERY = 0.1
 
 
 class JobRequest(BaseModel):
@@ -250,6 +253,7 @@ async def _events(state: ServerState, job_id: str):
     store = state.store
     last: tuple | None = None
     sent_images = 0
+    stepped_at = -STEP_EVENTS_EVERY  # when the last step event went out
     seen = store.changes.version
     while True:
         job = store.get(job_id)
@@ -264,6 +268,7 @@ async def _events(state: ServerState, job_id: str):
                 preview = store.preview(job_id)
                 yield _sse("step", {"id": job_id, "step": job.step, "total": job.total, "eta": job.eta,
                                     "preview": _data_url(preview)})
+                stepped_at = time.monotonic()
             last = ("running", job.step)
         for output in job.outputs[sent_images:]:
             yield _sse("image", {"id": job_id, "name": output["name"], "url": f"/v1/images/{output['name']}",
@@ -273,7 +278,18 @@ async def _events(state: ServerState, job_id: str):
             yield _sse(job.state, {"id": job_id, "state": job.state, "error": job.error,
                                    "images": [o["name"] for o in job.outputs]})
             return
+        seen = await _next_event(state, job, seen, stepped_at)
+
+
+async def _next_event(state: ServerState, job: Job, seen: int, stepped_at: float) -> int:
+    """Wait for a change worth reading the job for: any, except a new step within `STEP_EVENTS_EVERY`
+    of the last step event (the state and the outputs are glanced at; they always pass at once)."""
+    read = (job.state, len(job.outputs))  # as `job` was read: a change since then is never missed
+    seen = await state.next_change(seen)
+    while (job.state == "running" and time.monotonic() - stepped_at < STEP_EVENTS_EVERY
+           and state.store.glance(job.id) == read):
         seen = await state.next_change(seen)
+    return seen
 
 
 def _data_url(jpeg: bytes | None) -> str | None:

@@ -245,6 +245,14 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row is not None else None
 
+    def glance(self, job_id: str) -> tuple[str, int] | None:
+        """(state, number of outputs) without decoding the row: what a waiter checks at a change to
+        learn whether anything but the step moved (a fraction of a full `get`)."""
+        with self._connect() as db:
+            row = db.execute("SELECT state, json_array_length(outputs) FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+        return (row[0], row[1]) if row is not None else None
+
     def position(self, job: Job) -> int | None:
         """How many queued jobs run before this one; None once it left the queue."""
         if job.state != "queued":
