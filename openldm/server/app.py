@@ -256,6 +256,7 @@ async def _events(state: ServerState, job_id: str):
     stepped_at = -STEP_EVENTS_EVERY  # when the last step event went out
     seen = store.changes.version
     while True:
+        glanced = store.glance(job_id)  # before the read: whatever changes after it differs from this
         job = store.get(job_id)
         position = store.position(job)
         if job.state == "queued" and last != ("queued", position):
@@ -278,16 +279,17 @@ async def _events(state: ServerState, job_id: str):
             yield _sse(job.state, {"id": job_id, "state": job.state, "error": job.error,
                                    "images": [o["name"] for o in job.outputs]})
             return
-        seen = await _next_event(state, job, seen, stepped_at)
+        seen = await _next_event(state, job, glanced, seen, stepped_at)
 
 
-async def _next_event(state: ServerState, job: Job, seen: int, stepped_at: float) -> int:
+async def _next_event(state: ServerState, job: Job, glanced: tuple | None, seen: int,
+                      stepped_at: float) -> int:
     """Wait for a change worth reading the job for: any, except a new step within `STEP_EVENTS_EVERY`
-    of the last step event (the state and the outputs are glanced at; they always pass at once)."""
-    read = (job.state, len(job.outputs))  # as `job` was read: a change since then is never missed
+    of the last step event. A new state or output always passes at once: `glanced` was taken just
+    before `job` was read, so the job's glance differs from it as soon as either moved since."""
     seen = await state.next_change(seen)
     while (job.state == "running" and time.monotonic() - stepped_at < STEP_EVENTS_EVERY
-           and state.store.glance(job.id) == read):
+           and state.store.glance(job.id) == glanced):
         seen = await state.next_change(seen)
     return seen
 

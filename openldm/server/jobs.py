@@ -246,11 +246,10 @@ class JobStore:
         return _job(row) if row is not None else None
 
     def glance(self, job_id: str) -> tuple[str, int] | None:
-        """(state, number of outputs) without decoding the row: what a waiter checks at a change to
-        learn whether anything but the step moved (a fraction of a full `get`)."""
+        """(state, length of the outputs column, which grows with each image) without decoding the
+        row: what a waiter checks at a change to learn whether anything but the step moved."""
         with self._connect() as db:
-            row = db.execute("SELECT state, json_array_length(outputs) FROM jobs WHERE id = ?",
-                             (job_id,)).fetchone()
+            row = db.execute("SELECT state, length(outputs) FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return (row[0], row[1]) if row is not None else None
 
     def position(self, job: Job) -> int | None:
