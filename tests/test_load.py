@@ -12,7 +12,7 @@ from openldm.checkpoints import diffusers_layout as dl
 from openldm.checkpoints.io import CheckpointError, read_state_dict, write_safetensors_atomic
 from openldm.checkpoints.layout import TEXT_ENCODER_NAMES, UNET_PREFIX, VAE_PREFIX
 from openldm.checkpoints.ldm_config import check_against, read_ldm_config
-from openldm.checkpoints.load import load_components
+from openldm.checkpoints.load import all_finite, load_components
 from openldm.checkpoints.openclip import openclip_to_hf
 from openldm.checkpoints.save import parts_from_single_file
 from openldm.config import (
@@ -281,6 +281,19 @@ def test_nan_weights_warn_with_their_names(tmp_path):
     messages = [str(w.message) for w in record]
     assert any("unet: NaN or inf in 1 tensors: out.2.bias" in m for m in messages), messages
     assert any("vae: NaN or inf in 1 tensors: decoder.conv_out.weight" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_screen_is_exact_when_the_sum_overflows(dtype):
+    big = torch.full((64,), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum is inf
+    assert all_finite(big) and all_finite(-big) and all_finite(torch.zeros(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 63):
+            t = big.clone()
+            t[where] = bad
+            assert not all_finite(t), (bad, where)
+    mixed = torch.tensor([float("inf"), -float("inf"), 1.0], dtype=dtype)  # the sum is NaN, not inf
+    assert not all_finite(mixed)
 
 
 def test_non_model_files_are_refused_when_loading(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from helpers import make_checkpoint
 
 from openldm.checkpoints.load import load_components
+from openldm.engines import cache
 from openldm.engines.weights import FileWeights, file_identity
 
 
@@ -136,6 +137,38 @@ def test_a_restart_finds_the_program_without_reading_the_unet(openvino_run):
     assert not [n for n in notes if "converting" in n], notes
     assert pipe.components.unet_weights.reads == 0, "the UNet was read although its program was cached"
     assert list(again[0].getdata()) == list(images[0].getdata())
+
+
+def test_a_restart_keys_the_vae_decoder_by_its_file_and_keeps_torchs_vae(openvino_run, monkeypatch):
+    """Hashing the VAE's tensors for its cache key took 0.23 s of every full-size run: a restart names
+    them by the file instead, while they are unchanged; changed ones are hashed (a new entry)."""
+    from openldm.engines.openvino import OpenVINO
+    from openldm.pipelines.loading import load
+
+    _, images, _, path, root = openvino_run
+    hashed: list[str] = []
+    real = cache.tensor_hash
+    monkeypatch.setattr(cache, "tensor_hash",
+                        lambda module: hashed.append(type(module).__name__) or real(module))
+    notes: list[str] = []
+    pipe = load(path, engine=OpenVINO(root=root / "cache", log=notes.append))
+    again = pipe.txt2img("a red square", steps=2, seed=3)
+    assert hashed == [] and not [n for n in notes if "converting" in n], (hashed, notes)
+    assert list(again[0].getdata()) == list(images[0].getdata())
+    assert not any(p.is_meta for p in pipe.vae.parameters()), "the VAE was dropped: its encoder needs it"
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.add_(0.5)
+    changed = pipe.txt2img("a red square", steps=2, seed=3)
+    assert hashed == ["AutoencoderKL"], hashed
+    assert [n for n in notes if "converting vae_decoder" in n], notes
+    assert list(changed[0].getdata()) != list(images[0].getdata())
+
+
+def test_weights_that_are_not_releasable_are_only_named(tmp_path):
+    weights, _, reads = _weights(tmp_path)
+    weights.releasable = False
+    assert not weights.release() and not weights.released and weights.pristine()
+    assert weights.materialize() is weights.module and reads == []
 
 
 def _pixels(images):

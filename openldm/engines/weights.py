@@ -35,8 +35,10 @@ class FileWeights:
     """A module's weights as read from a file: released to `meta` and read back on demand."""
 
     def __init__(self, module: nn.Module, read: Callable[[], State], identity: str,
-                 device: torch.device, dtype: torch.dtype, loaded: bool = True):
+                 device: torch.device, dtype: torch.dtype, loaded: bool = True, releasable: bool = True):
         self.module, self._read, self.identity = module, read, identity
+        # False: the module is also called directly (the VAE), so it is only named by its file, never dropped
+        self.releasable = releasable
         self._placed = device, dtype  # where the file's weights go when read
         self._as_read: int | None = version(module) if loaded else None
         self.reads = 0  # times read from the file (not counting a load that read them at once)
@@ -72,7 +74,7 @@ class FileWeights:
 
     def release(self) -> bool:
         """Drop torch's copy if the file can give it back; True when the module is now empty."""
-        if not self.pristine():
+        if not (self.releasable and self.pristine()):
             return False
         self.module.to("meta")
         return True

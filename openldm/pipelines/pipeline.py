@@ -93,7 +93,9 @@ class Pipeline:
         self.engine = engine.name
         self.unet_runner = Runner(engine, self._unet_component)
         decoder = self.taesd or self.vae
-        self.decoder_runner = Runner(engine, Component(decoder, decoder.decode, "vae_decoder"))
+        weights = None if self.taesd else self.components.vae_weights  # the file's VAE: its key unhashed
+        component = Component(decoder, decoder.decode, "vae_decoder", weights=weights)
+        self.decoder_runner = Runner(engine, component)
 
     def use_decoder(self, taesd: TAESD | None) -> None:
         """Decode with a TAESD (fast, approximate) instead of the VAE; None returns to the VAE."""
