@@ -6,7 +6,10 @@ real prompts, every noise level of short runs), or, in `mode="weights"`, given i
 (`nncf.compress_weights`, no calibration; exact activations, smaller gain), or, in `mode="hybrid"`,
 both: W8A8 for the matmuls (attention and linear layers), int8 weights with exact activations for
 the convolutions, whose activation quantization carried most of W8A8's error. Layers named in
-`ignored` stay fp32. The VAE decoder stays fp32. Every setting is part of the cache key, so a
+`ignored` stay fp32. With `decoder=True` (hybrid's default) the VAE decoder is W8A8 too, calibrated
+on the final latents of the pipeline's own runs, its first and last convolutions fp32: there int8
+convolutions cost little accuracy and take most of its time (SD1.5 at 256 px: 3.0 s -> 0.9 s).
+Otherwise the VAE decoder, and TAESD always, stay fp32. Every setting is part of the cache key, so a
 changed setting never reuses an old entry. The trade is measured, never assumed: docs/engines.md
 has the PSNR, eval and speed figures behind the defaults (scripts/int8_accuracy.py made them).
 """
@@ -31,6 +34,8 @@ PRESETS = ("performance", "mixed")  # NNCF: symmetric activations; asymmetric wh
 # on raw latents and eps): measured to carry most of the W8A8 error (docs/engines.md).
 CONVOLUTIONS = ("Convolution", "GroupConvolution")  # OpenVINO op types
 SENSITIVE = ("time_embed", "input_blocks.0.0", "out.2")
+# the VAE decoder's layers on raw latents and on the final pixels: kept fp32 (docs/engines.md)
+DECODER_SENSITIVE = ("post_quant_conv", "decoder.conv_in", "decoder.conv_out")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class OpenVINOInt8(OpenVINO):
     smooth_quant: float | None = None  # SmoothQuant alpha for matmuls; None: NNCF's default; -1: off
     prompts: int = 4  # calibration runs, one prompt each (w8a8 only); 16 measured no better
     steps: int = 8  # sampling steps per calibration run: one calibration input per step
+    decoder: bool = False  # the VAE decoder W8A8 too (calibrated on `prompts` runs' final latents)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.preset not in PRESETS or min(self.prompts, self.steps) < 1:
@@ -59,14 +65,23 @@ class OpenVINOInt8(OpenVINO):
         if self.mode != "weights":
             quantization |= {"preset": self.preset, "smooth_quant": self.smooth_quant,
                              "prompts": self.prompts, "steps": self.steps}
+        if self.decoder:  # named only when set: the entries of engines without it keep their keys
+            quantization["decoder"] = {"mode": "w8a8", "ignored": list(DECODER_SENSITIVE)}
         return {**super().settings(), "nncf": version("nncf"), "quantization": quantization}
 
     def convert(self, component: Component, present: tuple[bool, ...],
                 example: Sequence[torch.Tensor | None]) -> Any:
-        """The fp32 conversion, then (for the UNet) NNCF's int8 compression."""
+        """The fp32 conversion, then NNCF's int8 compression: of the UNet, and of the VAE decoder when
+        `decoder` is set and it has calibration inputs (TAESD has none: it stays fp32)."""
         import nncf
 
         ir = super().convert(component, present, example)
+        if component.role == "vae_decoder" and self.decoder and component.calibration is not None:
+            scope = nncf.IgnoredScope(patterns=[node_pattern(m) for m in DECODER_SENSITIVE], validate=False)
+            start = time.perf_counter()
+            out = self._quantize(nncf, ir, component, present, example, scope)
+            self.log(f"{self.name}: vae_decoder quantized (w8a8) in {time.perf_counter() - start:.1f} s")
+            return out
         if component.role != "unet":
             return ir
         scope = nncf.IgnoredScope(patterns=[node_pattern(m) for m in self.ignored],
@@ -86,11 +101,13 @@ class OpenVINOInt8(OpenVINO):
 
     def _quantize(self, nncf: Any, ir: Any, component: Component, present: tuple[bool, ...],
                   example: Sequence[torch.Tensor | None], scope: Any) -> Any:
-        """W8A8 post-training quantization, calibrated on the pipeline's own UNet inputs."""
+        """W8A8 post-training quantization, calibrated on the pipeline's own inputs of the component."""
         if component.calibration is None:
             raise EngineError(f"{self.name}: the {component.role} has no calibration inputs; "
                               "run it through a Pipeline")
-        self.log(f"{self.name}: calibrating on {self.prompts} prompts x {self.steps} steps (eager runs)")
+        runs = "eager runs" if component.role == "unet" else "their final latents"
+        self.log(f"{self.name}: calibrating {component.role} on {self.prompts} prompts x {self.steps} "
+                 f"steps ({runs})")
         samples = component.calibration(example, prompts=self.prompts, steps=self.steps)
         feeds = [[a.detach().cpu().numpy() for a, p in zip(s, present) if p] for s in samples]
         self.log(f"{self.name}: quantizing {component.role} on {len(feeds)} inputs")
@@ -98,9 +115,9 @@ class OpenVINOInt8(OpenVINO):
         if self.smooth_quant is not None:
             advanced.smooth_quant_alphas.matmul = self.smooth_quant
         preset = nncf.QuantizationPreset(self.preset)
+        kind = nncf.ModelType.TRANSFORMER if component.role == "unet" else None  # the VAE: convolutional
         return nncf.quantize(ir, nncf.Dataset(feeds), subset_size=len(feeds), preset=preset,
-                             model_type=nncf.ModelType.TRANSFORMER, ignored_scope=scope,
-                             advanced_parameters=advanced)
+                             model_type=kind, ignored_scope=scope, advanced_parameters=advanced)
 
 
 def make() -> OpenVINOInt8:
@@ -115,9 +132,10 @@ def make_weights() -> OpenVINOInt8:
 
 
 def make_hybrid() -> OpenVINOInt8:
-    """`openvino-int8-hybrid`: W8A8 matmuls, int8-weight convolutions; the fast mode within the PSNR bar."""
+    """`openvino-int8-hybrid`: W8A8 matmuls, int8-weight convolutions and a W8A8 VAE decoder; the fast
+    mode within the PSNR bar."""
     _require("openvino-int8-hybrid")
-    return OpenVINOInt8(name="openvino-int8-hybrid", mode="hybrid")
+    return OpenVINOInt8(name="openvino-int8-hybrid", mode="hybrid", decoder=True)
 
 
 def _require(name: str) -> None:

@@ -24,7 +24,7 @@ from openldm.config import ModelConfig
 from openldm.diffusion.denoisers import DiscreteDenoiser
 from openldm.diffusion.schedules import DiscreteSchedule, make_betas
 from openldm.engines.base import Component, Engine, Runner, get_engine
-from openldm.engines.calibration import unet_inputs
+from openldm.engines.calibration import decoder_inputs, unet_inputs
 from openldm.models.controlnet import ControlNet
 from openldm.models.domain import Domain, warn_outside
 from openldm.models.taesd import TAESD
@@ -93,8 +93,11 @@ class Pipeline:
         self.engine = engine.name
         self.unet_runner = Runner(engine, self._unet_component)
         decoder = self.taesd or self.vae
-        weights = None if self.taesd else self.components.vae_weights  # the file's VAE: its key unhashed
-        component = Component(decoder, decoder.decode, "vae_decoder", weights=weights)
+        if self.taesd is None:  # the file's VAE: its key unhashed; quantized on this pipeline's latents
+            weights, calibration = self.components.vae_weights, functools.partial(decoder_inputs, self)
+        else:
+            weights, calibration = None, None
+        component = Component(decoder, decoder.decode, "vae_decoder", calibration, weights)
         self.decoder_runner = Runner(engine, component)
 
     def use_decoder(self, taesd: TAESD | None) -> None:
