@@ -46,11 +46,10 @@ VARIANTS: dict[str, dict] = {
     "fp32-attention": {"ignored_types": ("ScaledDotProductAttention",)},  # softmax(QK) inputs unquantized
     "convs": {"ignored_types": ("ScaledDotProductAttention", "MatMul")},  # only convolutions W8A8
     "weights": {"mode": "weights"},
-    # matmuls W8A8, convolutions int8 weights with exact activations, the VAE decoder fp32 (the engine's
-    # name too, as its cache key: the entries of `openldm txt2img --engine openvino-int8-hybrid` serve)
-    "hybrid-fp32-decoder": {"mode": "hybrid", "name": "openvino-int8-hybrid"},
-    # and the VAE decoder W8A8: what `openvino-int8-hybrid` ships
-    "hybrid": {"mode": "hybrid", "decoder": True, "name": "openvino-int8-hybrid"},
+    # matmuls W8A8, convolutions int8 weights with exact activations, the VAE decoder fp32: what
+    # `openvino-int8-hybrid` ships (its name too, so that the CLI's cache entries serve)
+    "hybrid": {"mode": "hybrid", "name": "openvino-int8-hybrid"},
+    "hybrid-w8a8-decoder": {"mode": "hybrid", "decoder": True, "name": "openvino-int8-hybrid"},  # and the VAE
 }
 SD_PROMPTS = (
     "a castle on a hill under a stormy sky", "a cat sleeping on a windowsill", "a bowl of ramen, top view",
