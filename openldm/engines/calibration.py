@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,22 +52,12 @@ def unet_inputs(pipe: Pipeline, example: Sequence[Any], prompts: int = 4, steps:
     pipe.unet_runner = record  # restored below: the run that asked for calibration goes on with `runner`
     try:
         for seed, prompt in enumerate(calibration_prompts(pipe, prompts)):
-            _sample(pipe, GenerationParams(prompt, steps=steps, seed=seed, width=x.shape[-1] * f,
-                                           height=x.shape[-2] * f, batch_size=max(1, x.shape[0] // 2)))
+            # sampled, not decoded: a decoder built here would calibrate on the recording UNet
+            pipe.txt2img_latents(GenerationParams(prompt, steps=steps, seed=seed, width=x.shape[-1] * f,
+                                                  height=x.shape[-2] * f, batch_size=max(1, x.shape[0] // 2)))
     finally:
         pipe.unet_runner = runner
     return regroup(rows, example)
-
-
-def _sample(pipe: Pipeline, params: Any) -> torch.Tensor:
-    """One txt2img batch's final latents, not decoded: calibrating one component never builds another
-    (a decoder built here would calibrate on the recording UNet, its inputs mixed into the UNet's)."""
-    from openldm.pipelines.run import Run
-
-    if params.cfg is None:
-        params = replace(params, cfg=pipe.config.guidance)  # as `Pipeline.generate` settles it
-    params = params.with_seed()
-    return pipe.sample(Run.of_batch(params, params.width, params.height, "txt2img"))
 
 
 def decoder_inputs(pipe: Pipeline, example: Sequence[Any], prompts: int = 4, steps: int = 8) -> list[tuple]:
@@ -80,8 +69,8 @@ def decoder_inputs(pipe: Pipeline, example: Sequence[Any], prompts: int = 4, ste
     f = pipe.config.vae.downsample_factor
     rows: list[tuple] = []
     for seed, prompt in enumerate(calibration_prompts(pipe, prompts)):
-        x = _sample(pipe, GenerationParams(prompt, steps=steps, seed=seed, width=z.shape[-1] * f,
-                                           height=z.shape[-2] * f, batch_size=z.shape[0]))
+        x = pipe.txt2img_latents(GenerationParams(prompt, steps=steps, seed=seed, width=z.shape[-1] * f,
+                                                  height=z.shape[-2] * f, batch_size=z.shape[0]))
         rows.extend((row,) for row in pipe.config.latent_format.from_model(x).unbind(0))
     return regroup(rows, example)
 

@@ -302,6 +302,12 @@ class Pipeline:
         x = im.to_tensor([image]) if isinstance(image, Image.Image) else image
         return self.config.latent_format.to_model(encode_finite(self.vae, x.to(self.device), tiling))
 
+    def txt2img_latents(self, params: GenerationParams) -> torch.Tensor:
+        """One txt2img batch's final latents, settled as `generate` settles them, and not decoded."""
+        params = self._settle(params, None)
+        width, height = self._size(params, None)
+        return self.sample(Run.of_batch(params, width, height, "txt2img"))
+
     def sample(self, run: Run, start: Start | None = None) -> torch.Tensor:
         """One batch's final latents from `start` (None: pure noise), a refiner finishing (`sampling`)."""
         return sampling.sample(self, run, start)
