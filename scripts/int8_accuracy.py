@@ -4,6 +4,8 @@
     python scripts/int8_accuracy.py psnr --variant default                       # the embedded model
     python scripts/int8_accuracy.py psnr --model sd15 --size 256 --variant default --threads 2
     python scripts/int8_accuracy.py speed --model sd15 --size 256 --variants default,weights --diffusers
+    python scripts/int8_accuracy.py decoder --model sd15 --size 256 --variant hybrid-w8a8-decoder \
+        --keep decoder.up.0
 
 `--model` is a path, `embedded` (the shipped shapes model, default) or `sd15` (the file `build`
 wrote). Eager fp32 images are made once per (model, size, steps, prompt) and kept under
@@ -12,8 +14,11 @@ set for the embedded model, a fixed list otherwise; seeds 1000+i, unlike calibra
 A variant is a named set of `OpenVINOInt8` fields (VARIANTS); `default` is what the engine ships.
 `speed` calls one CFG-batched UNet step per engine in turn, `--rounds` times, in one process, and
 prints medians and ratios to eager (and to diffusers' UNet with `--diffusers`). Conversions go to
-the engine cache ($OPENLDM_CACHE), so a second run of a variant pays nothing. docs/engines.md has
-the numbers this printed.
+the engine cache ($OPENLDM_CACHE), so a second run of a variant pays nothing. `decoder` measures an
+int8 VAE decoder alone: final latents of `--latents` held-out runs (sampled once by the hybrid UNet
+and kept under `--dir`), each decoded eagerly and by the variant's decoder, with `--keep`'s VAE
+modules fp32 besides DECODER_SENSITIVE (`--only M` keeps every level but M fp32: one level's
+error). docs/engines.md has the numbers this printed.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from openldm.engines.int8 import SENSITIVE, OpenVINOInt8
+from openldm.engines.int8 import DECODER_SENSITIVE, SENSITIVE, OpenVINOInt8
 from openldm.pipelines.conditioning import PromptEncoder
 from openldm.pipelines.loading import load
 
@@ -175,6 +180,52 @@ def run_speed(args) -> None:
         print(f"{name:>14}: median {median * 1000:.0f} ms (min {min(values) * 1000:.0f}), {ratios}")
 
 
+# the VAE decoder's stages in the order they run, as module paths (the original checkpoints' names)
+DECODER_LEVELS = ("decoder.mid", "decoder.up.3", "decoder.up.2", "decoder.up.1", "decoder.up.0")
+
+
+def held_out_latents(pipe, texts: list[str], args, model: Path) -> list[torch.Tensor]:
+    """Final latents of `texts`' runs (seeds 1000+i, hybrid UNet), sampled once and kept under --dir."""
+    from openldm.pipelines.params import GenerationParams
+
+    size = args.size or pipe.config.image_size
+    path = args.dir / "latents" / f"{model.stem}-{size}px-{args.steps}steps-{len(texts)}.pt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pipe.set_engine(engine("hybrid"))
+        with torch.no_grad():
+            latents = [pipe.txt2img_latents(GenerationParams(t, steps=args.steps, seed=1000 + i,
+                                                             width=size, height=size))
+                       for i, t in enumerate(texts)]
+        torch.save(latents, path)
+    return torch.load(path, weights_only=True)
+
+
+def run_decoder(args) -> None:
+    model = model_path(args.model, args.dir)
+    pipe = load(model)
+    pipe.domain = None
+    latents = held_out_latents(pipe, prompts(args.model, args.latents), args, model)
+    pipe.set_engine("eager")
+    with torch.no_grad():
+        want = [np.asarray(pipe.decode(z)[0], dtype=np.float64) / 255 for z in latents]
+    keep = tuple(m for m in args.keep.split(",") if m)
+    if args.only:
+        keep += tuple(m for m in DECODER_LEVELS if m != args.only)
+    for variant in args.variant.split(","):
+        fields = VARIANTS[variant] | {"decoder_ignored": DECODER_SENSITIVE + keep}
+        pipe.set_engine(OpenVINOInt8(**fields))
+        with torch.no_grad():
+            pipe.decode(latents[0])  # build (and calibrate) the decoder
+            start = time.perf_counter()
+            got = [np.asarray(pipe.decode(z)[0], dtype=np.float64) / 255 for z in latents]
+            seconds = (time.perf_counter() - start) / len(latents)
+        values = [psnr(g, w) for g, w in zip(got, want)]
+        print(f"{variant} keep {','.join(keep) or '-'}: decoder PSNR median "
+              f"{statistics.median(values):.1f} dB, "
+              f"min {min(values):.1f} dB; {seconds:.2f} s a decode", flush=True)
+
+
 def build(args) -> None:
     from openldm.checkpoints.io import write_safetensors_atomic
     from openldm.checkpoints.save import random_state_dict
@@ -187,7 +238,7 @@ def build(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("build", "psnr", "speed"))
+    parser.add_argument("command", choices=("build", "psnr", "speed", "decoder"))
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/openldm-int8"), help="scratch folder")
     parser.add_argument("--variant", default="default", help="comma-separated variants (psnr)")
@@ -196,12 +247,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, help="image size (default: the model's)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--latents", type=int, default=12, help="held-out final latents (decoder)")
+    parser.add_argument("--keep", default="", help="comma-separated VAE modules kept fp32 (decoder)")
+    parser.add_argument("--only", choices=DECODER_LEVELS, help="quantize only this stage (decoder)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--diffusers", action="store_true", help="also time diffusers' UNet (speed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.dir.mkdir(parents=True, exist_ok=True)
-    {"build": build, "psnr": run_psnr, "speed": run_speed}[args.command](args)
+    {"build": build, "psnr": run_psnr, "speed": run_speed, "decoder": run_decoder}[args.command](args)
 
 
 if __name__ == "__main__":

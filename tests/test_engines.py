@@ -355,6 +355,13 @@ def test_every_int8_setting_is_part_of_the_cache_key():
                "mode": "weights", "ignored_types": ("MatMul",), "decoder": True}
     keys = {str(base.settings())} | {str(OpenVINOInt8(**{k: v}).settings()) for k, v in changes.items()}
     assert len(keys) == len(changes) + 1
+    with_decoder = OpenVINOInt8(decoder=True)
+    kept = OpenVINOInt8(decoder=True, decoder_ignored=("decoder.up.0",))
+    decoder_keys = {str(e.role_settings("vae_decoder")) for e in (base, with_decoder, kept)}
+    assert len(decoder_keys) == 3
+    # the UNet's entry is shared by engines that differ only in their decoder; not by other changes
+    assert str(with_decoder.role_settings("unet")) == str(kept.role_settings("unet")) == str(base.settings())
+    assert str(OpenVINOInt8(steps=5, decoder=True).role_settings("unet")) != str(base.settings())
     with pytest.raises(EngineError, match="mode one of w8a8, weights"):
         OpenVINOInt8(mode="int4")
 

@@ -49,6 +49,7 @@ class OpenVINOInt8(OpenVINO):
     prompts: int = 4  # calibration runs, one prompt each (w8a8 only); 16 measured no better
     steps: int = 8  # sampling steps per calibration run: one calibration input per step
     decoder: bool = False  # the VAE decoder W8A8 too (calibrated on `prompts` runs' final latents)
+    decoder_ignored: tuple[str, ...] = DECODER_SENSITIVE  # VAE module paths kept fp32 when `decoder`
 
     def __post_init__(self) -> None:
         if self.mode not in MODES or self.preset not in PRESETS or min(self.prompts, self.steps) < 1:
@@ -66,8 +67,16 @@ class OpenVINOInt8(OpenVINO):
             quantization |= {"preset": self.preset, "smooth_quant": self.smooth_quant,
                              "prompts": self.prompts, "steps": self.steps}
         if self.decoder:  # named only when set: the entries of engines without it keep their keys
-            quantization["decoder"] = {"mode": "w8a8", "ignored": list(DECODER_SENSITIVE)}
+            quantization["decoder"] = {"mode": "w8a8", "ignored": list(self.decoder_ignored)}
         return {**super().settings(), "nncf": version("nncf"), "quantization": quantization}
+
+    def role_settings(self, role: str) -> dict[str, Any]:
+        """The UNet's program does not depend on the decoder's settings: an int8 decoder reuses the UNet's
+        entry. The decoder's does depend on the UNet's (its calibration latents are that UNet's)."""
+        settings = self.settings()
+        if role == "unet":
+            settings["quantization"].pop("decoder", None)
+        return settings
 
     def convert(self, component: Component, present: tuple[bool, ...],
                 example: Sequence[torch.Tensor | None]) -> Any:
@@ -77,7 +86,8 @@ class OpenVINOInt8(OpenVINO):
 
         ir = super().convert(component, present, example)
         if component.role == "vae_decoder" and self.decoder and component.calibration is not None:
-            scope = nncf.IgnoredScope(patterns=[node_pattern(m) for m in DECODER_SENSITIVE], validate=False)
+            kept = [node_pattern(m) for m in self.decoder_ignored]
+            scope = nncf.IgnoredScope(patterns=kept, validate=False)
             start = time.perf_counter()
             out = self._quantize(nncf, ir, component, present, example, scope)
             self.log(f"{self.name}: vae_decoder quantized (w8a8) in {time.perf_counter() - start:.1f} s")

@@ -70,6 +70,10 @@ class OpenVINO:
 
         return {**self.config, "version": openvino.__version__, "layout": LAYOUT}
 
+    def role_settings(self, role: str) -> dict[str, Any]:
+        """The settings that make the program of a component in `role`: its cache key's."""
+        return self.settings()
+
     def build(self, component: Component, example: Sequence[torch.Tensor | None]) -> Call:
         import openvino
 
@@ -79,7 +83,7 @@ class OpenVINO:
         tensors = [a for a in example if a is not None]
         shapes = [(tuple(t.shape), str(t.dtype)) for t in tensors]
         model = cache.weights_hash(component, self.root)
-        key = cache.cache_key(model, component.role, self.name, self.settings(), shapes)
+        key = cache.cache_key(model, component.role, self.name, self.role_settings(component.role), shapes)
         folder = cache.entry(key, self.root)
         if not (folder / IR).exists():
             component.ready()
