@@ -80,12 +80,13 @@ def test_the_client_reads_the_server_address_from_the_environment(server, tmp_pa
 
 
 def test_a_client_run_never_imports_torch(server, tmp_path):
-    """What makes a served run fast: the client process does not start torch, nor numpy, at all."""
+    """What makes a served run fast: the client process does not start torch, nor numpy or Pillow, at all
+    (the files come as the server wrote them)."""
     out = tmp_path / "a.png"
     code = ("import sys; from openldm import cli; "
             f"code = cli.main(['txt2img', 'a red circle', '--steps', '2', '--server', {server.url!r}, "
             f"'-o', {str(out)!r}]); "
-            "print('TORCH' if {'torch', 'numpy'} & set(sys.modules) else 'NO TORCH'); sys.exit(code)")
+            "print(sorted({'torch', 'numpy', 'PIL'} & set(sys.modules)) or 'NO TORCH'); sys.exit(code)")
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +112,8 @@ def _ratios(records: list[dict]) -> dict[str, dict[str, float]]:
 
     Above 1, the first tool (openldm with `--engine`) is faster.
     """
+    import statistics  # here: every command's start (a `--server` client's too) imports this module
+
     by_tool: dict[str, list[dict]] = {}
     for record in records:
         by_tool.setdefault(record["tool"], []).append(record)

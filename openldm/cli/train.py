@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from openldm.training.config import KINDS
+from openldm.training import KINDS
 
 
 def add_commands(sub) -> None:

@@ -19,6 +19,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from openldm.training import KINDS
+
 
 class ConfigError(ValueError):
     """A training config that cannot be used as written."""
@@ -193,7 +195,6 @@ def _section(cls: type, values: Any, where: str) -> Any:
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunConfig, "vae": VAELossConfig,
              "ldm": LDMConfig, "lora": LoRAConfig, "embedding": EmbeddingConfig}
-KINDS = ("vae", "ldm", "lora", "embedding")
 
 
 def parse_config(values: dict[str, Any], kind: str | None = None, where: str = "config") -> TrainConfig:
