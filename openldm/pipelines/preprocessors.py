@@ -5,8 +5,8 @@ lineart, normal, segmentation) are not built in: asking for one says so, and a c
 elsewhere can always be given ready (`none`).
 
 numpy and Pillow are imported where they are used: the CLI lists PREPROCESSORS while building its
-parser, and a `--server` client should not pay for them (numpy a fifth of its start-up, Pillow a
-tenth) to send a prompt.
+parser, and a `--server` client should not pay for them (each about a fifth of its imports) to send
+a prompt.
 """
 
 from __future__ import annotations
