@@ -89,11 +89,16 @@ def engine(variant: str) -> OpenVINOInt8:
     return OpenVINOInt8(**VARIANTS[variant])
 
 
+def pixels(image: Image.Image) -> np.ndarray:
+    """An 8-bit picture as floats in [0, 1], what `psnr` compares."""
+    return np.asarray(image, dtype=np.float64) / 255
+
+
 def generate(pipe, texts: list[str], args) -> list[np.ndarray]:
     size = args.size or pipe.config.image_size
     images = [pipe.txt2img(t, seed=1000 + i, steps=args.steps, width=size, height=size)[0]
               for i, t in enumerate(texts)]
-    return [np.asarray(i, dtype=np.float64) / 255 for i in images]
+    return [pixels(i) for i in images]
 
 
 def eager_images(pipe, texts: list[str], args, model: Path) -> list[np.ndarray]:
@@ -108,7 +113,7 @@ def eager_images(pipe, texts: list[str], args, model: Path) -> list[np.ndarray]:
             start = time.perf_counter()
             Image.fromarray(np.round(generate(pipe, [text], args)[0] * 255).astype(np.uint8)).save(path)
             print(f"eager {i}: {time.perf_counter() - start:.1f} s", flush=True)
-        out.append(np.asarray(Image.open(path), dtype=np.float64) / 255)
+        out.append(pixels(Image.open(path)))
     return out
 
 
@@ -208,7 +213,7 @@ def run_decoder(args) -> None:
     latents = held_out_latents(pipe, prompts(args.model, args.latents), args, model)
     pipe.set_engine("eager")
     with torch.no_grad():
-        want = [np.asarray(pipe.decode(z)[0], dtype=np.float64) / 255 for z in latents]
+        want = [pixels(pipe.decode(z)[0]) for z in latents]
     keep = tuple(m for m in args.keep.split(",") if m)
     if args.only:
         keep += tuple(m for m in DECODER_LEVELS if m != args.only)
@@ -218,12 +223,11 @@ def run_decoder(args) -> None:
         with torch.no_grad():
             pipe.decode(latents[0])  # build (and calibrate) the decoder
             start = time.perf_counter()
-            got = [np.asarray(pipe.decode(z)[0], dtype=np.float64) / 255 for z in latents]
+            got = [pixels(pipe.decode(z)[0]) for z in latents]
             seconds = (time.perf_counter() - start) / len(latents)
         values = [psnr(g, w) for g, w in zip(got, want)]
-        print(f"{variant} keep {','.join(keep) or '-'}: decoder PSNR median "
-              f"{statistics.median(values):.1f} dB, "
-              f"min {min(values):.1f} dB; {seconds:.2f} s a decode", flush=True)
+        print(f"{variant} keep {','.join(keep) or '-'}: decoder PSNR median {statistics.median(values):.1f}"
+              f" dB, min {min(values):.1f} dB; {seconds:.2f} s a decode", flush=True)
 
 
 def build(args) -> None:
