@@ -11,10 +11,10 @@ diffusers`, the same fp16 weights). Then each arm runs as a fresh process under 
   (`$OPENLDM_CACHE` = `--root`/cache) is warmed by one untimed run first; with `--fresh-cache` the
   cache is emptied before, and that cold-cache run is reported on its own row;
 - `openldm eager`: the same with `--engine eager`;
-- `openldm int8`, `openldm int8-weights`, `openldm int8-hybrid` (only when named in `--arms`): the
-  same with `--engine openvino-int8` / `openvino-int8-weights` / `openvino-int8-hybrid`, the opt-in
-  fast modes; their caches are warmed like the
-  default's (the first W8A8 warm-up calibrates, minutes);
+- `openldm int8`, `openldm int8-weights`, `openldm int8-hybrid`, `openldm bf16` (only when named in
+  `--arms`): the same with `--engine openvino-int8` / `openvino-int8-weights` / `openvino-int8-hybrid`
+  / `openvino-bf16`, the opt-in fast modes (ENGINE_ARMS); their caches are warmed like the default's
+  (the first W8A8 warm-up calibrates, minutes);
 - `diffusers`: a minimal script, `StableDiffusionPipeline.from_pretrained(folder)` with
   `EulerDiscreteScheduler`, both left at their CPU defaults (float32).
 
@@ -60,16 +60,20 @@ def make_model(root: Path) -> tuple[Path, Path]:
     return single, folder
 
 
+# the arms that name an engine, and that engine
+ENGINE_ARMS = {"openldm eager": "eager", "openldm int8": "openvino-int8",
+               "openldm int8-weights": "openvino-int8-weights", "openldm int8-hybrid": "openvino-int8-hybrid",
+               "openldm bf16": "openvino-bf16"}
+
+
 def commands(single: Path, folder: Path, out: Path) -> dict[str, list[str]]:
     common = [PROMPT, "--width", str(SIZE), "--height", str(SIZE), "--steps", str(STEPS),
               "--cfg", str(CFG), "--sampler", "euler", "--seed", str(SEED)]
     txt2img = ["openldm", "txt2img", "--model", str(single), *common]
     return {
         "openldm": [*txt2img, "-o", str(out / "auto.png")],
-        "openldm eager": [*txt2img, "--engine", "eager", "-o", str(out / "eager.png")],
-        "openldm int8": [*txt2img, "--engine", "openvino-int8", "-o", str(out / "int8.png")],
-        "openldm int8-weights": [*txt2img, "--engine", "openvino-int8-weights", "-o", str(out / "int8w.png")],
-        "openldm int8-hybrid": [*txt2img, "--engine", "openvino-int8-hybrid", "-o", str(out / "int8h.png")],
+        **{arm: [*txt2img, "--engine", engine, "-o", str(out / f"{engine}.png")]
+           for arm, engine in ENGINE_ARMS.items()},
         "diffusers": [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), str(out / "diffusers.png"),
                       PROMPT, str(SIZE), str(STEPS), str(CFG), str(SEED)],
     }
@@ -113,9 +117,8 @@ def main() -> None:
         cmds["openldm before"] = cmds["openldm"][:-1] + [str(Path(out) / "before.png")]
         rows: dict[str, list[tuple[float, float]]] = {arm: [] for arm in arms}
         # their conversion caches warmed (or, fresh, timed)
-        for arm in ("openldm", "openldm int8", "openldm int8-weights", "openldm int8-hybrid",
-                    "openldm before"):
-            if arm in arms:
+        for arm in arms:
+            if arm not in ("openldm eager", "diffusers"):  # what converts or calibrates
                 wall, rss = timed(cmds[arm], envs[arm])
                 label = f"{arm}, cold cache" if args.fresh_cache else f"{arm}, warm-up (untimed)"
                 print(f"{label:<28} {wall:7.1f} s {rss:6.2f} GiB", flush=True)

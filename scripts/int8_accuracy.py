@@ -11,7 +11,8 @@
 wrote). Eager fp32 images are made once per (model, size, steps, prompt) and kept under
 `--dir`/eager, so each variant costs only its own run. Prompts: the shapes eval's in-distribution
 set for the embedded model, a fixed list otherwise; seeds 1000+i, unlike calibration's 0..n-1.
-A variant is a named set of `OpenVINOInt8` fields (VARIANTS); `default` is what the engine ships.
+A variant is a named set of `OpenVINOInt8` fields (VARIANTS; `default` is what the engine ships) or
+an engine's name (`openvino-bf16`).
 `speed` calls one CFG-batched UNet step per engine in turn, `--rounds` times, in one process, and
 prints medians and ratios to eager (and to diffusers' UNet with `--diffusers`). Conversions go to
 the engine cache ($OPENLDM_CACHE), so a second run of a variant pays nothing. `decoder` measures an
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from openldm.engines import ENGINE_NAMES
+from openldm.engines.base import Engine, get_engine
 from openldm.engines.int8 import DECODER_SENSITIVE, SENSITIVE, OpenVINOInt8
 from openldm.pipelines.conditioning import PromptEncoder
 from openldm.pipelines.loading import load
@@ -83,9 +86,11 @@ def prompts(name: str, n: int) -> list[str]:
     return texts[:n]
 
 
-def engine(variant: str) -> OpenVINOInt8:
+def engine(variant: str) -> Engine:
+    if variant in ENGINE_NAMES:  # a shipped engine by its name, e.g. openvino-bf16
+        return get_engine(variant)
     if variant not in VARIANTS:
-        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}, or an engine's name")
     return OpenVINOInt8(**VARIANTS[variant])
 
 

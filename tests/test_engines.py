@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -69,11 +69,13 @@ def test_tensor_hash_follows_the_weights():
 
 
 def test_unknown_or_missing_engines_are_one_line(monkeypatch):
-    names = "auto, eager, compile, openvino, openvino-int8, openvino-int8-weights, openvino-int8-hybrid"
+    names = ("auto, eager, compile, openvino, openvino-int8, openvino-int8-weights, openvino-int8-hybrid, "
+             "openvino-bf16")
     with pytest.raises(EngineError, match=f"unknown engine 'tensorrt'; one of {names}$"):
         get_engine("tensorrt")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    for name in ("openvino", "openvino-int8", "openvino-int8-weights", "openvino-int8-hybrid"):
+    for name in ("openvino", "openvino-int8", "openvino-int8-weights", "openvino-int8-hybrid",
+                 "openvino-bf16"):
         with pytest.raises(EngineError, match=rf'^the {name} engine needs .*pip install "openldm\[cpu\]"$'
                            if "int8" in name else r'pip install "openldm\[cpu\]"'):
             get_engine(name)
@@ -199,6 +201,40 @@ def test_auto_matches_eager(pipe, tmp_path, monkeypatch):
 
 def _psnr(got: np.ndarray, want: np.ndarray) -> float:
     return float(10 * np.log10(1 / np.mean((got - want) ** 2)))
+
+
+def test_bf16_computes_in_bf16_near_eager_and_is_cached_apart(pipe, tmp_path):
+    pytest.importorskip("openvino")
+    from openldm.engines.openvino import OpenVINO, make_bf16, native_bf16
+
+    if not native_bf16():
+        pytest.skip("this CPU lists no native bf16, so OpenVINO need not compute in bf16 here")
+    notes: list[str] = []
+    engine = replace(make_bf16(), root=tmp_path, log=notes.append)
+    assert (engine.name, engine.roles) == ("openvino-bf16", {"unet", "vae_decoder"})
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    ref = pipe.vae.decode(x)
+    pipe.set_engine(engine)
+    out = pipe.decoder_runner(x)
+    pipe.set_engine("eager")
+    rel = ((out - ref).norm() / ref.norm()).item()
+    # fp32 OpenVINO is within 1e-5 (above); bf16 keeps 8 bits of mantissa: rounding shows, but small
+    assert 1e-4 < rel < 3e-2, f"bf16 decode vs eager: rel. L2 {rel:.1e}"
+    got, want = _images(pipe, engine), _images(pipe, "eager")
+    assert _psnr(got, want) >= 30, f"bf16 images: PSNR {_psnr(got, want):.1f} dB against eager"
+    notes.clear()
+    _images(pipe, OpenVINO(root=tmp_path, log=notes.append))
+    assert [n for n in notes if "converting unet" in n], "fp32 found the bf16 entry"
+
+
+def test_bf16_says_so_on_a_cpu_without_native_bf16(monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    from openldm.engines import openvino
+
+    monkeypatch.setattr(openvino, "native_bf16", lambda: False)
+    assert get_engine("openvino-bf16").config == {"INFERENCE_PRECISION_HINT": "bf16"}
+    said = "openvino-bf16: this CPU lists no native bf16; expect it slower than openvino\n"
+    assert capsys.readouterr().err == said
 
 
 def test_int8_runs_near_eager_and_is_cached_apart_from_fp32(pipe, tmp_path):

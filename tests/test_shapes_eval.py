@@ -89,7 +89,7 @@ def test_eval_runs_under_the_engine_it_is_given(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         "openldm eval: error: unknown engine 'tensorrt'; one of auto, eager, compile, openvino, "
-        "openvino-int8, openvino-int8-weights, openvino-int8-hybrid"], err
+        "openvino-int8, openvino-int8-weights, openvino-int8-hybrid, openvino-bf16"], err
     model, out = tmp_path / "tiny.safetensors", tmp_path / "scores.json"
     assert main(["init", "tiny-sd1", str(model)]) == 0
     assert main(["eval", "shapes", "--engine", "openvino", "--model", str(model), "--n", "1", "--steps", "1",

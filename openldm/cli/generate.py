@@ -123,8 +123,9 @@ def add_model_options(group) -> dict[str, str]:
         add("--engine", choices=ENGINE_NAMES, help="what runs the UNet and VAE decoder ($OPENLDM_ENGINE, or "
             "auto): auto (OpenVINO fp32 for the UNet when installed, else eager), eager PyTorch, compile "
             "(torch.compile, frozen weights), openvino, openvino-int8 (W8A8: fastest, inexact), "
-            "openvino-int8-weights (int8 weights only: near-exact) or openvino-int8-hybrid (W8A8 matmuls, "
-            "int8-weight convolutions: between the two); OpenVINO and NNCF: "
+            "openvino-int8-weights (int8 weights only: near-exact), openvino-int8-hybrid (W8A8 matmuls, "
+            "int8-weight convolutions: between the two) or openvino-bf16 (bf16: fast on CPUs with native "
+            "bf16, inexact); OpenVINO and NNCF: "
             "pip install \"openldm[cpu]\""),
         add("--offload", choices=OFFLOAD_MODES, help="CUDA only: model keeps only the running component on "
             "the GPU, sequential streams the UNet's blocks through it (slower, for small GPUs)"),

@@ -6,7 +6,7 @@ extra that installs it. This module imports no torch, so the CLI can list the na
 """
 
 ENGINE_NAMES = ("auto", "eager", "compile", "openvino", "openvino-int8", "openvino-int8-weights",
-                "openvino-int8-hybrid")
+                "openvino-int8-hybrid", "openvino-bf16")
 OFFLOAD_MODES = ("model", "sequential")  # see `offload`
 DEFAULT_ENGINE = "auto"  # the fastest exact engine installed (OpenVINO on the CPU), else eager
 ENGINE_ENV = "OPENLDM_ENGINE"  # the CLI's and server's engine when --engine is not given

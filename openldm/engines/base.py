@@ -26,7 +26,8 @@ _MODULES = {"auto": "openldm.engines.auto", "eager": "openldm.engines.eager",
             "compile": "openldm.engines.compiled", "openvino": "openldm.engines.openvino",
             "openvino-int8": "openldm.engines.int8",
             "openvino-int8-weights": "openldm.engines.int8:make_weights",
-            "openvino-int8-hybrid": "openldm.engines.int8:make_hybrid"}
+            "openvino-int8-hybrid": "openldm.engines.int8:make_hybrid",
+            "openvino-bf16": "openldm.engines.openvino:make_bf16"}
 
 
 class EngineError(ValueError):

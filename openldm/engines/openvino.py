@@ -2,9 +2,10 @@
 
 A component is traced once per input signature (`openvino.convert_model`), its dimensions fixed to
 that signature, saved as IR in the conversion cache (see `cache`) and compiled with the f32
-precision hint, so images stay within 1/255 of eager (the bf16 hint is slower on CPUs without AMX,
-and inexact). OpenVINO keeps the compiled program beside the IR (`CACHE_DIR`), so a later process
-imports it instead of compiling again.
+precision hint, so images stay within 1/255 of eager. `openvino-bf16` (`make_bf16`) compiles the same
+IR with the bf16 hint: inexact, an opt-in fast mode, about twice as fast where the CPU computes bf16
+natively (AVX512_BF16 or AMX) and slower where it does not (docs/engines.md). OpenVINO keeps the
+compiled program beside the IR (`CACHE_DIR`), so a later process imports it instead of compiling again.
 """
 
 from __future__ import annotations
@@ -215,9 +216,30 @@ def _caller(compiled: Any, present: tuple[bool, ...]) -> Call:
     return run
 
 
-def make() -> OpenVINO:
+def _require(name: str) -> None:
     try:
         import openvino  # noqa: F401
     except ImportError as e:
-        raise EngineError('the openvino engine needs OpenVINO: pip install "openldm[cpu]"') from e
+        raise EngineError(f'the {name} engine needs OpenVINO: pip install "openldm[cpu]"') from e
+
+
+def make() -> OpenVINO:
+    _require("openvino")
     return OpenVINO()
+
+
+def native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin lists bf16 among this CPU's capabilities (AVX512_BF16 or AMX)."""
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def make_bf16() -> OpenVINO:
+    """`openvino-bf16`: the UNet and VAE decoder computed in bf16, the opt-in fast mode of CPUs with
+    native bf16; its error is measured in docs/engines.md (PSNR against eager, the shapes eval)."""
+    _require("openvino-bf16")
+    engine = OpenVINO(name="openvino-bf16", config={"INFERENCE_PRECISION_HINT": "bf16"})
+    if not native_bf16():
+        engine.log("openvino-bf16: this CPU lists no native bf16; expect it slower than openvino")
+    return engine
